@@ -1,0 +1,88 @@
+"""Reading and writing checkpoints: one safe loader, one atomic saver.
+
+Every checkpoint is read with ``torch.load(weights_only=True)`` so a crafted pickle cannot run
+code; the numpy scalar types that real published checkpoints contain are allow-listed, nothing
+else.  Every file is written to a temporary name beside its target and moved into place with
+``os.replace``, so a run killed mid-write leaves either the old file or the new one, never half.
+"""
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+def _numpy_safe_globals():
+    """Numpy types that published checkpoints (e.g. ``best_prec1``) legitimately pickle."""
+    names = []
+    try:
+        names.append(np._core.multiarray.scalar)  # numpy >= 2
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        names.append(np.core.multiarray.scalar)
+    names += [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")),
+              type(np.dtype("int64")), type(np.dtype("int32"))]
+    try:
+        names.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # pragma: no cover
+        names.append(np.core.multiarray._reconstruct)
+    names.append(np.ndarray)
+    return names
+
+
+def safe_load(path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with clear errors.
+
+    Raises :class:`UserError` when the file is missing, is not a torch checkpoint, or needs
+    arbitrary unpickling (which is refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file '{path}' does not exist; pass the path of an existing .pt/.pth/.tar file.")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"refusing to load '{path}': it needs arbitrary unpickling ({str(exc).splitlines()[0][:200]}), "
+            "which could run code; re-save it as a plain state dict of tensors "
+            "(torch.save(model.state_dict(), path))."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise UserError(f"'{path}' is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]}); "
+                        "check the path and that the file was fully copied.") from None
+
+
+def _atomic_write(path, write_fn, binary):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write_fn(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """``torch.save`` to a temporary file, then ``os.replace`` onto ``path``."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
+
+
+def atomic_write_json(obj, path):
+    """Write ``obj`` as indented JSON, atomically."""
+    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=False) + "\n"), binary=False)
+
+
+def atomic_write_text(text, path):
+    _atomic_write(path, lambda fh: fh.write(text), binary=False)

@@ -1,0 +1,110 @@
+"""The one distributed module: process-group set-up, rank queries, reductions, barrier.
+
+Works unchanged as a single process (no ``torchrun``): every function then degrades to the
+obvious single-process answer, so the engine never branches on "am I distributed".
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def primary(self):
+        return self.rank == 0
+
+
+def resolve_device(name):
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, not a fallback."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or run on a GPU node.")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N], not '{name}'.")
+    return torch.device(name)
+
+
+def init_distributed(device="auto", timeout_minutes=60):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone.
+
+    NCCL on CUDA, gloo on CPU. Each process uses the GPU of its LOCAL_RANK.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        index = local_rank if world_size > 1 else (dev.index or 0)
+        dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_primary():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op alone) and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src=0):
+    """Rank ``src``'s Python object on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_equal(tensor):
+    """True when ``tensor`` is bitwise identical on every rank (used to prove masks agree)."""
+    if not is_distributed():
+        return True
+    t = tensor.detach().float().reshape(-1)
+    lo, hi = t.clone(), t.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+
+def cleanup():
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,16 @@
+"""The one exception type for bad user input.
+
+Entry points catch :class:`UserError`, print its message on one line and exit with status 2,
+so every library function can report a wrong path, format or value without knowing whether it
+runs under a script, a test or a notebook.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a missing file, a wrong format, an out-of-range value.
+
+    The message is one sentence that names the problem and the fix.
+    """
+
+
+EXIT_USER_ERROR = 2
