@@ -1,0 +1,521 @@
+"""dataset.py: readers on real on-disk formats, splits, subsets and the batched loaders."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dataset
+from dataset import (DATASET_STATS, TensorLoader, build_data, data_rate_subset, default_val_size,
+                     load_arrays)
+from utils.errors import UserError
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+from tests.fixtures import _dump, _undump, write_cifar10, write_cifar100, write_image_folder, write_svhn  # noqa: E402
+
+
+def _collect(loader):
+    xs, ys = zip(*list(loader))
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ---------------------------------------------------------------------------- readers
+
+def test_cifar10_reader_shapes_labels_and_pixel_order(tmp_path):
+    data, labels, test, test_labels = write_cifar10(tmp_path)
+    # One bright pixel at channel 1, row 2, column 5 of the first image, in CHW row-major order.
+    data0 = np.zeros(3072, dtype=np.uint8)
+    data0[1 * 1024 + 2 * 32 + 5] = 201
+    batch = _undump(tmp_path / "cifar-10-batches-py" / "data_batch_1")
+    batch[b"data"][0] = data0
+    _dump(tmp_path / "cifar-10-batches-py" / "data_batch_1", batch)
+    data[0] = data0
+
+    arrays = load_arrays("cifar10", tmp_path)
+    assert arrays.train_x.shape == (30, 32, 32, 3) and arrays.train_x.dtype == np.uint8
+    assert arrays.test_x.shape == (8, 32, 32, 3)
+    assert arrays.train_y.dtype == np.int64
+    np.testing.assert_array_equal(arrays.train_y, labels)
+    np.testing.assert_array_equal(arrays.test_y, test_labels)
+    assert arrays.train_x[0, 2, 5, 1] == 201 and int(arrays.train_x[0].sum()) == 201
+    np.testing.assert_array_equal(arrays.train_x, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(arrays.test_x[3], test[3].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert arrays.num_classes == 10 and arrays.native_size == 32
+
+
+def test_cifar10_root_may_be_the_extracted_folder_itself(tmp_path):
+    data, labels, _, _ = write_cifar10(tmp_path)
+    arrays = load_arrays("cifar10", tmp_path / "cifar-10-batches-py")
+    np.testing.assert_array_equal(arrays.train_y, labels)
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path):
+    train, fine, test, test_fine = write_cifar100(tmp_path)
+    arrays = load_arrays("cifar100", tmp_path)
+    assert arrays.num_classes == 100
+    np.testing.assert_array_equal(arrays.train_y, fine)
+    np.testing.assert_array_equal(arrays.test_y, test_fine)
+    np.testing.assert_array_equal(arrays.train_x[7], train[7].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_protocol5_pickles_are_also_read(tmp_path):
+    train, fine, test, test_fine = write_cifar100(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    for name in ("train", "test"):
+        obj = _undump(folder / name)
+        obj[b"fine_labels"] = np.asarray(obj[b"fine_labels"], dtype=np.int64)
+        _dump(folder / name, obj, protocol=5)
+    np.testing.assert_array_equal(load_arrays("cifar100", tmp_path).train_y, fine)
+
+
+def test_svhn_reader_maps_label_10_to_0_and_keeps_pixel_order(tmp_path):
+    x, y, tx, ty = write_svhn(tmp_path)
+    arrays = load_arrays("svhn", tmp_path)
+    assert arrays.train_x.shape == (10, 32, 32, 3) and arrays.test_x.shape == (5, 32, 32, 3)
+    assert arrays.train_y[0] == 0
+    expected = y[:, 0].astype(np.int64) % 10
+    np.testing.assert_array_equal(arrays.train_y, expected)
+    assert arrays.train_y.min() >= 0 and arrays.train_y.max() <= 9
+    assert arrays.train_x[4, 3, 7, 2] == x[3, 7, 2, 4]
+    np.testing.assert_array_equal(arrays.test_x[2], tx[..., 2])
+
+
+@pytest.mark.parametrize("name,writer,remove,expected", [
+    ("cifar10", write_cifar10, "cifar-10-batches-py/test_batch", "test_batch"),
+    ("cifar10", write_cifar10, "cifar-10-batches-py/data_batch_3", "data_batch_3"),
+    ("cifar100", write_cifar100, "cifar-100-python/train", "cifar-100-python/train"),
+    ("svhn", write_svhn, "test_32x32.mat", "test_32x32.mat"),
+])
+def test_missing_file_names_the_file_and_its_source(tmp_path, name, writer, remove, expected):
+    writer(tmp_path)
+    (tmp_path / remove).unlink()
+    with pytest.raises(UserError, match=expected) as info:
+        load_arrays(name, tmp_path)
+    assert "http" in str(info.value)
+
+
+def test_empty_or_absent_root_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data_batch_1"):
+        load_arrays("cifar10", tmp_path)
+    with pytest.raises(UserError, match="--data"):
+        load_arrays("svhn", None)
+    with pytest.raises(UserError, match="does not exist"):
+        load_arrays("cifar100", tmp_path / "nowhere")
+
+
+class _RunsShell:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class _Execs:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_crafted_pickle_is_refused_and_not_executed(tmp_path, protocol):
+    write_cifar10(tmp_path)
+    marker_shell = tmp_path / "shell_ran"
+    marker_exec = tmp_path / "exec_ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    _dump(batch, {b"data": _RunsShell(f"touch {marker_shell}"), b"labels": [0]}, protocol)
+    with pytest.raises(UserError, match="refusing"):
+        load_arrays("cifar10", tmp_path)
+    _dump(batch, {b"labels": _Execs(f"open({str(marker_exec)!r}, 'w').close()")}, protocol)
+    with pytest.raises(UserError, match="refusing"):
+        load_arrays("cifar10", tmp_path)
+    assert not marker_shell.exists() and not marker_exec.exists()
+
+
+def test_malformed_batches_are_user_errors(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(b"this is not a pickle at all")
+    with pytest.raises(UserError, match="data_batch_2"):
+        load_arrays("cifar10", tmp_path)
+    _dump(batch, {b"labels": [1, 2]})
+    with pytest.raises(UserError, match="b'data'"):
+        load_arrays("cifar10", tmp_path)
+    _dump(batch, {b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})
+    with pytest.raises(UserError, match="3072"):
+        load_arrays("cifar10", tmp_path)
+    full = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}, protocol=2)
+    batch.write_bytes(full[: len(full) // 2])
+    with pytest.raises(UserError, match="data_batch_2"):
+        load_arrays("cifar10", tmp_path)
+
+
+def test_corrupt_svhn_file_is_a_user_error(tmp_path):
+    write_svhn(tmp_path)
+    (tmp_path / "train_32x32.mat").write_bytes(b"garbage" * 50)
+    with pytest.raises(UserError, match="train_32x32.mat"):
+        load_arrays("svhn", tmp_path)
+
+
+def test_digits_arrays_and_fixed_stratified_split():
+    arrays = load_arrays("digits")
+    assert arrays.native_size == 8 and arrays.num_classes == 10
+    assert arrays.train_x.shape[1:] == (8, 8, 3) and arrays.train_x.dtype == np.uint8
+    assert arrays.train_x.max() == 255 and arrays.train_x.min() == 0
+    np.testing.assert_array_equal(arrays.train_x[..., 0], arrays.train_x[..., 2])
+    assert len(arrays.train_y) + len(arrays.test_y) == 1797
+    for c in range(10):
+        n_test, n_all = (arrays.test_y == c).sum(), (arrays.test_y == c).sum() + (arrays.train_y == c).sum()
+        assert n_test == n_all // 5
+    again = load_arrays("digits")
+    np.testing.assert_array_equal(again.test_x, arrays.test_x)
+    # Documented stats: recomputable from the data they describe.
+    from sklearn.datasets import load_digits
+    every = np.round(load_digits().images * 255 / 16).astype(np.uint8) / 255.0
+    mean, std = DATASET_STATS["digits"]
+    assert abs(every.mean() - mean[0]) < 1e-4 and abs(every.std() - std[0]) < 1e-4
+
+
+def test_class_subset_relabels_in_the_given_order():
+    full = load_arrays("digits")
+    sub = load_arrays("digits", classes=[5, 6, 7, 8, 9])
+    assert sub.num_classes == 5
+    assert set(sub.train_y.tolist()) == {0, 1, 2, 3, 4} and set(sub.test_y.tolist()) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(full.train_y[sub.train_source_index], sub.train_y + 5)
+    np.testing.assert_array_equal(full.train_x[sub.train_source_index], sub.train_x)
+    reordered = load_arrays("digits", classes=[9, 0])
+    np.testing.assert_array_equal(full.train_y[reordered.train_source_index],
+                                  np.where(reordered.train_y == 0, 9, 0))
+    for bad in ([], [3, 3], [10], ["a"], 5):
+        with pytest.raises(UserError):
+            load_arrays("digits", classes=bad)
+
+
+# ---------------------------------------------------------------------------- splits
+
+def test_default_val_size_follows_the_paper_and_scales_down():
+    assert default_val_size("cifar10", 50000) == 5000
+    assert default_val_size("cifar100", 50000) == 5000
+    assert default_val_size("svhn", 73257) == 5000
+    assert default_val_size("imagenet", 1281167) == 5000
+    assert default_val_size("digits", 1442) == 144
+    assert default_val_size("cifar10", 30) == 3
+    with pytest.raises(UserError, match="unknown dataset"):
+        default_val_size("mnist", 10)
+
+
+def test_validation_is_the_last_training_images(tmp_path):
+    data, labels, _, _ = write_cifar10(tmp_path)
+    d = build_data("cifar10", tmp_path, batch_size=4, val_size=7)
+    np.testing.assert_array_equal(d.val_indices, np.arange(23, 30))
+    np.testing.assert_array_equal(d.train_indices, np.arange(23))
+    x, y = _collect(d.val)
+    expected = torch.from_numpy(data[23:].reshape(-1, 3, 32, 32)).float() / 255
+    torch.testing.assert_close(x, expected)
+    np.testing.assert_array_equal(y.numpy(), labels[23:])
+    assert d.train.dataset_size == 23 and d.test.dataset_size == 8
+    assert build_data("cifar10", tmp_path, batch_size=4).val_indices.tolist() == [27, 28, 29]
+    with pytest.raises(UserError, match="validation size"):
+        build_data("cifar10", tmp_path, batch_size=4, val_size=30)
+
+
+def test_val_size_zero_gives_no_validation_loader():
+    d = build_data("digits", batch_size=64, val_size=0)
+    assert d.val is None and len(d.val_indices) == 0
+    assert d.train.dataset_size == len(d.train_indices) == 1442
+
+
+def test_data_rate_subset_is_class_balanced_and_seeded():
+    labels = np.repeat(np.arange(10), 100)
+    labels = np.concatenate([labels, np.full(3, 10)])  # a rare class still keeps one image
+    pool = np.arange(len(labels))
+    ten = data_rate_subset(labels, pool, 0.1, seed=0)
+    one = data_rate_subset(labels, pool, 0.01, seed=0)
+    assert ten.dtype == np.int64 and np.all(np.diff(ten) > 0)
+    assert np.bincount(labels[ten]).tolist() == [10] * 10 + [1]
+    assert np.bincount(labels[one]).tolist() == [1] * 11
+    np.testing.assert_array_equal(ten, data_rate_subset(labels, pool, 0.1, seed=0))
+    assert not np.array_equal(ten, data_rate_subset(labels, pool, 0.1, seed=1))
+    assert not np.array_equal(one, data_rate_subset(labels, pool, 0.01, seed=1))
+    np.testing.assert_array_equal(data_rate_subset(labels, pool, 1.0, seed=5), pool)
+    # Only indices from the pool are drawn.
+    part = np.arange(0, len(labels), 2)
+    assert set(data_rate_subset(labels, part, 0.1, seed=0).tolist()) <= set(part.tolist())
+
+
+@pytest.mark.parametrize("rate", [0, -0.1, 1.5, float("nan"), "0.1", True])
+def test_data_rate_outside_unit_interval_is_refused(rate):
+    with pytest.raises(UserError, match="data rate"):
+        data_rate_subset(np.zeros(5, int), np.arange(5), rate, seed=0)
+
+
+def test_build_data_records_the_subset_it_trains_on():
+    a = build_data("digits", batch_size=16, data_rate=0.1, seed=3)
+    b = build_data("digits", batch_size=16, data_rate=0.1, seed=3)
+    c = build_data("digits", batch_size=16, data_rate=0.1, seed=4)
+    np.testing.assert_array_equal(a.train_indices, b.train_indices)
+    assert not np.array_equal(a.train_indices, c.train_indices)
+    assert a.train.dataset_size == len(a.train_indices)
+    assert abs(len(a.train_indices) - 130) <= 10
+    assert set(a.train_indices.tolist()).isdisjoint(a.val_indices.tolist())
+
+
+# ---------------------------------------------------------------------------- TensorLoader
+
+def _images(n=16, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("augment,size", [("rrc-flip", 48), ("pad-crop-flip", 32), ("pad-crop", 32),
+                                          ("none", 32), ("none", 40), ("rrc-flip", 24)])
+def test_tensor_loader_output_shape_dtype_and_range(augment, size):
+    loader = TensorLoader(_images(10), np.arange(10), 4, train=True, image_size=size, augment=augment,
+                          device="cpu", seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2  # the partial third batch is dropped in training
+    for x, y in batches:
+        assert x.shape == (4, 3, size, size) and x.dtype == torch.float32
+        assert y.dtype == torch.int64
+        assert x.min() >= 0 and x.max() <= 1
+        assert x.max() > 0.5  # really scaled from 0..255, not left as 0..1 of bytes
+
+
+def test_tensor_loader_batch_count_and_channels_last():
+    loader = TensorLoader(_images(10), np.arange(10), 4, train=False, image_size=32, augment="none",
+                          device="cpu", seed=0, channels_last=True, dtype=torch.float16)
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [4, 4, 2] and len(loader) == 3
+    x, _ = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float16
+    tiny = TensorLoader(_images(3), np.arange(3), 8, train=True, image_size=32, augment="none",
+                        device="cpu", seed=0)
+    assert [len(y) for _, y in tiny] == [3]  # a subset smaller than a batch still trains
+
+
+def test_tensor_loader_same_seed_and_epoch_replays_and_epochs_differ():
+    def epoch_batches(seed, epoch):
+        loader = TensorLoader(_images(12), np.arange(12), 6, train=True, image_size=40, augment="rrc-flip",
+                              device="cpu", seed=seed)
+        loader.set_epoch(epoch)
+        return _collect(loader)
+
+    x0, y0 = epoch_batches(0, 0)
+    x0b, y0b = epoch_batches(0, 0)
+    x1, y1 = epoch_batches(0, 1)
+    xs, ys = epoch_batches(1, 0)
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b)
+    assert not torch.equal(y0, y1) and not torch.equal(y0, ys)
+    # Same image, different epoch: different crop.
+    order0, order1 = y0.argsort(), y1.argsort()
+    assert not torch.allclose(x0[order0], x1[order1])
+
+
+def test_pad_crop_changes_across_epochs():
+    loader = TensorLoader(_images(8), np.arange(8), 8, train=True, image_size=32, augment="pad-crop",
+                          device="cpu", seed=0)
+    x0, y0 = _collect(loader)
+    loader.set_epoch(1)
+    x1, y1 = _collect(loader)
+    assert not torch.equal(x0[y0.argsort()], x1[y1.argsort()])
+    # A pad-crop is a shift: every output pixel is an input pixel or padding zero.
+    src = torch.from_numpy(_images(8)).permute(0, 3, 1, 2).float() / 255
+    values = set(src.flatten().tolist()) | {0.0}
+    assert set(x0.flatten().tolist()) <= values
+
+
+@pytest.mark.parametrize("n,world", [(12, 3), (13, 4), (3, 4)])
+def test_training_rank_shards_are_disjoint_and_cover_everything(n, world):
+    shards = []
+    for rank in range(world):
+        loader = TensorLoader(_images(n, size=8), np.arange(n), 2, train=True, image_size=8, augment="none",
+                              device="cpu", seed=7, rank=rank, world_size=world, drop_last=False)
+        loader.set_epoch(2)
+        shards.append(torch.cat([y for _, y in loader]).tolist())
+    assert len({len(s) for s in shards}) == 1  # padded to equal length, as DistributedSampler
+    assert set().union(*shards) == set(range(n))
+    if n % world == 0:
+        assert sum(len(s) for s in shards) == n
+        assert all(set(a).isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1:])
+
+
+def test_evaluation_rank_shards_score_each_image_once():
+    shards = [torch.cat([y for _, y in TensorLoader(_images(13, size=8), np.arange(13), 4, train=False,
+                                                       image_size=8, augment="none", device="cpu", seed=0,
+                                                       rank=r, world_size=4)]).tolist() for r in range(4)]
+    assert sorted(sum(shards, [])) == list(range(13))
+
+
+def test_eval_transform_is_deterministic_resize_then_center_crop():
+    images = _images(5)
+    loader = TensorLoader(images, np.arange(5), 5, train=False, image_size=56, augment="none",
+                          device="cpu", seed=0)
+    x1, _ = _collect(loader)
+    x2, _ = _collect(loader)
+    assert torch.equal(x1, x2)
+    # Resize(round(56*256/224)=64) + CenterCrop(56), as Resize(256) + CenterCrop(224).
+    src = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    resized = F.interpolate(src, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(x1, resized[..., 4:60, 4:60])
+    same = TensorLoader(images, np.arange(5), 5, train=False, image_size=32, augment="rrc-flip",
+                        device="cpu", seed=0)
+    torch.testing.assert_close(_collect(same)[0], src)  # native size: identity, never augmented
+
+
+def _left_dark_right_bright(n, size=32):
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    images[:, :, size // 2:, :] = 255
+    images[:, :, :, 1] = np.linspace(0, 255, size, dtype=np.uint8)[None, None, :]
+    return images
+
+
+def _ramp_slope(x):
+    """Channel 1 is a left-to-right ramp, so its slope between interior columns (never padding,
+    whatever the shift) tells whether an image was mirrored."""
+    width = x.shape[-1]
+    return x[:, 1, :, 3 * width // 4].mean(1) - x[:, 1, :, width // 4].mean(1)
+
+
+@pytest.mark.parametrize("augment,size", [("pad-crop-flip", 32), ("rrc-flip", 48)])
+def test_flip_mirrors_some_images_and_not_others(augment, size):
+    loader = TensorLoader(_left_dark_right_bright(64), np.arange(64), 64, train=True, image_size=size,
+                          augment=augment, device="cpu", seed=0)
+    x, _ = _collect(loader)
+    slope = _ramp_slope(x)
+    assert (slope > 0).sum() >= 10 and (slope < 0).sum() >= 10
+
+
+def test_pad_crop_without_flip_never_mirrors():
+    loader = TensorLoader(_left_dark_right_bright(64), np.arange(64), 64, train=True, image_size=32,
+                          augment="pad-crop", device="cpu", seed=0)
+    x, _ = _collect(loader)
+    assert (_ramp_slope(x) > 0).all()
+
+
+def test_crop_resize_of_the_whole_image_equals_bilinear_resize_and_flip_mirrors():
+    x = torch.rand(3, 3, 16, 16)
+    full = torch.zeros(3), torch.zeros(3), torch.full((3,), 16.0), torch.full((3,), 16.0)
+    out = dataset._crop_resize(x, *full, 40)
+    torch.testing.assert_close(out, F.interpolate(x, size=(40, 40), mode="bilinear", align_corners=False))
+    flipped = dataset._crop_resize(x, *full, 16, flip=torch.tensor([True, False, True]))
+    torch.testing.assert_close(flipped[0], x[0].flip(2))
+    torch.testing.assert_close(flipped[1], x[1])
+    # A same-size box is an exact copy of those pixels.
+    box = dataset._crop_resize(x, torch.full((3,), 2.0), torch.full((3,), 5.0), torch.full((3,), 8.0),
+                               torch.full((3,), 8.0), 8)
+    torch.testing.assert_close(box, x[:, :, 2:10, 5:13])
+
+
+def test_random_resized_crop_boxes_follow_torchvision_ranges():
+    gen = torch.Generator().manual_seed(0)
+    top, left, h, w = dataset._rrc_boxes(4000, 32, 32, gen, "cpu")
+    assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 32).all() and (left + w <= 32).all()
+    area = h * w / 1024
+    assert area.min() >= 0.05 and area.max() <= 1.0
+    assert 0.45 < area.mean() < 0.6  # uniform scale in (0.08, 1) -> about 0.54
+    assert torch.equal(top, top.round()) and torch.equal(w, w.round())
+
+
+def test_tensor_loader_rejects_bad_settings():
+    with pytest.raises(UserError, match="batch size"):
+        TensorLoader(_images(4), np.arange(4), 0, train=True, image_size=32, augment="none", device="cpu", seed=0)
+    with pytest.raises(UserError, match="image size"):
+        TensorLoader(_images(4), np.arange(4), 2, train=True, image_size=-1, augment="none", device="cpu", seed=0)
+
+
+# ---------------------------------------------------------------------------- build_data
+
+def test_build_data_on_digits_and_classes_subset():
+    d = build_data("digits", batch_size=32)
+    assert d.num_classes == 10 and d.native_size == 8 and d.image_size == 8
+    assert d.augment == "pad-crop" and d.mean == DATASET_STATS["digits"][0]
+    x, y = next(iter(d.train))
+    assert x.shape == (32, 3, 8, 8)
+
+    sub = build_data("digits", batch_size=32, classes=[5, 6, 7, 8, 9], image_size=16)
+    assert sub.num_classes == 5 and sub.augment == "rrc-flip"
+    _, ys = _collect(sub.test)
+    assert set(ys.tolist()) == {0, 1, 2, 3, 4}
+    full = load_arrays("digits")
+    original = full.train_y[sub.train_indices]
+    assert set(original.tolist()) == {5, 6, 7, 8, 9}
+    # The recorded indices point at the images the loader serves, relabelled by position.
+    served = TensorLoader(full.train_x[sub.train_indices], original - 5, 4096, train=False,
+                          image_size=8, augment="none", device="cpu", seed=0)
+    assert torch.equal(_collect(served)[1], torch.from_numpy(original - 5))
+
+
+def test_build_data_auto_augment_and_image_size(tmp_path):
+    write_cifar10(tmp_path)
+    up = build_data("cifar10", tmp_path, batch_size=4, image_size=64)
+    assert up.augment == "rrc-flip" and next(iter(up.train))[0].shape == (4, 3, 64, 64)
+    assert next(iter(up.test))[0].shape == (4, 3, 64, 64)
+    native = build_data("cifar10", tmp_path, batch_size=4)
+    assert native.augment == "pad-crop-flip" and native.image_size == 32
+    assert native.mean == DATASET_STATS["cifar10"][0]
+    with pytest.raises(UserError, match="augmentation"):
+        build_data("cifar10", tmp_path, batch_size=4, augment="mixup")
+
+
+def test_unknown_dataset_lists_the_choices():
+    with pytest.raises(UserError, match="cifar10, cifar100, svhn, digits, folder, imagenet"):
+        build_data("mnist", "/tmp", batch_size=4)
+
+
+# ---------------------------------------------------------------------------- image folders
+
+def test_folder_loaders_follow_the_same_interface(tmp_path):
+    write_image_folder(tmp_path)
+    d = build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0, val_size=3)
+    assert d.num_classes == 3 and d.image_size == 16 and d.augment == "rrc-flip"
+    assert d.mean == DATASET_STATS["imagenet"][0]
+    assert len(d.val_indices) == 3 and len(d.train_indices) == 12
+    assert set(d.train_indices.tolist()).isdisjoint(d.val_indices.tolist())
+    d.train.set_epoch(0)
+    x, y = next(iter(d.train))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == torch.int64
+    order0 = torch.cat([y for _, y in d.train])
+    d.train.set_epoch(0)
+    assert torch.equal(order0, torch.cat([y for _, y in d.train]))
+    assert len(d.train) == 3
+    xt, yt = _collect(d.test)
+    assert xt.shape == (6, 3, 16, 16) and yt.tolist() == [0, 0, 1, 1, 2, 2]
+    xt2, _ = _collect(d.test)
+    assert torch.equal(xt, xt2)
+
+    sub = build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0, classes=[2, 0], val_size=0)
+    assert sub.num_classes == 2 and sub.val is None
+    _, ys = _collect(sub.test)
+    assert ys.tolist() == [1, 1, 0, 0]
+    _, ytrain = _collect(build_data("folder", tmp_path, image_size=16, batch_size=20, workers=0,
+                                    classes=[2, 0], val_size=0).train)
+    assert sorted(ytrain.tolist()) == [0] * 5 + [1] * 5
+
+
+def test_folder_with_flat_val_or_missing_split_is_refused(tmp_path):
+    write_image_folder(tmp_path)
+    for png in (tmp_path / "val").rglob("*.png"):
+        png.rename(tmp_path / "val" / png.name)
+    for d in (tmp_path / "val").iterdir():
+        if d.is_dir():
+            d.rmdir()
+    with pytest.raises(UserError, match="class subfolders"):
+        build_data("imagenet", tmp_path, image_size=16, batch_size=4, workers=0)
+    with pytest.raises(UserError, match="train"):
+        build_data("folder", tmp_path / "val", image_size=16, batch_size=4, workers=0)
+
+
+def test_folder_datasets_are_not_array_datasets(tmp_path):
+    with pytest.raises(UserError, match="build_data"):
+        load_arrays("imagenet", tmp_path)
+    write_image_folder(tmp_path)
+    with pytest.raises(UserError, match="array datasets"):
+        build_data("folder", tmp_path, batch_size=4, workers=0, augment="pad-crop")
