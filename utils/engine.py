@@ -126,17 +126,19 @@ def _bar(loader, desc, enabled):
 
 def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=None, enforcer=None,
                 precision=None, scaler=None, channels_last=False, progress=True, desc="train",
-                max_steps=None):
+                max_steps=None, train_mode=True):
     """One pass over ``loader``. Returns {"train_loss", "train_acc", "seconds", "images"}.
 
     ``attack`` turns each clean batch into the training batch (None: standard training);
     ``attack_model`` is what the attack queries (the unwrapped model under DDP);
     ``enforcer`` (pruning_utils.MaskEnforcer) keeps pruned weights at exactly zero.
+    ``train_mode=False`` leaves the modes the caller set (e.g. frozen BatchNorm for linear evaluation).
     Raises NonFiniteLoss as soon as the loss stops being finite.
     """
     precision = precision or Precision(torch.device(device).type)
     attack_model = attack_model if attack_model is not None else model
-    model.train()
+    if train_mode:
+        model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)

@@ -1,0 +1,202 @@
+"""Stage 2 end to end on tiny models: contract of results.json, sparsity kept, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_downstream
+import models
+import pruning_utils
+from tests.fixtures import write_cifar10
+from utils.checkpoint import safe_load
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"dataset", "arch", "pretrain", "init", "ticket", "method", "sparsity", "regime", "data_rate",
+               "seed", "sa", "ra", "selected_epoch", "selection", "history", "config", "git"}
+HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_sa", "val_ra", "seconds"}
+TINY = ["--arch", "resnet_tiny", "--cifar-stem", "--no-progress", "--batch-size", "32"]
+
+
+def make_ticket(tmp_path, sparsity=50.0, num_classes=5, seed=0):
+    model = models.build_model("resnet_tiny", num_classes, cifar_stem=True)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    mask = pruning_utils.prune_to_sparsity(
+        weights, sparsity, method="magnitude",
+        base_mask=pruning_utils.full_mask(model))
+    ticket = pruning_utils.make_ticket(mask, round=3, method="imp", retrain="st", arch="resnet_tiny",
+                                       pretrain="at", init="θ_p.pt", source_dataset="digits")
+    path = tmp_path / "ticket.pt"
+    pruning_utils.save_ticket(path, ticket)
+    init = tmp_path / "init.pt"
+    models.save_model_checkpoint(init, model)
+    return path, init, ticket
+
+
+def run(argv):
+    return main_downstream.main([str(a) for a in argv])
+
+
+def check_contract(res, regime):
+    assert set(res) == RESULT_KEYS
+    assert res["regime"] == regime
+    assert res["selection"] == ("val_sa" if regime == "st" else "val_ra")
+    assert 0 <= res["sa"] <= 100
+    if regime == "st":
+        assert res["ra"] is None
+    else:
+        assert 0 <= res["ra"] <= 100
+    assert all(set(h) == HISTORY_KEYS for h in res["history"])
+    assert res["selected_epoch"] in [h["epoch"] for h in res["history"] if h["val_sa"] is not None]
+
+
+@pytest.mark.parametrize("regime", ["st", "fat", "at"])
+def test_regimes_on_digits_write_the_results_contract(tmp_path, regime):
+    ticket, init, meta = make_ticket(tmp_path)
+    out = tmp_path / "run"
+    run(["--dataset", "digits", "--classes", "5-9", "--init", init, "--ticket", ticket, "--regime", regime,
+         "--epochs", "2", "--lr", "0.05", "--train-steps", "2", "--eps", "8/255",
+         *([] if regime == "st" else ["--test-steps", "2"]), "--save-dir", out, *TINY])
+    res = json.loads((out / "results.json").read_text())
+    check_contract(res, regime)
+    assert res["sparsity"] == pytest.approx(meta["sparsity"])
+    assert res["method"] == "imp" and res["pretrain"] == "at" and res["dataset"] == "digits"
+    assert res["ticket"] == str(ticket) and res["data_rate"] == 1.0 and len(res["history"]) == 2
+    assert res["config"]["eps"] == pytest.approx(8 / 255)
+    # the selected model keeps the ticket's zeros exactly
+    best = safe_load(out / "model_best.pt")
+    for name, m in meta["masks"].items():
+        assert torch.count_nonzero(best["state_dict"][name][~m]) == 0
+    assert (out / "log.csv").read_text().count("\n") == 3
+    assert (out / "config.json").exists() and (out / "subset_indices.json").exists()
+
+
+def test_at_on_cifar10_fixture_with_reduced_data_rate(tmp_path):
+    write_cifar10(tmp_path / "data", per_batch=40, n_test=20)
+    ticket, init, meta = make_ticket(tmp_path, num_classes=10)
+    out = tmp_path / "run"
+    run(["--data", tmp_path / "data", "--dataset", "cifar10", "--init", init, "--ticket", ticket,
+         "--regime", "at", "--epochs", "1", "--train-steps", "1", "--test-steps", "1", "--image-size", "32",
+         "--data-rate", "0.5", "--save-dir", out, *TINY])
+    res = json.loads((out / "results.json").read_text())
+    check_contract(res, "at")
+    assert res["data_rate"] == 0.5 and res["dataset"] == "cifar10"
+    idx = json.loads((out / "subset_indices.json").read_text())
+    assert len(idx["val_indices"]) == 20  # 10% of the 200 training images, the last ones
+    assert idx["val_indices"] == list(range(180, 200))
+    assert len(idx["train_indices"]) < 180
+
+
+def test_pruned_weights_stay_zero_with_momentum_and_weight_decay(tmp_path):
+    ticket, init, meta = make_ticket(tmp_path, sparsity=80.0)
+    out = tmp_path / "run"
+    run(["--dataset", "digits", "--init", init, "--ticket", ticket, "--regime", "st", "--epochs", "2",
+         "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "5e-3", "--save-dir", out, *TINY])
+    ckpt = safe_load(out / "checkpoint.pt")
+    start = safe_load(init)["state_dict"]
+    changed = 0
+    for name, m in meta["masks"].items():
+        assert torch.count_nonzero(ckpt["model"][name][~m]) == 0, name
+        changed += int((ckpt["model"][name][m] != start[name][m]).sum())
+    assert changed > 0  # the kept weights did train
+    assert any(len(s.get("momentum_buffer", [])) if isinstance(s.get("momentum_buffer"), list) else 1
+               for s in ckpt["optimizer"]["state"].values())
+
+
+def test_dense_baseline_and_rerun_of_finished_run(tmp_path, capsys):
+    _, init, _ = make_ticket(tmp_path)
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--init", init, "--pretrain", "std", "--regime", "st", "--epochs", "1",
+            "--save-dir", out, *TINY]
+    run(args)
+    res = json.loads((out / "results.json").read_text())
+    assert res["ticket"] is None and res["sparsity"] == 0.0 and res["method"] == "dense"
+    stamp = (out / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    run(args)
+    assert "already finished" in capsys.readouterr().out
+    assert (out / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_linear_eval_trains_only_the_head(tmp_path):
+    _, init, _ = make_ticket(tmp_path)
+    out = tmp_path / "run"
+    run(["--dataset", "digits", "--init", init, "--pretrain", "std", "--regime", "st", "--epochs", "1",
+         "--lr", "0.1", "--linear-eval", "--save-dir", out, *TINY])
+    start = safe_load(init)["state_dict"]
+    best = safe_load(out / "model_best.pt")["state_dict"]
+    for name, value in start.items():
+        if not name.startswith("fc."):
+            assert torch.equal(best[name], value), name
+
+
+def _resume_args(init, ticket, out):
+    return [sys.executable, str(REPO / "main_downstream.py"), "--dataset", "digits", "--init", str(init),
+            "--ticket", str(ticket), "--regime", "at", "--epochs", "4", "--lr", "0.05", "--train-steps", "1",
+            "--test-steps", "1", "--seed", "3", "--save-dir", str(out), *TINY]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    ticket, init, _ = make_ticket(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    straight = tmp_path / "straight"
+    subprocess.run(_resume_args(init, ticket, straight), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_resume_args(init, ticket, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "log.csv").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    subprocess.run(_resume_args(init, ticket, killed), check=True, env=env, capture_output=True)
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert (a["sa"], a["ra"], a["selected_epoch"]) == (b["sa"], b["ra"], b["selected_epoch"])
+
+
+def _cli(argv):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "main_downstream.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=env)
+
+
+def test_bad_input_exits_2_with_one_clear_line_and_no_results(tmp_path):
+    ticket, init, meta = make_ticket(tmp_path)
+    base = ["--init", init, "--epochs", "1", *TINY]
+    cases = {
+        "cifar-10-batches-py": ["--dataset", "cifar10", "--data", tmp_path, "--save-dir", tmp_path / "a"],
+        "data-rate": ["--dataset", "digits", "--data-rate", "1.5", "--save-dir", tmp_path / "b"],
+        "eps": ["--dataset", "digits", "--eps", "eight/255", "--save-dir", tmp_path / "c"],
+        "resnet18": ["--dataset", "digits", "--ticket", ticket, "--save-dir", tmp_path / "d", "--arch", "resnet18"],
+    }
+    # a mask that is not boolean
+    bad = dict(meta, masks={k: v.float() for k, v in meta["masks"].items()})
+    torch.save(bad, tmp_path / "float_ticket.pt")
+    cases["bool"] = ["--dataset", "digits", "--ticket", tmp_path / "float_ticket.pt", "--save-dir", tmp_path / "e"]
+    for needle, extra in cases.items():
+        proc = _cli(base + extra)
+        assert proc.returncode == 2, (needle, proc.stderr)
+        assert needle in proc.stderr, (needle, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert not (Path(extra[extra.index("--save-dir") + 1]) / "results.json").exists()
+
+
+def test_divergence_and_config_change_exit_2(tmp_path):
+    _, init, _ = make_ticket(tmp_path)
+    out = tmp_path / "run"
+    proc = _cli(["--dataset", "digits", "--init", init, "--epochs", "2", "--lr", "1e30", "--save-dir", out, *TINY])
+    assert proc.returncode == 2 and "loss" in proc.stderr and "--lr" in proc.stderr, proc.stderr
+    assert not (out / "results.json").exists()
+    proc = _cli(["--dataset", "digits", "--init", init, "--epochs", "3", "--lr", "0.01", "--save-dir", out, *TINY])
+    assert proc.returncode == 2 and "different configuration" in proc.stderr and "epochs" in proc.stderr

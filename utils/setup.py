@@ -1,0 +1,149 @@
+"""Set-up shared by both entry points: flags common to both stages, data, model, precision.
+
+Keeping this in one place means stage 1 and stage 2 build data and models the same way, so a
+ticket found in stage 1 always fits the model stage 2 builds from the same flags.
+"""
+
+import torch
+
+import dataset
+import models
+from utils import distributed as du
+from utils.cli import class_list, fraction
+from utils.engine import Precision
+from utils.errors import UserError
+
+
+def add_common_args(p):
+    """Flags both entry points share (DESIGN.md §5.4), with the seed repo's underscore aliases."""
+    p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
+    p.add_argument("--dataset", required=True, help="imagenet, folder, cifar10, cifar100, svhn or digits")
+    p.add_argument("--classes", type=class_list, default=None,
+                   help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7)")
+    p.add_argument("--arch", default="resnet50", help="resnet18/34/50/101/152, wide_resnet50_2, resnet10, resnet_tiny")
+    p.add_argument("--cifar-stem", "--cifar_stem", action="store_true",
+                   help="3x3 stride-1 stem without max-pool, for native 32 px inputs")
+    p.add_argument("--reinit-stem", action="store_true",
+                   help="keep a freshly initialised first conv instead of θ_p's (needed to put ImageNet "
+                        "weights into a --cifar-stem model); the ticket's stem mask is then ignored")
+    p.add_argument("--init", "--pretrained", dest="init", required=True,
+                   help="pre-trained weights θ_p (torchvision, robustness, fast_adversarial, seed or ours); "
+                        "'none' trains from random initialisation")
+    p.add_argument("--pretrain", default=None, help="label of the pre-training, e.g. std, fat, at")
+    p.add_argument("--image-size", "--image_size", type=int, default=None,
+                   help="input resolution (default: 224 for CIFAR/SVHN as in the paper, native for digits)")
+    p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"])
+    p.add_argument("--val-size", "--val_size", type=int, default=None,
+                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", "--weight_decay", type=float, default=None)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None, help="global batch size over all GPUs")
+    p.add_argument("--eps", type=fraction, default=8 / 255, help="attack radius in [0,1] pixels, e.g. 8/255")
+    p.add_argument("--alpha", type=fraction, default=None, help="attack step size, e.g. 2/255")
+    p.add_argument("--attack-bn", "--attack_bn", choices=["train", "eval"], default="train",
+                   help="BatchNorm mode while crafting training attacks (the seed code used train)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=4, help="loader processes (folder datasets only)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16 on CUDA, off on CPU")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    p.add_argument("--save-dir", "--save_dir", dest="save_dir", required=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    return p
+
+
+def check_common_args(args):
+    for name in ("lr", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a non-negative number, not {value}.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
+    if args.image_size is not None and args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 pixels, not {args.image_size}.")
+    if not 0 <= args.eps <= 1:
+        raise UserError(f"--eps must lie in [0, 1] (pixel scale), not {args.eps}.")
+    if args.alpha is not None and not 0 < args.alpha <= 1:
+        raise UserError(f"--alpha must lie in (0, 1] (pixel scale), not {args.alpha}.")
+
+
+def default_image_size(name):
+    """The paper upsamples CIFAR/SVHN to 224; small demo data stays native."""
+    return {"cifar10": 224, "cifar100": 224, "svhn": 224, "imagenet": 224, "folder": 224}.get(name)
+
+
+def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None):
+    per_rank = batch_size // dist_info.world_size
+    if per_rank < 1 or batch_size % dist_info.world_size:
+        raise UserError(f"--batch-size {batch_size} is the global batch and must be a multiple of the "
+                        f"{dist_info.world_size} processes.")
+    image_size = args.image_size if args.image_size is not None else default_image_size(args.dataset)
+    return dataset.build_data(
+        args.dataset, args.data, image_size=image_size, batch_size=per_rank, eval_batch_size=max(per_rank, 64),
+        val_size=val_size, data_rate=data_rate, seed=args.seed, device=dist_info.device, workers=args.workers,
+        augment=args.augment, classes=args.classes, rank=dist_info.rank, world_size=dist_info.world_size,
+        channels_last=bool(args.channels_last))
+
+
+def build_model(args, data, device, load_head):
+    """The model of ``--arch`` for ``data``, with θ_p from ``--init`` loaded (or fresh for 'none')."""
+    model = models.build_model(args.arch, data.num_classes, cifar_stem=args.cifar_stem, mean=data.mean, std=data.std)
+    info = {"format": None, "dropped_head": None}
+    if str(args.init).lower() != "none":
+        info = models.load_pretrained(model, args.init, load_head=load_head, load_stem=not args.reinit_stem)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, info
+
+
+def resolve_precision(args, device):
+    if args.channels_last is None:
+        args.channels_last = torch.device(device).type == "cuda"
+    return Precision.resolve(args.amp, device)
+
+
+def wrap_model(model, args, dist_info):
+    """Returns (runner, plain): ``runner`` trains (DDP when distributed), ``plain`` attacks and
+    evaluates without gradient synchronisation. Both are compiled once when --compile is given."""
+    plain = torch.compile(model) if args.compile else model
+    runner = plain
+    if dist_info.world_size > 1:
+        ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+        runner = torch.nn.parallel.DistributedDataParallel(plain, device_ids=ids, broadcast_buffers=True)
+    return runner, plain
+
+
+def log(msg):
+    if du.is_primary():
+        print(msg, flush=True)
+
+
+def prepare_dir(save_dir, config, dist_info):
+    """The primary rank creates or checks the run directory first; the others then check it."""
+    from utils.rundir import prepare_run_dir
+    resumed = prepare_run_dir(save_dir, config, primary=True) if dist_info.primary else None
+    du.barrier()
+    if not dist_info.primary:
+        resumed = prepare_run_dir(save_dir, config, primary=False)
+    return resumed
+
+
+class DataStub:
+    """What model building needs to know about a dataset, for stages that read no images (OMP, RP)."""
+
+    CLASSES = {"imagenet": 1000, "folder": 1000, "cifar10": 10, "cifar100": 100, "svhn": 10, "digits": 10}
+
+    def __init__(self, args):
+        if args.dataset not in self.CLASSES:
+            raise UserError(f"unknown --dataset '{args.dataset}'; choose one of {', '.join(self.CLASSES)}.")
+        self.num_classes = len(args.classes) if args.classes else self.CLASSES[args.dataset]
+        self.mean, self.std = dataset.DATASET_STATS[args.dataset]
+
+
+def data_stub(args):
+    return DataStub(args)
