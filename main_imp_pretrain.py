@@ -46,8 +46,8 @@ def parse_args(argv=None):
     for key, value in PAPER_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.alpha is None:
-        args.alpha = 2 / 255
+    if args.alpha is None:  # the paper's 2/255 at ε = 8/255
+        args.alpha = args.eps / 4
     if not 0 < args.rate < 1:
         raise UserError(f"--rate must lie strictly between 0 and 1 (the paper prunes 0.2 per round), not {args.rate}.")
     if args.rounds < 1:
