@@ -58,11 +58,21 @@ def safe_load(path, map_location="cpu"):
                         "check the path and that the file was fully copied.") from None
 
 
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _atomic_write(path, write_fn, binary):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write_fn(fh)
             fh.flush()

@@ -1,0 +1,282 @@
+"""Shared by the analysis scripts: finding and reading run outputs, rebuilding a trained run's
+model and test images, colours that stay fixed for a label in every figure, table writers."""
+
+import csv
+import io
+import json
+import math
+import numbers
+import zlib
+from pathlib import Path
+
+from utils.checkpoint import atomic_write_text
+from utils.errors import UserError
+
+REGIMES = ("st", "fat", "at")
+# Every key analysis reads from a results.json (DESIGN §5.3); "ra" may be null.
+RESULT_KEYS = ("dataset", "arch", "pretrain", "method", "sparsity", "regime", "data_rate", "seed", "sa", "ra")
+
+# One colour per pre-training label in every figure; other labels take a palette colour chosen
+# from a hash of the label, so a label keeps its colour across figures and invocations.
+PRETRAIN_COLORS = {"std": "#1f77b4", "fat": "#2ca02c", "at": "#d62728"}
+_PALETTE = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79")
+METHOD_COLORS = {"imp": "#1f77b4", "imp-st": "#1f77b4", "imp-at": "#d62728", "omp": "#ff7f0e",
+                 "rp": "#7f7f7f", "dense": "#000000"}
+PRETRAIN_ORDER = ("std", "fat", "at")
+METHOD_ORDER = ("imp", "imp-st", "imp-at", "omp", "rp")
+
+
+def _palette_color(label):
+    return _PALETTE[zlib.crc32(str(label).encode("utf-8")) % len(_PALETTE)]
+
+
+def pretrain_color(label):
+    return PRETRAIN_COLORS.get(label) or _palette_color(label)
+
+
+def method_color(label):
+    return METHOD_COLORS.get(label) or _palette_color(label)
+
+
+def order_key(value, preferred):
+    """Sort key putting ``preferred`` values first, in that order, the rest alphabetically."""
+    return (preferred.index(value), "") if value in preferred else (len(preferred), str(value))
+
+
+def fmt_sparsity(value):
+    """Sparsity in percent as the tables write it: 89.26."""
+    return f"{value:.2f}"
+
+
+def fmt_rate(rate):
+    return repr(float(rate))
+
+
+def fmt_rate_percent(rate):
+    pct = 100.0 * float(rate)
+    return f"{pct:g}%"
+
+
+def agg_mean_std(values):
+    """(mean, std): sample std (ddof=1) for two or more values, 0 for one."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var)
+
+
+def use_agg():
+    """pyplot with the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def csv_text(rows, fields):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def write_csv(rows, path, fields):
+    atomic_write_text(csv_text(rows, fields), path)
+    return Path(path)
+
+
+def markdown_table(rows, fields):
+    def cell(v):
+        return "" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(fields) + " |", "| " + " | ".join("---" for _ in fields) + " |"]
+    lines += ["| " + " | ".join(cell(r.get(f)) for f in fields) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def safe_name(text):
+    """A file-name fragment from a label (letters, digits, '-', '_', '.')."""
+    out = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+    return out.strip("._") or "x"
+
+
+# --------------------------------------------------------------------------- results.json
+
+def find_result_files(dirs):
+    """Every results.json under the given directories (recursive), sorted, without duplicates."""
+    if not dirs:
+        raise UserError("no runs directory given; pass one or more directories holding results.json files.")
+    found = set()
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise UserError(f"runs directory '{d}' does not exist; pass the --save-dir of your downstream runs "
+                            "(or a folder above them).")
+        if d.is_file():
+            if d.name != "results.json":
+                raise UserError(f"'{d}' is a file, not a runs directory; pass the folder holding the runs.")
+            found.add(d.resolve())
+            continue
+        found.update(p.resolve() for p in d.rglob("results.json") if p.is_file())
+    if not found:
+        raise UserError(f"no results.json found under {', '.join(repr(str(d)) for d in dirs)}; pass the folders "
+                        "main_downstream.py wrote (--save-dir), runs that have not finished have none.")
+    return sorted(found)
+
+
+def _is_number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def check_result(obj):
+    """The reason ``obj`` is not a usable results.json, or None when it is."""
+    if not isinstance(obj, dict):
+        return f"it holds a JSON {type(obj).__name__}, not an object"
+    missing = [k for k in RESULT_KEYS if k not in obj]
+    if missing:
+        return f"it lacks the keys {missing}"
+    for key in ("dataset", "arch", "pretrain", "method"):
+        if not isinstance(obj[key], str) or not obj[key]:
+            return f"'{key}' is {obj[key]!r}, not a non-empty string"
+    if obj["regime"] not in REGIMES:
+        return f"'regime' is {obj['regime']!r}, not one of {list(REGIMES)}"
+    if not _is_number(obj["sparsity"]) or not 0.0 <= float(obj["sparsity"]) <= 100.0:
+        return f"'sparsity' is {obj['sparsity']!r}, not a percentage"
+    if not _is_number(obj["data_rate"]) or not 0.0 < float(obj["data_rate"]) <= 1.0:
+        return f"'data_rate' is {obj['data_rate']!r}, not a number in (0, 1]"
+    if isinstance(obj["seed"], bool) or not isinstance(obj["seed"], (int, str)):
+        return f"'seed' is {obj['seed']!r}, not an integer"
+    if not _is_number(obj["sa"]):
+        return f"'sa' is {obj['sa']!r}, not a number"
+    if obj["ra"] is not None and not _is_number(obj["ra"]):
+        return f"'ra' is {obj['ra']!r}, not a number or null"
+    return None
+
+
+def read_results(paths):
+    """(list of (path, results dict), warnings): unreadable or incomplete files are named and left out."""
+    good, warnings = [], []
+    for path in paths:
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            warnings.append(f"skipped '{path}': cannot be read ({exc.__class__.__name__}: {exc}).")
+            continue
+        except json.JSONDecodeError as exc:
+            warnings.append(f"skipped '{path}': not valid JSON ({exc.msg} at line {exc.lineno}).")
+            continue
+        problem = check_result(obj)
+        if problem:
+            warnings.append(f"skipped '{path}': {problem} (DESIGN §5.3 lists the results.json keys).")
+            continue
+        good.append((Path(path), obj))
+    return good, warnings
+
+
+# --------------------------------------------------------------------------- trained runs
+
+def read_json_file(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist; pass a run directory written by main_downstream.py.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} '{path}' is not valid JSON ({exc}); the run directory is damaged.") from None
+
+
+def resolve_device(device):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    return device
+
+
+def run_image_size(config):
+    from utils.setup import default_image_size
+
+    size = config.get("image_size")
+    return size if size is not None else default_image_size(config["dataset"])
+
+
+def build_run_data(config, data_root=None, *, batch_size=128, device="cpu"):
+    """The run's dataset (test split as in training: same image size, classes and statistics)."""
+    import dataset
+
+    if "dataset" not in config:
+        raise UserError("the run's config.json has no 'dataset'; it was not written by main_downstream.py.")
+    root = data_root if data_root is not None else config.get("data")
+    return dataset.build_data(config["dataset"], root, image_size=run_image_size(config), batch_size=batch_size,
+                              eval_batch_size=batch_size, val_size=config.get("val_size"), data_rate=1.0,
+                              seed=int(config.get("seed") or 0), device=device, workers=int(config.get("workers") or 0),
+                              augment=config.get("augment") or "auto", classes=config.get("classes"))
+
+
+def load_run_model(run_dir, config, data, device, checkpoint="model_best.pt"):
+    """(model in eval mode on ``device``, mask or None, checkpoint dict) of a finished downstream run.
+
+    The architecture and stem come from config.json; the normalization is the one the model was
+    trained with (stored in the checkpoint), which is the dataset's (``dataset.DATASET_STATS``).
+    """
+    import models
+    from utils.checkpoint import safe_load
+
+    path = Path(run_dir) / checkpoint
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist; pass a finished run directory of main_downstream.py "
+                        "(it writes model_best.pt).")
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "double-win-model":
+        raise UserError(f"'{path}' is not a double-win-model checkpoint; pass a run directory of main_downstream.py.")
+    arch = config.get("arch", ckpt.get("arch"))
+    num_classes = int(ckpt.get("num_classes", data.num_classes))
+    if num_classes != data.num_classes:
+        raise UserError(f"'{path}' has {num_classes} classes but the dataset '{config['dataset']}' as configured has "
+                        f"{data.num_classes}; pass the --data the run was trained on.")
+    mean = ckpt.get("input_mean") or data.mean
+    std = ckpt.get("input_std") or data.std
+    model = models.build_model(arch, num_classes, cifar_stem=bool(config.get("cifar_stem", ckpt.get("cifar_stem"))),
+                               mean=mean, std=std)
+    models.load_pretrained(model, path, load_head=True)
+    mask = ckpt.get("mask")
+    model.to(device).eval()
+    return model, mask, ckpt
+
+
+def take_images(loader, max_images):
+    """The first ``max_images`` test images (all when None) as a list of (images, labels) batches."""
+    batches, seen = [], 0
+    for images, labels in loader:
+        if max_images is not None and seen + len(labels) > max_images:
+            keep = max_images - seen
+            images, labels = images[:keep], labels[:keep]
+        if len(labels):
+            batches.append((images, labels))
+            seen += len(labels)
+        if max_images is not None and seen >= max_images:
+            break
+    if not batches:
+        raise UserError("the test split yielded no images; check --data and --max-images.")
+    return batches
