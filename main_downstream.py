@@ -21,7 +21,7 @@ from utils.cli import ArgumentParser, int_list, run_main
 from utils.engine import (AttackSpec, NonFiniteLoss, evaluate, lr_for_epoch, make_sgd, set_lr, train_epoch,
                           training_attack)
 from utils.errors import UserError
-from utils.rundir import git_commit, write_csv
+from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit, write_csv
 from utils.seeding import restore_rng_state, rng_state_for_checkpoint, seed_everything
 
 # The paper's downstream protocol (DESIGN.md §2); flags left unset take these.
@@ -142,6 +142,17 @@ def set_train_mode(model, linear_eval):
                 module.eval()
 
 
+def check_finished_config(save_dir, args):
+    """A finished run is only 'already done' for the command that made it."""
+    old = json.loads((save_dir / "config.json").read_text())
+    derived = {"ticket_sparsity"} | ({"data_rate"} if args.data_number is not None else set())
+    diffs = config_differences(old, json.loads(json.dumps(vars(args))), NON_SEMANTIC_KEYS | derived)
+    if diffs:
+        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:12])
+        raise UserError(f"--save-dir '{save_dir}' holds a finished run with a different configuration ({listed}); "
+                        "choose another --save-dir.")
+
+
 def print_finished(save_dir):
     res = json.loads((Path(save_dir) / "results.json").read_text())
     ra = "n/a" if res["ra"] is None else f"{res['ra']:.2f}"
@@ -153,13 +164,13 @@ def main(argv=None):
     args = parse_args(argv)
     dist_info = du.init_distributed(args.device)
     save_dir = Path(args.save_dir)
-    if (save_dir / "results.json").exists():
-        print_finished(save_dir)
-        return 0
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed + dist_info.rank)
-
     resolve_defaults(args)
+    if (save_dir / "results.json").exists():
+        check_finished_config(save_dir, args)
+        print_finished(save_dir)
+        return 0
     if args.data_number is not None:  # the seed repo counted images; we store the equivalent rate
         full = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=1.0, val_size=args.val_size)
         if args.data_number < 1:
@@ -286,7 +297,7 @@ def main(argv=None):
             models.save_model_checkpoint(save_dir / "model_best.pt", model, mask=mask, epoch=state["best"]["epoch"],
                                          selection=selection)
     du.barrier()
-    results = finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info)
+    finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info)
     du.cleanup()
     return 0
 

@@ -40,7 +40,7 @@ def settings(quick):
     if quick:
         return {"source_epochs": 4, "rounds": 2, "rate": 0.5, "epochs_per_round": 1, "epochs": 3,
                 "seeds": [1], "rates": [1.0, 0.1], "omp_rp": True}
-    return {"source_epochs": 15, "rounds": 5, "rate": 0.4, "epochs_per_round": 3, "epochs": 8,
+    return {"source_epochs": 15, "rounds": 4, "rate": 0.4, "epochs_per_round": 3, "epochs": 6,
             "seeds": [1, 2, 3], "rates": [1.0, 0.1], "omp_rp": True}
 
 

@@ -16,6 +16,7 @@ import models
 import pruning_utils
 from tests.fixtures import write_cifar10
 from utils.checkpoint import safe_load
+from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"dataset", "arch", "pretrain", "init", "ticket", "method", "sparsity", "regime", "data_rate",
@@ -122,6 +123,8 @@ def test_dense_baseline_and_rerun_of_finished_run(tmp_path, capsys):
     run(args)
     assert "already finished" in capsys.readouterr().out
     assert (out / "results.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="different configuration"):
+        run([*args, "--seed", "2"])
 
 
 def test_linear_eval_trains_only_the_head(tmp_path):
