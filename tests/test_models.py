@@ -651,5 +651,5 @@ def test_plain_pickle_file_is_not_a_checkpoint(tmp_path):
 
 def test_public_names():
     for name in ("build_model", "load_pretrained", "save_model_checkpoint", "set_normalization", "ARCHS",
-                 "HEAD_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "DATASET_STATS"):
+                 "HEAD_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD"):
         assert hasattr(models, name)
