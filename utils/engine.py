@@ -1,7 +1,7 @@
 """The training engine both stages share: ``train_epoch`` and ``evaluate`` returning metric dicts.
 
 Speed choices live here once (issue 7): bf16 autocast on CUDA, channels_last, masks enforced in
-place (no forward hooks), attacks that compute no parameter gradients, foreach/fused SGD, and
+place (no forward hooks), attacks that compute no parameter gradients, fused SGD on CUDA, and
 metric sums kept on the device so the loop never waits for the GPU except every few dozen steps.
 """
 
@@ -84,8 +84,9 @@ def training_attack(regime, eps, alpha, steps, bn_mode="train"):
 
 
 def make_sgd(params, lr, momentum, weight_decay, device):
-    """SGD with the fused kernel on CUDA and the foreach kernel elsewhere."""
-    kwargs = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+    """SGD with the fused kernel on CUDA; on CPU the per-tensor loop, which measured faster there
+    than the foreach kernel (benchmarks/README.md)."""
+    kwargs = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": False}
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
 

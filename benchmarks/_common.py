@@ -1,0 +1,109 @@
+"""Plumbing the benchmark scripts share: device choice, device naming, timing, the JSON record."""
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+
+def resolve_device(text):
+    """'auto' -> cuda when present, else cpu; an explicit cuda without a GPU is refused."""
+    text = str(text)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device '{text}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {text} asks for a GPU but torch sees none; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {text} is not supported by the benchmarks; use cpu or cuda.")
+    return device
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_rate(fn, device):
+    """Images per second of ``fn()`` (which returns how many images it processed), GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    images = fn()
+    synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def summary(rates):
+    return {"images_per_s": statistics.median(rates), "best_images_per_s": max(rates),
+            "runs": [round(r, 3) for r in rates]}
+
+
+def speedups(fast, slow):
+    """Ratios of two sides timed in alternation: of the medians (the headline), of the best runs, and
+    the median of the per-round ratios; the last two resist bursts of contention on shared machines."""
+    return {"speedup": statistics.median(fast) / statistics.median(slow),
+            "speedup_best": max(fast) / max(slow),
+            "speedup_paired": statistics.median(f / s for f, s in zip(fast, slow))}
+
+
+def stamp(device):
+    """Keys every benchmark record carries."""
+    return {"device": device_name(device), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__}
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
+    return value
+
+
+def steady_cpu_allocator():
+    """Keep freed memory in the process (glibc only); returns whether the setting took.
+
+    glibc hands large freed blocks back to the kernel, so every step faults its activation
+    memory in again; on a virtual machine that reclaims free pages this made CPU step times
+    swing by 10x from one block to the next, for both sides alike.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is glibc's largest mmap threshold; a fixed value also stops its dynamic lowering
+    ok = mallopt(m_mmap_threshold, 32 << 20) == 1
+    return bool(mallopt(m_trim_threshold, 1 << 34) == 1 and ok)

@@ -1,0 +1,119 @@
+"""Estimate the wall time of one downstream AT run (CIFAR-10, PGD-10, 100 epochs) from measured rates.
+
+    minutes = [ E * N_train / r_train                      training steps (bench_step --regime at)
+              + V * N_val / r_eval + N_test / r_eval       clean + PGD-20 evaluation (its eval_pgd20)
+              + (E * N_train + V * N_val + N_test) / r_data ] / 60     data path (bench_loader, optional)
+
+with V = the epochs main_downstream validates: those >= --eval-from, and always the last one.
+The data path is added in series, since the tensor loader shares the GPU with training.
+
+    python benchmarks/estimate_run.py step_at.json --loader loader.json
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.checkpoint import atomic_write_json  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+TARGET_MINUTES = 75.0
+TARGET_DATA_RATIO = 10.0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step_json", type=Path, help="bench_step.py --regime at --json output (with its evaluation)")
+    p.add_argument("--loader", type=Path, default=None, help="bench_loader.py --json output")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--eval-from", type=int, default=45, help="first validated epoch (the paper scripts pass 45)")
+    p.add_argument("--train-images", type=int, default=45_000)
+    p.add_argument("--val-images", type=int, default=5_000)
+    p.add_argument("--test-images", type=int, default=10_000)
+    p.add_argument("--json", type=Path, default=None, help="write the estimate here")
+    return p
+
+
+def _read(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist; write it with the benchmark's --json.") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{what} file {path} is not readable JSON ({exc}); rerun the benchmark with --json.") from None
+
+
+def _rate(record, keys, path):
+    node = record
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, (int, float)) or isinstance(node, bool) or not node > 0:
+        raise UserError(f"{path} has no positive {'.'.join(keys)}; pass a file written by the matching benchmark.")
+    return float(node)
+
+
+def validated_epochs(epochs, eval_from):
+    return sum(1 for e in range(epochs) if e >= eval_from or e == epochs - 1)
+
+
+def estimate(step, loader=None, *, epochs=100, eval_from=45, train_images=45_000, val_images=5_000,
+             test_images=10_000, step_path="step", loader_path="loader"):
+    """Seconds per part of the run and in total, from the two benchmark records."""
+    if step.get("regime") != "at":
+        raise UserError(f"{step_path} times regime '{step.get('regime')}', not 'at'; run bench_step.py --regime at.")
+    if step.get("eval_pgd20") is None:
+        raise UserError(f"{step_path} has no evaluation timing; run bench_step.py without --skip-eval.")
+    r_train = _rate(step, ("engine", "images_per_s"), step_path)
+    r_eval = _rate(step, ("eval_pgd20", "engine", "images_per_s"), step_path)
+    v = validated_epochs(epochs, eval_from)
+    out = {"train_s": epochs * train_images / r_train,
+           "val_s": v * val_images / r_eval,
+           "test_s": test_images / r_eval,
+           "data_s": 0.0, "validated_epochs": v, "train_rate": r_train, "eval_rate": r_eval,
+           "attack_steps": step.get("attack_steps"), "eval_steps": step["eval_pgd20"].get("steps"),
+           "data_rate": None, "data_ratio": None}
+    if loader is not None:
+        r_data = _rate(loader, ("tensor_loader", "images_per_s"), loader_path)
+        out["data_s"] = (epochs * train_images + v * val_images + test_images) / r_data
+        out["data_rate"] = r_data
+        out["data_ratio"] = r_data / r_train
+    out["total_s"] = out["train_s"] + out["val_s"] + out["test_s"] + out["data_s"]
+    out["total_min"] = out["total_s"] / 60.0
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.epochs < 1 or min(args.train_images, args.val_images, args.test_images) < 0:
+        raise UserError("--epochs must be positive and the image counts non-negative.")
+    step = _read(args.step_json, "step benchmark")
+    loader = _read(args.loader, "loader benchmark") if args.loader is not None else None
+    est = estimate(step, loader, epochs=args.epochs, eval_from=args.eval_from, train_images=args.train_images,
+                   val_images=args.val_images, test_images=args.test_images,
+                   step_path=str(args.step_json), loader_path=str(args.loader))
+    est.update({"device": step.get("device"), "arch": step.get("arch"), "image_size": step.get("image_size"),
+                "batch_size": step.get("batch_size"), "epochs": args.epochs, "eval_from": args.eval_from})
+    print(f"{est['device']} | {est['arch']} {est['image_size']}px batch {est['batch_size']}: "
+          f"PGD-{est['attack_steps']} training at {est['train_rate']:.1f} img/s, "
+          f"clean + PGD-{est['eval_steps']} evaluation at {est['eval_rate']:.1f} img/s")
+    print(f"  training   {args.epochs} x {args.train_images} images      {est['train_s'] / 60:8.1f} min")
+    print(f"  validation {est['validated_epochs']} x {args.val_images} images       {est['val_s'] / 60:8.1f} min")
+    print(f"  test       {args.test_images} images            {est['test_s'] / 60:8.1f} min")
+    if loader is not None:
+        print(f"  data path  {est['data_rate']:.0f} img/s = {est['data_ratio']:.1f}x the training rate "
+              f"(target >= {TARGET_DATA_RATIO:.0f}x)  {est['data_s'] / 60:8.1f} min")
+    verdict = "within" if est["total_min"] <= TARGET_MINUTES else "over"
+    print(f"  total {est['total_min']:.1f} min ({verdict} the {TARGET_MINUTES:.0f} min target)")
+    if args.json is not None:
+        atomic_write_json(est, args.json)
+    return est
+
+
+if __name__ == "__main__":
+    run_main(main)
