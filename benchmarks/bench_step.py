@@ -60,8 +60,8 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="engine precision; auto = bf16 on CUDA, fp32 on the CPU (the reference is always fp32)")
-    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
-                   help="engine memory format; default on for CUDA, off on the CPU")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=True,
+                   help="engine memory format NHWC (default on, as in the entry points)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="run the engine's model through torch.compile")
     p.add_argument("--iters", type=_common.positive_int, default=10, help="training steps per timed block")
@@ -184,7 +184,7 @@ class Engine:
     def __init__(self, model, mask, args, device):
         self.device = device
         self.precision = Precision.resolve(args.amp, device)
-        self.channels_last = device.type == "cuda" if args.channels_last is None else bool(args.channels_last)
+        self.channels_last = bool(args.channels_last)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model

@@ -146,9 +146,8 @@ def test_bf16_autocast_forward_close_to_fp32(device):
 def test_bf16_train_epoch_keeps_pruned_weights_zero(device):
     model = _tiny(device)
     mask = _pruned(model, 70.0)
-    channels_last = device == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = True  # the entry points' default on every device
+    model.to(memory_format=torch.channels_last)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = []
     handle = model.layer1[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
