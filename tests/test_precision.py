@@ -236,3 +236,22 @@ def test_estimate_counts_validated_epochs_and_refuses_wrong_records(tmp_path):
         estimate_run.main([str(path)])
     with pytest.raises(UserError, match="does not exist"):
         estimate_run.main([str(tmp_path / "missing.json")])
+
+
+# --------------------------------------------------------------------------- cuDNN autotuning
+
+@pytest.mark.parametrize("argv, expected", [([], True), (["--no-cudnn-benchmark"], False)])
+def test_cudnn_autotuning_follows_the_flag_on_cuda_only(monkeypatch, argv, expected):
+    import argparse
+
+    from utils import setup
+
+    parser = argparse.ArgumentParser()
+    setup.add_common_args(parser)
+    args = parser.parse_args(["--dataset", "digits", "--init", "none", "--save-dir", "x"] + argv)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)
+    setup.resolve_precision(args, "cpu")
+    assert torch.backends.cudnn.benchmark is (not expected)  # the CPU leaves cuDNN alone
+    precision = setup.resolve_precision(args, "cuda")  # a device name only; no GPU is touched
+    assert torch.backends.cudnn.benchmark is expected
+    assert precision.dtype == torch.bfloat16

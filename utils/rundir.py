@@ -15,7 +15,7 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UserError
 
 # Settings that change how fast a run goes or what it prints, never what it computes.
-NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "channels_last"})
+NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "channels_last", "cudnn_benchmark"})
 
 
 def config_differences(old, new, ignore=NON_SEMANTIC_KEYS):

@@ -51,6 +51,8 @@ def add_common_args(p):
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=True,
                    help="NHWC memory format (the default: faster on CUDA and on the CPU, benchmarks/README.md)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                   help="turn off cuDNN autotuning (on by default on CUDA; off makes the kernel choice repeatable)")
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     p.add_argument("--save-dir", "--save_dir", dest="save_dir", required=True)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -103,6 +105,9 @@ def build_model(args, data, device, load_head):
 
 
 def resolve_precision(args, device):
+    """The autocast settings of ``--amp``; on CUDA also cuDNN autotuning (``--no-cudnn-benchmark``)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     return Precision.resolve(args.amp, device)
 
 
