@@ -17,7 +17,7 @@ import pruning_utils
 from utils import distributed as du
 from utils import setup
 from utils.checkpoint import atomic_save, atomic_write_json, safe_load
-from utils.cli import ArgumentParser, int_list, run_main
+from utils.cli import ArgumentParser, fraction, int_list, run_main
 from utils.engine import (AttackSpec, NonFiniteLoss, evaluate, lr_for_epoch, make_sgd, set_lr, train_epoch,
                           training_attack)
 from utils.errors import UserError
@@ -40,22 +40,23 @@ LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_sa", "val_ra", "sec
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    setup.add_common_args(p)
+    setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
                    help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline")
     p.add_argument("--regime", choices=["st", "fat", "at"], default="st")
-    p.add_argument("--data-rate", "--data_rate", dest="data_rate", type=float, default=1.0,
-                   help="fraction of the training split used (class-balanced, seeded): 1.0, 0.1, 0.01")
-    p.add_argument("--data-number", "--data_number", dest="data_number", type=int, default=None,
-                   help="seed-repo alias: number of training images (converted to --data-rate)")
+    p.add_argument("--data-rate", "--data_rate", "--data_number", dest="data_rate", type=float, default=1.0,
+                   help="fraction of the training split used (class-balanced, seeded): 1.0, 0.1, 0.01 "
+                        "(the seed repo called it --data_number)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--milestones", "--decreasing_lr", "--decreasing-lr", dest="milestones", type=int_list, default=None,
                    help="epochs at which the lr is multiplied by 0.1, e.g. 50,75")
     p.add_argument("--schedule", choices=["step", "cosine"], default=None)
     p.add_argument("--train-steps", "--train_steps", type=int, default=10, help="PGD steps of adversarial training")
-    p.add_argument("--test-steps", "--test_steps", type=int, default=None,
-                   help="PGD steps of robust evaluation (default 20 for at/fat; 0 = no RA for st)")
-    p.add_argument("--test-alpha", "--test_alpha", type=float, default=None, help="PGD step size for evaluation (default ε/4: 2/255 at ε = 8/255)")
+    p.add_argument("--test-steps", "--test_steps", type=int, default=20,
+                   help="PGD steps of the robust evaluation (RA) of every regime; at/fat also validate with it; "
+                        "0 = report no RA (st only)")
+    p.add_argument("--test-alpha", "--test_alpha", type=fraction, default=None,
+                   help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default ε/4: 2/255 at ε = 8/255)")
     p.add_argument("--eval-from", "--eval_from", type=int, default=0,
                    help="validate from this epoch on (the seed scripts used 45)")
     p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
@@ -81,13 +82,11 @@ def resolve_defaults(args, n_train_full=None):
             setattr(args, key, value)
     if args.alpha is None:  # the paper's 2/255 at ε = 8/255; FGSM-RS takes 1.25 ε (Wong et al.)
         args.alpha = 1.25 * args.eps if args.regime == "fat" else args.eps / 4
-    if args.test_steps is None:
-        args.test_steps = 0 if args.regime == "st" else 20
     if args.test_alpha is None:
         args.test_alpha = args.eps / 4
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {args.epochs}.")
-    if args.data_number is None and not 0 < args.data_rate <= 1:
+    if not 0 < args.data_rate <= 1:
         raise UserError(f"--data-rate must lie in (0, 1], not {args.data_rate}; use 1.0, 0.1 or 0.01.")
     if args.regime != "st" and args.test_steps == 0:
         raise UserError(f"--regime {args.regime} selects the epoch by validation RA, so --test-steps must be at least 1.")
@@ -145,7 +144,7 @@ def set_train_mode(model, linear_eval):
 def check_finished_config(save_dir, args):
     """A finished run is only 'already done' for the command that made it."""
     old = json.loads((save_dir / "config.json").read_text())
-    derived = {"ticket_sparsity"} | ({"data_rate"} if args.data_number is not None else set())
+    derived = {"ticket_sparsity"}
     diffs = config_differences(old, json.loads(json.dumps(vars(args))), NON_SEMANTIC_KEYS | derived)
     if diffs:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:12])
@@ -171,12 +170,6 @@ def main(argv=None):
         check_finished_config(save_dir, args)
         print_finished(save_dir)
         return 0
-    if args.data_number is not None:  # the seed repo counted images; we store the equivalent rate
-        full = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=1.0, val_size=args.val_size)
-        if args.data_number < 1:
-            raise UserError(f"--data-number must be a positive number of images, not {args.data_number}.")
-        args.data_rate = min(1.0, args.data_number / len(full.train_indices))
-        del full
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
                             val_size=args.val_size)
     if data.val is None:

@@ -11,6 +11,7 @@ Rerunning the same command resumes from the last per-epoch checkpoint and skips 
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ LOG_FIELDS = ["round", "epoch", "lr", "train_loss", "train_acc", "sparsity", "se
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    setup.add_common_args(p)
+    setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
     p.add_argument("--method", choices=["imp", "omp", "rp"], default="imp")
     p.add_argument("--retrain", choices=["st", "at"], default="st", help="IMP re-training: standard or PGD adversarial")
     p.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
@@ -104,13 +105,15 @@ class TicketWriter:
     def path(self, k):
         return self.dir / f"round_{k:02d}.pt"
 
-    def write(self, k, mask):
+    def write(self, k, mask, keep_existing=False):
+        """``keep_existing``: a ticket file already on disk is left as it is (a rerun of OMP / RP)."""
         ticket = pruning_utils.make_ticket(
             {n: m.cpu() for n, m in mask.items()}, round=k, method=self.args.method, retrain=self.args.retrain,
             arch=self.args.arch, pretrain=self.args.pretrain or "unknown", init=str(self.args.init),
             source_dataset=self.args.dataset)
         if self.primary:
-            pruning_utils.save_ticket(self.path(k), ticket)
+            if not (keep_existing and self.path(k).exists()):
+                pruning_utils.save_ticket(self.path(k), ticket)
             levels = json.loads(self.sparsity_path.read_text()) if self.sparsity_path.exists() else {}
             levels[str(k)] = round(float(ticket["sparsity"]), 2)
             atomic_write_json(dict(sorted(levels.items(), key=lambda kv: int(kv[0]))), self.sparsity_path)
@@ -125,15 +128,26 @@ def next_mask(args, weights, mask, generator):
     return pruning_utils.global_magnitude_prune(weights, mask, args.rate)
 
 
-def prune_without_training(args, model, writer):
-    """OMP / RP: every level from θ_p itself, nested masks, the same counts as IMP's rounds."""
+def prune_without_training(args, model, writer, log_path):
+    """OMP / RP: every level from θ_p itself, nested masks, the same counts as IMP's rounds.
+
+    Levels take milliseconds, so there is no checkpoint: a rerun recomputes the masks (they are
+    deterministic) and keeps the ticket files already written."""
     weights = {n: p.detach() for n, p in model.named_parameters()}
     mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=next(model.parameters()).device)
     generator = torch.Generator().manual_seed(args.seed)
+    rows = []
     for k in range(1, args.rounds + 1):
+        start = time.perf_counter()
+        existed = writer.path(k).exists()
         mask = broadcast_mask(next_mask(args, weights, mask, generator), k)
-        ticket = writer.write(k, mask)
-        setup.log(f"{args.method} round {k}/{args.rounds}: sparsity {ticket['sparsity']:.2f}%")
+        ticket = writer.write(k, mask, keep_existing=True)
+        rows.append({"round": k, "epoch": 0, "sparsity": round(float(ticket["sparsity"]), 2),
+                     "seconds": round(time.perf_counter() - start, 4)})
+        note = " (kept the ticket already written)" if existed else ""
+        setup.log(f"{args.method} round {k}/{args.rounds}: sparsity {ticket['sparsity']:.2f}%{note}")
+    if writer.primary:
+        write_csv(rows, log_path, LOG_FIELDS)
 
 
 def main(argv=None):
@@ -152,7 +166,7 @@ def main(argv=None):
     if args.method != "imp":
         data = setup.data_stub(args)
         model, _ = setup.build_model(args, data, dist_info.device, load_head="auto")
-        prune_without_training(args, model, writer)
+        prune_without_training(args, model, writer, save_dir / "log.csv")
         du.barrier()
         setup.log(f"done: {args.rounds} tickets in {writer.dir}")
         du.cleanup()

@@ -146,6 +146,11 @@ def _is_number(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def is_dense(obj):
+    """A dense (unpruned) run: method "dense" or sparsity 0 (DESIGN.md §5.5)."""
+    return obj.get("method") == "dense" or (_is_number(obj.get("sparsity")) and float(obj["sparsity"]) == 0.0)
+
+
 def check_result(obj):
     """The reason ``obj`` is not a usable results.json, or None when it is."""
     if not isinstance(obj, dict):
@@ -154,6 +159,8 @@ def check_result(obj):
     if missing:
         return f"it lacks the keys {missing}"
     for key in ("dataset", "arch", "pretrain", "method"):
+        if key == "method" and obj[key] is None and is_dense(obj):
+            continue  # a dense run needs no method name
         if not isinstance(obj[key], str) or not obj[key]:
             return f"'{key}' is {obj[key]!r}, not a non-empty string"
     if obj["regime"] not in REGIMES:

@@ -3,7 +3,7 @@
     python analysis/plot_curves.py RUNS_DIR [RUNS_DIR ...] --out OUT_DIR
 
 Reads every results.json under the directories.  A group is (dataset, data rate, pretrain label,
-method); its baseline for a regime is the dense runs (method "dense") of the same dataset, data
+method); its baseline for a regime is the dense runs (method "dense" or sparsity 0) of the same dataset, data
 rate, pretrain label and regime.  Each (group, regime, sparsity) cell is reported as mean ± std
 over its seeds, std being the sample standard deviation (ddof=1) for two or more seeds and 0 for
 one.  A ticket's metric is matching when its mean ≥ dense mean − one dense std (compared with a
@@ -151,7 +151,7 @@ def load_runs(dirs):
                         "pass directories of finished main_downstream.py runs.")
     cache, runs = {}, []
     for path, obj in good:
-        method = obj["method"]
+        method = DENSE if common.is_dense(obj) else obj["method"]
         runs.append(Run(path=path, dataset=obj["dataset"], data_rate=round(float(obj["data_rate"]), 6),
                         pretrain=obj["pretrain"], method=method, regime=obj["regime"],
                         sparsity=0.0 if method == DENSE else round(float(obj["sparsity"]), 2),

@@ -109,6 +109,20 @@ def test_double_win_table_known_answer(tmp_path):
     assert levels["89.26"]["double_win"] == "True"
 
 
+def test_dense_runs_are_recognised_by_sparsity_zero(tmp_path):
+    """DESIGN §5.5: the dense runs are those of sparsity 0, whatever their method field says."""
+    write_at_study(tmp_path / "runs")
+    for path in (tmp_path / "runs").glob("*/results.json"):
+        obj = json.loads(path.read_text())
+        if obj["sparsity"] == 0.0:
+            obj["method"] = None if obj["seed"] == 1 else "none"
+            path.write_text(json.dumps(obj))
+    out = tmp_path / "out"
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    _, rows = read_table(out)
+    assert [(r["method"], r["extreme_sparsity"]) for r in rows] == [("imp", "89.26")]
+
+
 def test_one_std_rule_survives_float_rounding(tmp_path):
     """A ticket mean equal to dense mean − std computed from decimals is still matching."""
     dense_sa = [93.17, 93.61, 94.02]

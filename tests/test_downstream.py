@@ -44,15 +44,15 @@ def run(argv):
     return main_downstream.main([str(a) for a in argv])
 
 
-def check_contract(res, regime):
+def check_contract(res, regime, ra=True):
     assert set(res) == RESULT_KEYS
     assert res["regime"] == regime
     assert res["selection"] == ("val_sa" if regime == "st" else "val_ra")
     assert 0 <= res["sa"] <= 100
-    if regime == "st":
-        assert res["ra"] is None
-    else:
+    if ra:
         assert 0 <= res["ra"] <= 100
+    else:
+        assert res["ra"] is None
     assert all(set(h) == HISTORY_KEYS for h in res["history"])
     assert res["selected_epoch"] in [h["epoch"] for h in res["history"] if h["val_sa"] is not None]
 
@@ -63,9 +63,10 @@ def test_regimes_on_digits_write_the_results_contract(tmp_path, regime):
     out = tmp_path / "run"
     run(["--dataset", "digits", "--classes", "5-9", "--init", init, "--ticket", ticket, "--regime", regime,
          "--epochs", "2", "--lr", "0.05", "--train-steps", "2", "--eps", "8/255",
-         *([] if regime == "st" else ["--test-steps", "2"]), "--save-dir", out, *TINY])
+         "--test-steps", "2", "--test-alpha", "2/255", "--save-dir", out, *TINY])
     res = json.loads((out / "results.json").read_text())
     check_contract(res, regime)
+    assert res["config"]["test_alpha"] == pytest.approx(2 / 255)
     assert res["sparsity"] == pytest.approx(meta["sparsity"])
     assert res["method"] == "imp" and res["pretrain"] == "at" and res["dataset"] == "digits"
     assert res["ticket"] == str(ticket) and res["data_rate"] == 1.0 and len(res["history"]) == 2
@@ -114,10 +115,11 @@ def test_dense_baseline_and_rerun_of_finished_run(tmp_path, capsys):
     _, init, _ = make_ticket(tmp_path)
     out = tmp_path / "run"
     args = ["--dataset", "digits", "--init", init, "--pretrain", "std", "--regime", "st", "--epochs", "1",
-            "--save-dir", out, *TINY]
+            "--test-steps", "0", "--save-dir", out, *TINY]
     run(args)
     res = json.loads((out / "results.json").read_text())
     assert res["ticket"] is None and res["sparsity"] == 0.0 and res["method"] == "dense"
+    check_contract(res, "st", ra=False)  # --test-steps 0: no RA
     stamp = (out / "results.json").stat().st_mtime_ns
     capsys.readouterr()
     run(args)
@@ -125,6 +127,14 @@ def test_dense_baseline_and_rerun_of_finished_run(tmp_path, capsys):
     assert (out / "results.json").stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="different configuration"):
         run([*args, "--seed", "2"])
+
+
+def test_paper_defaults_and_seed_spellings_parse():
+    base = ["--dataset", "cifar10", "--init", "x.pt", "--save-dir", "out"]
+    args = main_downstream.parse_args(base)
+    assert (args.data_rate, args.test_steps, args.train_steps, args.eval_from) == (1.0, 20, 10, 0)
+    seed = main_downstream.parse_args(base + ["--data_number", "0.1", "--test_alpha", "2/255", "--decreasing_lr", "50,75"])
+    assert seed.data_rate == 0.1 and seed.test_alpha == pytest.approx(2 / 255) and seed.milestones == [50, 75]
 
 
 def test_linear_eval_trains_only_the_head(tmp_path):

@@ -1,5 +1,6 @@
 """Stage 1 end to end on tiny models: OMP/RP levels, IMP rewinding, resume after SIGKILL, torchrun."""
 
+import csv
 import json
 import os
 import signal
@@ -72,13 +73,25 @@ def test_omp_from_torchvision_matches_global_unstructured_and_levels(tmp_path):
 def test_random_pruning_levels_and_metadata(tmp_path):
     init, _ = tiny_init(tmp_path)
     out = tmp_path / "rp"
-    main_imp_pretrain.main(["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem", "--init", str(init),
-                            "--pretrain", "at", "--method", "rp", "--rounds", "5", "--save-dir", str(out)])
+    argv = ["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem", "--init", str(init),
+            "--pretrain", "at", "--method", "rp", "--rounds", "5", "--save-dir", str(out)]
+    main_imp_pretrain.main(argv)
     levels = json.loads((out / "sparsity.json").read_text())
     assert [levels[str(k)] for k in range(1, 6)] == LEVELS[:5]
     t = pruning_utils.load_ticket(out / "tickets" / "round_05.pt")
     assert (t["method"], t["pretrain"], t["arch"], t["source_dataset"]) == ("rp", "at", "resnet_tiny", "digits")
     assert t["init"] == str(init)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["round"]), float(r["sparsity"])) for r in rows] == list(zip(range(1, 6), LEVELS[:5]))
+    # a rerun keeps the tickets already written and recomputes the same levels
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "tickets").iterdir()}
+    (out / "tickets" / "round_05.pt").unlink()
+    main_imp_pretrain.main(argv)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "tickets").iterdir() if p.name != "round_05.pt"} == \
+        {k: v for k, v in stamps.items() if k != "round_05.pt"}
+    again = pruning_utils.load_ticket(out / "tickets" / "round_05.pt")
+    assert all(torch.equal(again["masks"][n], t["masks"][n]) for n in t["masks"])
 
 
 @pytest.mark.parametrize("retrain", ["st", "at"])

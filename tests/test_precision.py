@@ -247,7 +247,7 @@ def test_cudnn_autotuning_follows_the_flag_on_cuda_only(monkeypatch, argv, expec
     from utils import setup
 
     parser = argparse.ArgumentParser()
-    setup.add_common_args(parser)
+    setup.add_common_args(parser, ("digits",))
     args = parser.parse_args(["--dataset", "digits", "--init", "none", "--save-dir", "x"] + argv)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)
     setup.resolve_precision(args, "cpu")

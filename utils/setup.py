@@ -14,10 +14,10 @@ from utils.engine import Precision
 from utils.errors import UserError
 
 
-def add_common_args(p):
+def add_common_args(p, datasets):
     """Flags both entry points share (DESIGN.md §5.4), with the seed repo's underscore aliases."""
     p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
-    p.add_argument("--dataset", required=True, help="imagenet, folder, cifar10, cifar100, svhn or digits")
+    p.add_argument("--dataset", required=True, choices=datasets)
     p.add_argument("--classes", type=class_list, default=None,
                    help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7)")
     p.add_argument("--arch", default="resnet50", help="resnet18/34/50/101/152, wide_resnet50_2, resnet10, resnet_tiny")
