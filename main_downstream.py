@@ -4,6 +4,7 @@ parse -> build -> for each epoch: train_epoch, evaluate on held-out validation, 
 -> test the selected epoch -> results.json (written last, atomically).
 """
 
+import argparse
 import copy
 import json
 import time
@@ -51,12 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--milestones", "--decreasing_lr", "--decreasing-lr", dest="milestones", type=int_list, default=None,
                    help="epochs at which the lr is multiplied by 0.1, e.g. 50,75")
     p.add_argument("--schedule", choices=["step", "cosine"], default=None)
-    p.add_argument("--train-steps", "--train_steps", type=int, default=10, help="PGD steps of adversarial training")
-    p.add_argument("--test-steps", "--test_steps", type=int, default=20,
+    p.add_argument("--train-steps", "--train_steps", "--train_step", type=int, default=10,
+                   help="PGD steps of adversarial training")
+    # the seed repo's names for the training attack's radius and step (same as --eps / --alpha)
+    p.add_argument("--train_eps", dest="eps", type=fraction, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--train_gamma", dest="alpha", type=fraction, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--test-eps", "--test_eps", dest="test_eps", type=fraction, default=None,
+                   help="radius of the robust evaluation (default: --eps)")
+    p.add_argument("--test-steps", "--test_steps", "--test_step", type=int, default=20,
                    help="PGD steps of the robust evaluation (RA) of every regime; at/fat also validate with it; "
                         "0 = report no RA (st only)")
-    p.add_argument("--test-alpha", "--test_alpha", type=fraction, default=None,
-                   help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default ε/4: 2/255 at ε = 8/255)")
+    p.add_argument("--test-alpha", "--test_alpha", "--test_gamma", dest="test_alpha", type=fraction, default=None,
+                   help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default: the test radius / 4, 2/255 at 8/255)")
     p.add_argument("--eval-from", "--eval_from", type=int, default=0,
                    help="validate from this epoch on (the seed scripts used 45)")
     p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
@@ -82,8 +89,10 @@ def resolve_defaults(args, n_train_full=None):
             setattr(args, key, value)
     if args.alpha is None:  # the paper's 2/255 at ε = 8/255; FGSM-RS takes 1.25 ε (Wong et al.)
         args.alpha = 1.25 * args.eps if args.regime == "fat" else args.eps / 4
+    if args.test_eps is None:
+        args.test_eps = args.eps
     if args.test_alpha is None:
-        args.test_alpha = args.eps / 4
+        args.test_alpha = args.test_eps / 4
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {args.epochs}.")
     if not 0 < args.data_rate <= 1:
@@ -196,7 +205,7 @@ def main(argv=None):
     scaler = precision.make_scaler()
     enforcer = pruning_utils.MaskEnforcer(model, mask) if mask is not None else None
     train_attack = training_attack(args.regime, args.eps, args.alpha, args.train_steps, args.attack_bn)
-    eval_attack = (AttackSpec("pgd", args.eps, args.test_alpha, args.test_steps, True, "eval")
+    eval_attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
                    if args.regime != "st" and args.test_steps > 0 else None)
     selection = "val_sa" if args.regime == "st" else "val_ra"
 
@@ -300,7 +309,7 @@ def test_selected(model, path, mask, data, args, precision, device):
     model.load_state_dict(selected["state_dict"])
     if mask is not None:
         verify_sparse(model, mask, f"in the selected model '{path}'")
-    attack = (AttackSpec("pgd", args.eps, args.test_alpha, args.test_steps, True, "eval")
+    attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
               if args.test_steps > 0 else None)
     return evaluate(model, data.test, device=device, attack=attack, precision=precision,
                     channels_last=args.channels_last, progress=args.progress, desc="test")

@@ -233,7 +233,7 @@ def main(argv=None):
     model, mask, _ = common.load_run_model(run_dir, config, data, device, checkpoint=args.checkpoint)
     center = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    eps = args.eps if args.eps is not None else float(config.get("eps", 8 / 255))
+    eps = args.eps if args.eps is not None else float(config.get("test_eps") or config.get("eps", 8 / 255))
     alpha = args.alpha if args.alpha is not None else float(config.get("test_alpha") or 2 / 255)
     steps = args.pgd_steps if args.pgd_steps is not None else int(config.get("test_steps") or 20)
     torch.manual_seed(args.seed)

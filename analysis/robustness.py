@@ -97,7 +97,7 @@ def evaluate_run(run_dir, args, device, data_cache, source_cache):
     data, batches = data_cache[key]
     model, mask, _ = common.load_run_model(run_dir, config, data, device)
 
-    eps = args.eps if args.eps is not None else float(config.get("eps", 8 / 255))
+    eps = args.eps if args.eps is not None else float(config.get("test_eps") or config.get("eps", 8 / 255))
     alpha = args.alpha if args.alpha is not None else float(config.get("test_alpha") or 2 / 255)
     n_images = sum(len(y) for _, y in batches)
     row = {"run": str(run_dir), "dataset": config.get("dataset"), "arch": config.get("arch"),

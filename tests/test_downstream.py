@@ -133,8 +133,16 @@ def test_paper_defaults_and_seed_spellings_parse():
     base = ["--dataset", "cifar10", "--init", "x.pt", "--save-dir", "out"]
     args = main_downstream.parse_args(base)
     assert (args.data_rate, args.test_steps, args.train_steps, args.eval_from) == (1.0, 20, 10, 0)
-    seed = main_downstream.parse_args(base + ["--data_number", "0.1", "--test_alpha", "2/255", "--decreasing_lr", "50,75"])
-    assert seed.data_rate == 0.1 and seed.test_alpha == pytest.approx(2 / 255) and seed.milestones == [50, 75]
+    assert args.eps == pytest.approx(8 / 255) and args.test_eps is None
+    main_downstream.resolve_defaults(args)
+    assert (args.alpha, args.test_eps, args.test_alpha) == pytest.approx((2 / 255, 8 / 255, 2 / 255))
+    seed = main_downstream.parse_args(base + [
+        "--data_number", "0.1", "--decreasing_lr", "50,75", "--regime", "at", "--train_eps", "0.0313",
+        "--train_gamma", "0.0078", "--train_step", "7", "--test_eps", "4/255", "--test_gamma", "1/255",
+        "--test_step", "30"])
+    assert seed.data_rate == 0.1 and seed.milestones == [50, 75]
+    assert (seed.eps, seed.alpha, seed.test_eps, seed.test_alpha) == pytest.approx((0.0313, 0.0078, 4 / 255, 1 / 255))
+    assert (seed.train_steps, seed.test_steps) == (7, 30)
 
 
 def test_linear_eval_trains_only_the_head(tmp_path):
