@@ -407,8 +407,8 @@ def validate_ticket(ticket, where="ticket"):
     if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= s <= 100.0:
         raise UserError(f"{where} sparsity {s!r} is not a percentage in [0, 100]; re-create the ticket.")
     r = ticket["round"]
-    if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0):
-        raise UserError(f"{where} round {r!r} is not a non-negative integer or None; re-create the ticket.")
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+        raise UserError(f"{where} round {r!r} is not a non-negative integer; re-create the ticket.")
     if ticket["method"] not in TICKET_METHODS:
         raise UserError(f"{where} method {ticket['method']!r} is not one of {list(TICKET_METHODS)}; "
                         "re-create the ticket.")
@@ -462,10 +462,20 @@ def _ticket_from_seed(obj, path):
                             "pass an IMP checkpoint whose masks are binary.")
         masks[name] = (m != 0).contiguous()
     state_prune = obj.get("state_prune") if "state_dict" in obj else None
-    round_ = state_prune if isinstance(state_prune, int) and not isinstance(state_prune, bool) \
-        and state_prune >= 0 else None
+    if isinstance(state_prune, int) and not isinstance(state_prune, bool) and state_prune >= 0:
+        round_ = state_prune
+    else:  # the seed code pruned 20% per round, so the level names its round
+        round_ = seed_round_from_sparsity(sparsity(masks))
     return make_ticket(masks, round=round_, method="imp", retrain=None, arch="unknown",
                        pretrain="unknown", init="unknown", source_dataset="unknown")
+
+
+def seed_round_from_sparsity(percent, rate=0.2, max_rounds=50):
+    """The IMP round whose level 1 - (1 - rate)^k is within 0.05 points of ``percent``, else 0."""
+    for k in range(max_rounds + 1):
+        if abs(imp_sparsity(k, rate) - percent) < 0.05:
+            return k
+    return 0
 
 
 def load_ticket(path):

@@ -361,6 +361,31 @@ def test_fast_adversarial_checkpoint(tmp_path, best_prec1):
     _assert_same_outputs(model, source)
 
 
+def _as_written_by_numpy1(path):
+    """Rewrite a torch checkpoint's pickle as numpy 1.x names its globals (``numpy.core.*``)."""
+    import zipfile
+    with zipfile.ZipFile(path) as zin:
+        entries = [(info, zin.read(info)) for info in zin.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info, data)
+
+
+def test_checkpoint_written_under_numpy1_loads(tmp_path):
+    """Published robust checkpoints were saved under numpy 1.x; their scalars must still load."""
+    source = _source(seed=6)
+    path = tmp_path / "fast_np1.pth.tar"
+    torch.save({"epoch": 15, "arch": "resnet50", "state_dict": nn.DataParallel(source).state_dict(),
+                "best_prec1": np.float64(43.25), "robust": np.array([1.5, 2.5])}, path)
+    _as_written_by_numpy1(path)
+    model = build_model("resnet_tiny", 10, cifar_stem=True)
+    assert load_pretrained(model, path)["format"] == "fast_adversarial"
+    _assert_same_tensors(model.state_dict(), source.state_dict())
+
+
 def _seed_stage1_file(tmp_path, source, *, adversarial, dataparallel=False):
     """A seed-repo IMP checkpoint: main_std.py (torchvision net) or main_adv.py (net with normalize)."""
     net = copy.deepcopy(source)

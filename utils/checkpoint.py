@@ -19,19 +19,18 @@ from utils.errors import UserError
 
 
 def _numpy_safe_globals():
-    """Numpy types that published checkpoints (e.g. ``best_prec1``) legitimately pickle."""
-    names = []
-    try:
-        names.append(np._core.multiarray.scalar)  # numpy >= 2
-    except AttributeError:  # pragma: no cover - numpy 1.x
-        names.append(np.core.multiarray.scalar)
-    names += [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")),
-              type(np.dtype("int64")), type(np.dtype("int32"))]
-    try:
-        names.append(np._core.multiarray._reconstruct)
-    except AttributeError:  # pragma: no cover
-        names.append(np.core.multiarray._reconstruct)
-    names.append(np.ndarray)
+    """Numpy types that published checkpoints (e.g. ``best_prec1``) legitimately pickle.
+
+    Files written under numpy 1.x (most published robust checkpoints) name the scalar and array
+    rebuilders ``numpy.core.multiarray.*``; numpy 2 moved them to ``numpy._core``. The unpickler
+    matches names exactly, so both spellings are allow-listed for the same two functions.
+    """
+    core = getattr(np, "_core", None) or np.core
+    names = [np.dtype, np.ndarray, type(np.dtype("float64")), type(np.dtype("float32")),
+             type(np.dtype("int64")), type(np.dtype("int32"))]
+    for fn in (core.multiarray.scalar, core.multiarray._reconstruct):
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            names.append((fn, f"{module}.{fn.__name__}"))
     return names
 
 
