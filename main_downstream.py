@@ -23,7 +23,7 @@ from utils.engine import (AttackSpec, NonFiniteLoss, evaluate, lr_for_epoch, mak
                           training_attack)
 from utils.errors import UserError
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit, write_csv
-from utils.seeding import restore_rng_state, rng_state_for_checkpoint, seed_everything
+from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything
 
 # The paper's downstream protocol (DESIGN.md §2); flags left unset take these.
 PAPER_DEFAULTS = {
@@ -51,7 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--milestones", "--decreasing_lr", "--decreasing-lr", dest="milestones", type=int_list, default=None,
                    help="epochs at which the lr is multiplied by 0.1, e.g. 50,75")
-    p.add_argument("--schedule", choices=["step", "cosine"], default=None)
+    p.add_argument("--schedule", choices=["step", "cosine"], default=None,
+                   help="lr schedule (default: step at --milestones; cosine for SVHN adversarial training)")
+    p.add_argument("--val-size", "--val_size", type=int, default=None,
+                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN)")
     p.add_argument("--train-steps", "--train_steps", "--train_step", type=int, default=10,
                    help="PGD steps of adversarial training")
     # the seed repo's names for the training attack's radius and step (same as --eps / --alpha)
@@ -82,8 +85,10 @@ def parse_args(argv=None):
 def resolve_defaults(args, n_train_full=None):
     """Fill unset flags from the paper's protocol for this regime and dataset."""
     defaults = dict(PAPER_DEFAULTS[args.regime])
-    if args.dataset == "svhn" and args.regime in ("at", "fat"):
-        defaults.update(SVHN_ADVERSARIAL)
+    if args.dataset == "svhn" and args.regime in ("at", "fat") and args.milestones is None:
+        defaults.update(SVHN_ADVERSARIAL)  # explicit --milestones mean a step schedule, even on SVHN
+    if args.schedule == "cosine" and args.milestones:
+        raise UserError("--milestones only apply to --schedule step; drop one of the two.")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -103,6 +108,17 @@ def resolve_defaults(args, n_train_full=None):
         raise UserError("--train-steps must be at least 1 and --test-steps at least 0.")
     if args.ticket is not None and str(args.ticket).lower() == "none":
         args.ticket = None
+
+
+def check_pretrain_label(args, ticket):
+    """The analysis pairs tickets with dense baselines by pretrain label, so an unlabelled or
+    mislabelled run is said out loud rather than discovered as a missing baseline later."""
+    if ticket is None and not args.pretrain:
+        setup.log("warning: a dense run without --pretrain is labelled 'unknown' and will not serve as the "
+                  "baseline of any ticket in analysis/plot_curves.py; pass --pretrain std|fat|at (or PRETRAIN=...).")
+    elif ticket is not None and args.pretrain and ticket.get("pretrain") not in (None, "unknown", args.pretrain):
+        setup.log(f"warning: --pretrain {args.pretrain} differs from the ticket's own label "
+                  f"'{ticket['pretrain']}'; results.json records {args.pretrain}.")
 
 
 def run_config(args, ticket):
@@ -190,6 +206,7 @@ def main(argv=None):
     if mask is not None:
         pruning_utils.apply_mask(model, mask)
 
+    check_pretrain_label(args, ticket)
     config = run_config(args, ticket)
     resumed = setup.prepare_dir(save_dir, config, dist_info)
     if dist_info.primary:
@@ -211,6 +228,18 @@ def main(argv=None):
 
     state = {"epoch": 0, "history": [], "best": None, "best_sa": None, "guard": None, "stopped": None}
     ckpt_path = save_dir / "checkpoint.pt"
+
+    def save_checkpoint():
+        """The per-epoch checkpoint first, then the selected models it points to: a kill between the
+        two leaves a checkpoint whose selection is the epoch it holds, which a resume re-saves."""
+        rng = gather_rng_states()
+        if dist_info.primary:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "state": state, "rng": rng}, ckpt_path)
+            save_selected_models(save_dir, model, mask, state, selection)
+        du.barrier()
+
     if ckpt_path.exists():
         ckpt = safe_load(ckpt_path, map_location=dist_info.device)
         model.load_state_dict(ckpt["model"])
@@ -218,10 +247,15 @@ def main(argv=None):
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        restore_rng_state(ckpt["rng"])
+        restore_rank_rng_state(ckpt["rng"], dist_info.rank)
+        if dist_info.primary:
+            save_selected_models(save_dir, model, mask, state, selection, resuming=True)
         setup.log(f"resuming {save_dir} at epoch {state['epoch']} of {args.epochs}")
     elif resumed:
         setup.log(f"{save_dir} holds this configuration but no checkpoint yet; starting at epoch 0")
+
+    if args.save_trajectory and dist_info.primary and state["epoch"] == 0:
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, save_dir / "trajectory" / "start.pt")
 
     guard_batch = None
     if args.regime == "fat" and args.fat_guard:
@@ -256,6 +290,9 @@ def main(argv=None):
                 state["stopped"] = (f"catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on a training "
                                     f"batch fell from {state['guard']:.1f}% to {acc:.1f}%; kept epoch {epoch}")
                 setup.log(state["stopped"])
+                if state["best"] is None:  # the guard fired before any validation: the kept epoch is the selection
+                    state["best"] = {"score": None, "epoch": epoch - 1}
+                save_checkpoint()  # a resume must not train past the collapse
                 break
             state["guard"] = acc
         if epoch >= args.eval_from or epoch == args.epochs - 1:
@@ -266,25 +303,17 @@ def main(argv=None):
             score = row[selection]
             if state["best"] is None or score > state["best"]["score"]:
                 state["best"] = {"score": score, "epoch": epoch}
-                if dist_info.primary:
-                    models.save_model_checkpoint(save_dir / "model_best.pt", model, mask=mask, epoch=epoch,
-                                                 selection=selection)
             if args.keep_sa_best and args.regime != "st" and (state["best_sa"] is None or
                                                               row["val_sa"] > state["best_sa"]["score"]):
                 state["best_sa"] = {"score": row["val_sa"], "epoch": epoch}
-                if dist_info.primary:
-                    models.save_model_checkpoint(save_dir / "model_best_sa.pt", model, mask=mask, epoch=epoch,
-                                                 selection="val_sa")
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)
         state["epoch"] = epoch + 1
+        save_checkpoint()
         if dist_info.primary:
             if args.save_trajectory:
                 atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                             save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "state": state, "rng": rng_state_for_checkpoint()}, ckpt_path)
             write_csv(state["history"], save_dir / "log.csv", LOG_FIELDS)
             val_txt = "" if row["val_sa"] is None else f" val SA {row['val_sa']:.2f}" + (
                 "" if row["val_ra"] is None else f" RA {row['val_ra']:.2f}")
@@ -292,16 +321,33 @@ def main(argv=None):
                       f"acc {row['train_acc']:.2f}{val_txt} ({row['seconds']:.1f}s)")
         du.barrier()
 
-    if state["stopped"] and state["best"] is None:
-        # the guard fired before any validation; the restored previous epoch is the selection
-        state["best"] = {"score": None, "epoch": max(0, state["epoch"] - 1)}
-        if dist_info.primary:
-            models.save_model_checkpoint(save_dir / "model_best.pt", model, mask=mask, epoch=state["best"]["epoch"],
-                                         selection=selection)
     du.barrier()
     finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info)
     du.cleanup()
     return 0
+
+
+def save_selected_models(save_dir, model, mask, state, selection, resuming=False):
+    """Write model_best.pt (and model_best_sa.pt) when the selection is the epoch ``model`` holds.
+
+    A selection only changes to the newest epoch (or, after FAT's guard, to the restored one), so
+    the weights in hand are the ones to keep. ``resuming``: the files are checked against the
+    checkpoint's selection, and one that a kill left behind is re-saved."""
+    held_epoch = state["epoch"] - 1  # the epoch whose weights ``model`` holds
+    for key, name, sel in (("best", "model_best.pt", selection), ("best_sa", "model_best_sa.pt", "val_sa")):
+        best = state.get(key)
+        if best is None:
+            continue
+        path = save_dir / name
+        on_disk = (safe_load(path).get("epoch") if path.exists() else None) if resuming else None
+        if resuming and on_disk == best["epoch"]:
+            continue
+        if best["epoch"] != held_epoch:
+            if resuming:
+                raise UserError(f"'{path}' holds epoch {on_disk} but '{save_dir / 'checkpoint.pt'}' selected epoch "
+                                f"{best['epoch']}; the run directory was changed by hand; start it afresh.")
+            continue
+        models.save_model_checkpoint(path, model, mask=mask, epoch=best["epoch"], selection=sel)
 
 
 def test_selected(model, path, mask, data, args, precision, device):

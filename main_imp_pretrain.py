@@ -24,7 +24,7 @@ from utils.cli import ArgumentParser, run_main
 from utils.engine import NonFiniteLoss, make_sgd, set_lr, train_epoch, training_attack
 from utils.errors import UserError
 from utils.rundir import write_csv
-from utils.seeding import restore_rng_state, rng_state_for_checkpoint, seed_everything
+from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything
 
 PAPER_DEFAULTS = {"lr": 5e-4, "weight_decay": 1e-4, "batch_size": 2048}
 LOG_FIELDS = ["round", "epoch", "lr", "train_loss", "train_acc", "sparsity", "seconds"]
@@ -67,9 +67,12 @@ def fingerprint(path):
     if str(path).lower() == "none":
         return "none"
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise UserError(f"--init '{path}' cannot be read ({exc.strerror}); check the path and its permissions.") from None
     return h.hexdigest()
 
 
@@ -157,23 +160,27 @@ def main(argv=None):
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed)  # the same on every rank: masks and head initialisation agree
     config = dict(vars(args))
-    config["init_sha256"] = fingerprint(args.init) if Path(str(args.init)).is_file() else str(args.init)
     if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
         raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
+    config["init_sha256"] = fingerprint(args.init)
+    # data and θ_p are checked before the run directory is claimed, so a mistake in either leaves
+    # no config.json behind to refuse the corrected command
+    data = setup.data_stub(args) if args.method != "imp" else setup.build_data(
+        args, dist_info, batch_size=args.batch_size, val_size=0)
+    model, init_info = setup.build_model(args, data, dist_info.device, load_head="auto")
+    if init_info.get("dropped_head"):
+        setup.log(f"note: θ_p's head does not fit the {data.num_classes} classes of --dataset {args.dataset}; "
+                  "a new head is initialised (the head is never pruned)")
     setup.prepare_dir(save_dir, config, dist_info)
     writer = TicketWriter(save_dir, args, dist_info.primary)
 
     if args.method != "imp":
-        data = setup.data_stub(args)
-        model, _ = setup.build_model(args, data, dist_info.device, load_head="auto")
         prune_without_training(args, model, writer, save_dir / "log.csv")
         du.barrier()
         setup.log(f"done: {args.rounds} tickets in {writer.dir}")
         du.cleanup()
         return 0
 
-    data = setup.build_data(args, dist_info, batch_size=args.batch_size, val_size=0)
-    model, _ = setup.build_model(args, data, dist_info.device, load_head="auto")
     theta_p = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runner, plain = setup.wrap_model(model, args, dist_info)
     attack = training_attack("at" if args.retrain == "at" else "st", args.eps, args.alpha, args.attack_steps,
@@ -189,17 +196,21 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         optimizer = make_sgd(model.parameters(), args.lr, args.momentum, args.weight_decay, dist_info.device)
         optimizer.load_state_dict(ckpt["optimizer"])
-        restore_rng_state(ckpt["rng"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        restore_rank_rng_state(ckpt["rng"], dist_info.rank)
         setup.log(f"resuming {save_dir}: round {k}, {done_epochs}/{args.epochs_per_round} epochs done")
     else:
         k, done_epochs, log_rows = 0, args.epochs_per_round, []
         mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=dist_info.device)
 
     def save_checkpoint():
+        rng = gather_rng_states()
         if dist_info.primary:
             atomic_save({"round": k, "epoch": done_epochs, "log": log_rows, "model": model.state_dict(),
                          "mask": {n: m.cpu() for n, m in mask.items()}, "optimizer": optimizer.state_dict(),
-                         "rng": rng_state_for_checkpoint(), "init": str(args.init),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "rng": rng, "init": str(args.init),
                          "init_sha256": config["init_sha256"]}, ckpt_path)
         du.barrier()
 

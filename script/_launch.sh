@@ -7,12 +7,8 @@
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 
-local_gpus() {
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
+local_gpus() {  # the GPUs this process may use (CUDA_VISIBLE_DEVICES respected), as PyTorch counts them
+  "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
 }
 
 launch() {
@@ -21,6 +17,7 @@ launch() {
   if [ -z "${TORCHRUN_ARGS:-}" ] && [ "${n:-0}" -le 1 ]; then
     exec "$PYTHON" "$REPO_ROOT/$entry" "$@"
   fi
+  [ "${n:-0}" -ge 1 ] || n=1  # several CPU-only nodes: one process each
   local rdzv="--standalone"
   [ -n "${TORCHRUN_ARGS:-}" ] && rdzv=""
   # shellcheck disable=SC2086

@@ -63,9 +63,11 @@ def test_regimes_on_digits_write_the_results_contract(tmp_path, regime):
     out = tmp_path / "run"
     run(["--dataset", "digits", "--classes", "5-9", "--init", init, "--ticket", ticket, "--regime", regime,
          "--epochs", "2", "--lr", "0.05", "--train-steps", "2", "--eps", "8/255",
-         "--test-steps", "2", "--test-alpha", "2/255", "--save-dir", out, *TINY])
+         "--test-steps", "2", "--test-alpha", "2/255", "--save-trajectory", "--save-dir", out, *TINY])
     res = json.loads((out / "results.json").read_text())
     check_contract(res, regime)
+    # the trajectory starts with the weights before fine-tuning, then one file per epoch
+    assert sorted(p.name for p in (out / "trajectory").iterdir()) == ["epoch_000.pt", "epoch_001.pt", "start.pt"]
     assert res["config"]["test_alpha"] == pytest.approx(2 / 255)
     assert res["sparsity"] == pytest.approx(meta["sparsity"])
     assert res["method"] == "imp" and res["pretrain"] == "at" and res["dataset"] == "digits"
@@ -79,15 +81,16 @@ def test_regimes_on_digits_write_the_results_contract(tmp_path, regime):
     assert (out / "config.json").exists() and (out / "subset_indices.json").exists()
 
 
-def test_at_on_cifar10_fixture_with_reduced_data_rate(tmp_path):
+@pytest.mark.parametrize("regime", ["st", "fat", "at"])
+def test_regimes_on_cifar10_fixture_with_reduced_data_rate(tmp_path, regime):
     write_cifar10(tmp_path / "data", per_batch=40, n_test=20)
     ticket, init, meta = make_ticket(tmp_path, num_classes=10)
     out = tmp_path / "run"
     run(["--data", tmp_path / "data", "--dataset", "cifar10", "--init", init, "--ticket", ticket,
-         "--regime", "at", "--epochs", "1", "--train-steps", "1", "--test-steps", "1", "--image-size", "32",
+         "--regime", regime, "--epochs", "1", "--train-steps", "1", "--test-steps", "1", "--image-size", "32",
          "--data-rate", "0.5", "--save-dir", out, *TINY])
     res = json.loads((out / "results.json").read_text())
-    check_contract(res, "at")
+    check_contract(res, regime)
     assert res["data_rate"] == 0.5 and res["dataset"] == "cifar10"
     idx = json.loads((out / "subset_indices.json").read_text())
     assert len(idx["val_indices"]) == 20  # 10% of the 200 training images, the last ones
@@ -143,6 +146,69 @@ def test_paper_defaults_and_seed_spellings_parse():
     assert seed.data_rate == 0.1 and seed.milestones == [50, 75]
     assert (seed.eps, seed.alpha, seed.test_eps, seed.test_alpha) == pytest.approx((0.0313, 0.0078, 4 / 255, 1 / 255))
     assert (seed.train_steps, seed.test_steps) == (7, 30)
+
+
+def test_svhn_adversarial_schedule_follows_explicit_milestones():
+    base = ["--dataset", "svhn", "--init", "x.pt", "--save-dir", "out", "--regime", "at"]
+    paper = main_downstream.parse_args(base)
+    main_downstream.resolve_defaults(paper)
+    assert (paper.schedule, paper.lr, paper.epochs) == ("cosine", 0.01, 80)
+    stepped = main_downstream.parse_args(base + ["--decreasing_lr", "40,60"])
+    main_downstream.resolve_defaults(stepped)
+    assert (stepped.schedule, stepped.milestones) == ("step", [40, 60])
+    with pytest.raises(UserError, match="--milestones"):
+        main_downstream.resolve_defaults(main_downstream.parse_args(base + ["--schedule", "cosine",
+                                                                            "--milestones", "40"]))
+
+
+def test_fat_guard_stops_keeps_the_previous_epoch_and_a_rerun_does_not_train_past_it(tmp_path, monkeypatch):
+    ticket, init, _ = make_ticket(tmp_path)
+    out = tmp_path / "run"
+    guard = iter([60.0, 55.0, 5.0, 50.0, 50.0])  # epoch 3 collapses: 55% -> 5% PGD accuracy
+    monkeypatch.setattr(main_downstream, "guard_accuracy", lambda *a, **k: next(guard))
+    args = ["--dataset", "digits", "--init", init, "--ticket", ticket, "--pretrain", "at", "--regime", "fat",
+            "--epochs", "5", "--lr", "0.05", "--test-steps", "1", "--save-dir", out, *TINY]
+    run(args)
+    res = json.loads((out / "results.json").read_text())
+    info = json.loads((out / "run_info.json").read_text())
+    assert "catastrophic overfitting in epoch 3" in info["stopped_early"]
+    assert [h["epoch"] for h in res["history"]] == [0, 1] and res["selected_epoch"] in (0, 1)
+    ckpt = safe_load(out / "checkpoint.pt")
+    assert ckpt["state"]["stopped"] and ckpt["state"]["epoch"] == 2
+    # a crash after the guard fired (results.json not yet written) must not resume training
+    (out / "results.json").unlink()
+    run(args)
+    again = json.loads((out / "results.json").read_text())
+    assert [h["epoch"] for h in again["history"]] == [0, 1] and again["sa"] == res["sa"]
+
+
+def test_resume_re_saves_a_selected_model_a_kill_left_behind(tmp_path):
+    ticket, init, meta = make_ticket(tmp_path)
+    model = models.build_model("resnet_tiny", 5, cifar_stem=True)
+    pruning_utils.apply_mask(model, meta["masks"])
+    models.save_model_checkpoint(tmp_path / "model_best.pt", model, epoch=0, selection="val_ra")
+    # the checkpoint of epoch 2 selected epoch 2, but the kill came before model_best.pt was rewritten
+    state = {"epoch": 3, "best": {"score": 40.0, "epoch": 2}, "best_sa": None}
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    main_downstream.save_selected_models(tmp_path, model, meta["masks"], state, "val_ra", resuming=True)
+    best = safe_load(tmp_path / "model_best.pt")
+    assert best["epoch"] == 2 and torch.equal(best["state_dict"]["fc.weight"], model.fc.weight)
+    # a selection that is neither on disk nor the epoch in hand cannot be repaired: refused
+    state = {"epoch": 5, "best": {"score": 40.0, "epoch": 3}, "best_sa": None}
+    with pytest.raises(UserError, match="changed by hand"):
+        main_downstream.save_selected_models(tmp_path, model, meta["masks"], state, "val_ra", resuming=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rng_state_loaded_onto_the_gpu_restores(tmp_path):
+    from utils.checkpoint import atomic_save
+    from utils.seeding import gather_rng_states, restore_rank_rng_state
+    torch.zeros(1, device="cuda")
+    atomic_save({"rng": gather_rng_states()}, tmp_path / "c.pt")
+    expected = torch.rand(3)
+    restore_rank_rng_state(safe_load(tmp_path / "c.pt", map_location="cuda")["rng"], 0)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_linear_eval_trains_only_the_head(tmp_path):

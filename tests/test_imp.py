@@ -204,6 +204,11 @@ def test_bad_input_exits_2(tmp_path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert proc.returncode == 2, (needle, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr, (needle, proc.stderr)
+    # a rejected command claims no directory: the corrected one runs there
+    assert not (tmp_path / "d" / "config.json").exists()
+    fixed, env = _cli(["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem", "--init", init, "--method",
+                       "omp", "--rounds", "2", "--save-dir", tmp_path / "d"])
+    assert subprocess.run(fixed, env=env, capture_output=True).returncode == 0
     # the same directory with a different configuration is refused, differences listed
     ok, env = _cli(base + ["--rounds", "2", "--save-dir", tmp_path / "f"])
     assert subprocess.run(ok, env=env, capture_output=True).returncode == 0

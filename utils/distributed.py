@@ -94,6 +94,15 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def all_gather_object(obj):
+    """A list of every rank's ``obj``, indexed by rank (``[obj]`` alone)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_equal(tensor):
     """True when ``tensor`` is bitwise identical on every rank (used to prove masks agree)."""
     if not is_distributed():

@@ -174,9 +174,13 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
         loss_sum += loss.detach().double() * n
         correct += (logits.detach().argmax(1) == labels).sum()
         if (step + 1) % SYNC_EVERY == 0:
+            # every rank learns that some rank diverged, so all stop together instead of the healthy
+            # ones waiting in the next gradient all-reduce for a rank that has already left
+            diverged = du.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.float32).reshape(1))
             running = (loss_sum / max(seen, 1)).item()
-            if not math.isfinite(running):
-                raise NonFiniteLoss(f"training loss became {running} at step {step + 1}")
+            if diverged.item() > 0:
+                value = "non-finite on another rank" if math.isfinite(running) else running
+                raise NonFiniteLoss(f"training loss became {value} at step {step + 1}")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running:.3f}", acc=f"{100.0 * correct.item() / max(seen, 1):.1f}")
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])

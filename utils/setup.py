@@ -33,8 +33,6 @@ def add_common_args(p, datasets):
     p.add_argument("--image-size", "--image_size", type=int, default=None,
                    help="input resolution (default: 224 for CIFAR/SVHN as in the paper, native for digits)")
     p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"])
-    p.add_argument("--val-size", "--val_size", type=int, default=None,
-                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", "--weight_decay", type=float, default=None)
