@@ -20,7 +20,8 @@ RESULT_KEYS = ("dataset", "arch", "pretrain", "method", "sparsity", "regime", "d
 # from a hash of the label, so a label keeps its colour across figures and invocations.
 PRETRAIN_COLORS = {"std": "#1f77b4", "fat": "#2ca02c", "at": "#d62728"}
 _PALETTE = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79")
-METHOD_COLORS = {"imp": "#1f77b4", "imp-st": "#1f77b4", "imp-at": "#d62728", "omp": "#ff7f0e",
+# method colours avoid the pretrain colours, so a methods figure is never read as a pre-training
+METHOD_COLORS = {"imp": "#9467bd", "imp-st": "#9467bd", "imp-at": "#e377c2", "omp": "#ff7f0e",
                  "rp": "#7f7f7f", "dense": "#000000"}
 PRETRAIN_ORDER = ("std", "fat", "at")
 METHOD_ORDER = ("imp", "imp-st", "imp-at", "omp", "rp")

@@ -43,6 +43,10 @@ def filter_normalized_directions(model, mask, seed, count=2):
     gen = torch.Generator().manual_seed(seed)
     mask = mask or {}
     params = [(n, p.detach().float().cpu()) for n, p in model.named_parameters()]
+    unknown = sorted(set(mask) - {n for n, _ in params})
+    if unknown:
+        raise UserError(f"the ticket masks {unknown[:3]} name no parameter of the model; the ticket is not of this "
+                        "run's architecture.")
     directions = []
     for _ in range(count):
         d = {}
@@ -135,6 +139,9 @@ def read_trajectory(run_dir, center, d1, d2):
     folder = Path(run_dir) / "trajectory"
     files = sorted((f for f in folder.glob("epoch_*.pt") if _EPOCH_FILE.search(f.name)),
                    key=lambda f: int(_EPOCH_FILE.search(f.name).group(1))) if folder.is_dir() else []
+    start = folder / "start.pt"  # the weights before fine-tuning (θ_p ⊙ m with the new head)
+    if start.is_file():
+        files = [start] + files
     points = []
     for f in files:
         state = safe_load(f)
@@ -144,8 +151,8 @@ def read_trajectory(run_dir, center, d1, d2):
             x, y, residual = project(state, center, d1, d2)
         except KeyError as exc:
             raise UserError(f"'{f}' has no '{exc.args[0]}'; it is not a trajectory of this run's model.") from None
-        points.append({"epoch": int(_EPOCH_FILE.search(f.name).group(1)), "file": f.name, "x": x, "y": y,
-                       "residual": residual})
+        epoch = -1 if f == start else int(_EPOCH_FILE.search(f.name).group(1))
+        points.append({"epoch": epoch, "file": f.name, "x": x, "y": y, "residual": residual})
     return points
 
 
@@ -172,7 +179,8 @@ def plot(out_path, coords, grid, trajectory, title):
             off = max(p["residual"] for p in trajectory)
             ax.plot(tx, ty, "-o", color="#ff7f0e", ms=3, lw=1.2,
                     label=f"training trajectory (up to {100 * off:.0f}% off the plane)")
-            ax.annotate(f"epoch {trajectory[0]['epoch']}", (tx[0], ty[0]), fontsize=7, color="#ff7f0e",
+            first = "start" if trajectory[0]["epoch"] < 0 else f"epoch {trajectory[0]['epoch']}"
+            ax.annotate(first, (tx[0], ty[0]), fontsize=7, color="#ff7f0e",
                         xytext=(4, 4), textcoords="offset points")
             ax.annotate(f"epoch {trajectory[-1]['epoch']}", (tx[-1], ty[-1]), fontsize=7, color="#ff7f0e",
                         xytext=(4, -10), textcoords="offset points")

@@ -150,8 +150,21 @@ def assign_labels(infos):
 
 
 def assign_levels(infos):
-    """Level = IMP round when every ticket has one, else the sparsity (2 decimals)."""
+    """Level = IMP round when every ticket has one, else the sparsity (2 decimals).
+
+    Tickets of one round are at one sparsity only when their stage-1 runs used the same --rate;
+    where they are not, the pairing is said out loud (IoU between masks of different density
+    mostly measures the density)."""
     by_round = all(isinstance(i.round, int) for i in infos)
+    if by_round:
+        per_round = defaultdict(set)
+        for i in infos:
+            per_round[i.round].add(round(i.sparsity, 2))
+        for k, levels in sorted(per_round.items()):
+            if max(levels) - min(levels) > 0.5:
+                print(f"warning: the tickets of round {k} differ in sparsity ({', '.join(f'{v:.2f}' for v in sorted(levels))}%),"
+                      " so their IoU compares masks of different density; were they found with different --rate?",
+                      file=sys.stderr)
     for i in infos:
         i.round = i.round if by_round else round(i.sparsity, 2)
     seen = {}

@@ -256,6 +256,9 @@ def judge(cells):
             elif base[regime].n < cells_expected(cells, group):
                 reasons.append(f"its regime-{regime} dense baseline has {base[regime].n} seeds, fewer than the "
                                f"{cells_expected(cells, group)} of its tickets")
+            elif base[regime].n > cells_expected(cells, group):
+                reasons.append(f"its tickets have {cells_expected(cells, group)} seeds, fewer than the "
+                               f"{base[regime].n} of its regime-{regime} dense baseline")
         archs = sorted({r.arch for k, c in cells.items() if k[:4] == group for r in c.runs}
                        | {r.arch for c in base.values() if c is not None for r in c.runs})
         if len(archs) > 1:
@@ -266,8 +269,11 @@ def judge(cells):
                 reasons.append(f"it has no ticket runs under regime {regime}")
         if reasons:
             warnings.append(f"{where}: no double-win verdict because {'; '.join(reasons)}.")
+        elif cells_expected(cells, group) < 2:
+            warnings.append(f"{where}: judged on a single seed, so the dense std is 0 and matching means "
+                            "ticket ≥ dense exactly; run 3 seeds (as the paper) for a verdict that allows for noise.")
 
-        wins = []
+        wins, judged = [], []
         for s in levels:
             st, at = cells.get(group + ("st", s)), cells.get(group + ("at", s))
             row = {"dataset": ds, "data_rate": common.fmt_rate(rate), "pretrain": pre, "method": label,
@@ -289,6 +295,7 @@ def judge(cells):
                 notes.append("no verdict for the group")
             if st is not None and at is not None and st.complete and at.complete and not reasons:
                 row["judged"] = True
+                judged.append(s)
                 row["double_win"] = row["st_sa_matching"] and row["at_sa_matching"] and row["at_ra_matching"]
                 if row["double_win"]:
                     wins.append(s)
@@ -301,8 +308,21 @@ def judge(cells):
             level_rows.append(row)
         rows.append({"dataset": ds, "data_rate": common.fmt_rate(rate), "pretrain": pre, "method": label,
                      "extreme_sparsity": common.fmt_sparsity(max(wins)) if wins else "",
-                     "double_win_levels": ";".join(common.fmt_sparsity(s) for s in wins)})
+                     "double_win_levels": ";".join(common.fmt_sparsity(s) for s in wins),
+                     "incomplete": _incompleteness(reasons, wins, [s for s in levels if s not in judged])})
     return rows, level_rows, warnings
+
+
+def _incompleteness(reasons, wins, unjudged):
+    """What a table row cannot say by itself: '' when every level of the group was judged."""
+    if reasons:
+        return "no verdict (see warnings)"
+    if not unjudged:
+        return ""
+    listed = ", ".join(common.fmt_sparsity(s) for s in unjudged)
+    if any(s > max(wins, default=-1.0) for s in unjudged):
+        return f"levels {listed} not judged, so the extreme sparsity may be higher"
+    return f"levels {listed} not judged"
 
 
 def cells_expected(cells, group):
@@ -455,7 +475,8 @@ def draw_figure(out_dir, name, title, columns):
         for ci, (col_title, series_list) in enumerate(columns):
             ax = grid[pi][ci]
             panel = f"{regime}_{metric}" + (f"_{col_title}" if ncol > 1 else "")
-            _draw_panel(ax, series_list, regime, metric, _levels(series_list), name, panel, data_rows)
+            # one set of levels for every column, so data rates side by side line up
+            _draw_panel(ax, series_list, regime, metric, _levels(all_series), name, panel, data_rows)
             if ncol > 1:
                 ax.set_title(f"{col_title} — {regime.upper()}: {metric.upper()}", fontsize=9)
             if ci == 0 or ncol == 1:
@@ -566,9 +587,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def incomplete_markdown(rows):
+    """The rows whose verdict is missing or partial, so the table is never read as more than it says."""
+    flagged = [r for r in rows if r.get("incomplete")]
+    if not flagged:
+        return ""
+    lines = ["", "## Incomplete rows", ""]
+    lines += [f"- {r['dataset']}, data rate {r['data_rate']}, pretrain {r['pretrain']}, method {r['method']}: "
+              f"{r['incomplete']}" for r in flagged]
+    return "\n".join(lines) + "\n"
+
+
 def notes_markdown(warnings):
     lines = ["", "## Notes", "",
-             "- mean ± std over seeds; std is the sample standard deviation (ddof=1), 0 for a single seed.",
+             "- mean ± std over seeds; std is the sample standard deviation (ddof=1), 0 for a single seed "
+             "(a single-seed group is judged and warned about).",
              "- matching: ticket mean ≥ dense mean − one dense std (same dataset, data rate, pretrain label "
              "and regime). double-win: matching SA under ST and matching SA and RA under AT.",
              "- extreme_sparsity: the largest double-win level; empty when no level is double-win or the "
@@ -589,8 +622,8 @@ def analyse(dirs, out_dir, figures=True):
     warnings = warnings + cell_warnings + verdict_warnings
     out_dir.mkdir(parents=True, exist_ok=True)
     common.write_csv(rows, out_dir / "double_win.csv", TABLE_FIELDS)
-    atomic_write_text("# Double-win tickets\n\n" + common.markdown_table(rows, TABLE_FIELDS) + notes_markdown(warnings),
-                      out_dir / "double_win.md")
+    atomic_write_text("# Double-win tickets\n\n" + common.markdown_table(rows, TABLE_FIELDS)
+                      + incomplete_markdown(rows) + notes_markdown(warnings), out_dir / "double_win.md")
     common.write_csv(level_rows, out_dir / "double_win_details.csv", LEVEL_FIELDS)
     common.write_csv(summary_rows(cells), out_dir / "summary.csv", SUMMARY_FIELDS)
     atomic_write_text("".join(w + "\n" for w in warnings), out_dir / "warnings.txt")

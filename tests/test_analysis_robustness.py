@@ -18,6 +18,7 @@ EPOCHS = 3
 
 
 def _train(model, data, opt, enforcer, run):
+    atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, run / "trajectory" / "start.pt")
     for epoch in range(EPOCHS):
         data.train.set_epoch(epoch)
         model.train()
@@ -168,12 +169,12 @@ def test_loss_landscape_end_to_end(tiny_run, tmp_path):
     assert clean[1][1] < min(corners)  # a trained ticket sits in a basin
     assert pgd[1][1] > clean[1][1]  # adversarial images cost more
     traj = land["trajectory"]
-    assert [p["epoch"] for p in traj] == list(range(EPOCHS))
+    assert [p["epoch"] for p in traj] == [-1] + list(range(EPOCHS))  # -1: the weights before fine-tuning
     # the last epoch is the saved model: it projects onto the centre exactly
     assert abs(traj[-1]["x"]) < 1e-9 and abs(traj[-1]["y"]) < 1e-9 and traj[-1]["residual"] < 1e-9
     assert traj[0]["residual"] > 0
     assert len(_read_csv(out / "landscape.csv")) == 9
-    assert len(_read_csv(out / "trajectory.csv")) == EPOCHS
+    assert len(_read_csv(out / "trajectory.csv")) == EPOCHS + 1
     assert (out / "landscape.png").stat().st_size > 5000
 
 
