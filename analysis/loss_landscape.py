@@ -9,8 +9,9 @@ filter by filter (per output channel) to the norm of that filter of the trained 
 parameters (BatchNorm weights and biases, the head's bias) and buffers get direction 0, so the
 BatchNorm running statistics stay those of the trained model (evaluated in eval mode).  The loss
 (mean cross-entropy) and accuracy are computed at w + x·d1 + y·d2 on a fixed set of clean test
-images and on PGD images crafted once on the trained model.  Each saved epoch
-(trajectory/epoch_*.pt, from main_downstream.py --save-trajectory) is projected by least squares
+images and on PGD images crafted once on the trained model.  The weights before fine-tuning
+(trajectory/start.pt, drawn as "start") and each saved epoch (trajectory/epoch_*.pt, both from
+main_downstream.py --save-trajectory) are projected by least squares
 of (w_epoch − w) onto (d1, d2) over the weights with more than one dimension; the residual is
 the share of that ‖w_epoch − w‖ off the plane.
 
