@@ -449,20 +449,27 @@ def _crop_resize(x: torch.Tensor, top, left, box_h, box_w, size: int, flip=None)
 
     One affine grid and one grid_sample for the batch; the mirror is a negated x scale.
     With align_corners=False, pixel k's edges sit at -1 + 2k/W, so a box [left, left + box_w)
-    maps to x_in = (box_w / W) * x_out + (2 * left + box_w) / W - 1.
+    maps to x_in = (box_w / W) * x_out + (2 * left + box_w) / W - 1.  Only for upsampling
+    (box no larger than size): bilinear sampling does not antialias a downscale.
     """
     b, c, h, w = x.shape
-    sx = box_w.to(x.dtype) / w
-    sy = box_h.to(x.dtype) / h
-    tx = (2 * left.to(x.dtype) + box_w.to(x.dtype)) / w - 1
-    ty = (2 * top.to(x.dtype) + box_h.to(x.dtype)) / h - 1
+    top, left = top.to(x.dtype), left.to(x.dtype)
+    box_h, box_w = box_h.to(x.dtype), box_w.to(x.dtype)
+    sx, sy = box_w / w, box_h / h
+    tx = (2 * left + box_w) / w - 1
+    ty = (2 * top + box_h) / h - 1
     if flip is not None:
         sx = torch.where(flip, -sx, sx)
     theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, tx
     theta[:, 1, 1], theta[:, 1, 2] = sy, ty
     grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
-    # Border padding clamps the half-pixel rim like F.interpolate does, instead of blending in 0.
+    # torchvision crops before it resizes, so its interpolation clamps at the box's outer pixel
+    # centres (pixel k's centre is at -1 + (2k + 1)/W); border padding alone would clamp at the
+    # image's edge and blend in the pixels just outside the box.  A mirror keeps the same box.
+    low = torch.stack([(2 * left + 1) / w - 1, (2 * top + 1) / h - 1], dim=-1)
+    high = torch.stack([(2 * (left + box_w) - 1) / w - 1, (2 * (top + box_h) - 1) / h - 1], dim=-1)
+    grid = torch.maximum(torch.minimum(grid, high[:, None, None, :]), low[:, None, None, :])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -576,6 +583,13 @@ class TensorLoader:
         self.image_size = int(image_size)
         self.native_size = int(self.images.shape[-1])
         self.augment = augment if self.train else "none"
+        height, width = self.images.shape[-2:]
+        if self.augment == "rrc-flip" and self.image_size < max(height, width):
+            # A crop can be the whole image, so a smaller output shrinks some crops; 'auto' picks
+            # rrc-flip only to upsample, so per-crop antialiasing here would serve no default run.
+            raise UserError(f"rrc-flip on {height}x{width} px array images only upsamples, but image size "
+                            f"{self.image_size} would shrink large crops without antialiasing; use "
+                            f"--image-size {max(height, width)} or more, or --augment pad-crop-flip.")
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.drop_last = drop_last

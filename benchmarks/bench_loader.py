@@ -6,6 +6,12 @@
   workers (dataset.FolderLoader over a torchvision-style dataset wrapping the same array), batches
   then moved to the device.
 
+Each timed CPU block is one whole epoch over the first --batches x --batch-size images: its
+persistent workers prefetch ahead, and a pass abandoned midway would leave batches in flight that
+the next pass must finish and discard on its own clock (and that compete with the tensor loader
+for the CPU meanwhile).  The tensor loader makes each batch only when asked, so stopping it after
+--batches batches leaves nothing behind.  Both put batches in channels_last, as the entry points do.
+
     python benchmarks/bench_loader.py --device cuda --workers 16 --json loader.json
 """
 
@@ -48,7 +54,8 @@ def build_parser():
     p.add_argument("--native-size", type=_common.positive_int, default=32, help="side of the stored images")
     p.add_argument("--batch-size", type=_common.positive_int, default=128)
     p.add_argument("--num-images", type=_common.positive_int, default=None,
-                   help="images in the synthetic set (default 50,000 on CUDA, 4,096 on the CPU)")
+                   help="images the tensor loader holds (default 50,000 on CUDA, 4,096 on the CPU); "
+                        "the CPU loader's epoch is the first --batches x --batch-size of them")
     p.add_argument("--batches", type=_common.positive_int, default=20, help="batches per timed block and path")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes of the CPU path")
     p.add_argument("--repeats", type=_common.positive_int, default=3, help="alternating [tensor, cpu] rounds")
@@ -59,13 +66,20 @@ def build_parser():
 
 
 def take(loader, batches):
-    """Pull ``batches`` batches from a fresh pass; returns the number of images."""
+    """Pull ``batches`` batches from a fresh pass; returns the number of images.
+
+    Only for loaders that prefetch nothing: see the module docstring."""
     seen = 0
     for i, (_, labels) in enumerate(loader):
         seen += labels.shape[0]
         if i + 1 == batches:
             break
     return seen
+
+
+def whole_pass(loader):
+    """Every batch of one epoch; returns the number of images."""
+    return sum(labels.shape[0] for _, labels in loader)
 
 
 def main(argv=None):
@@ -81,35 +95,36 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     images = rng.integers(0, 256, (n, args.native_size, args.native_size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n, dtype=np.int64)
-    channels_last = device.type == "cuda"
+    pass_images = args.batches * args.batch_size
 
     tensor_loader = dataset.TensorLoader(images, labels, args.batch_size, train=True, image_size=args.image_size,
                                          augment="rrc-flip", device=device, seed=args.seed,
-                                         channels_last=channels_last)
+                                         channels_last=True)
     from torchvision import transforms as T
 
     transform = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-    cpu_loader = dataset.FolderLoader(ArrayImages(images, labels, transform), args.batch_size, train=True,
-                                      device=device, seed=args.seed, workers=args.workers,
-                                      channels_last=channels_last)
+    cpu_set = torch.utils.data.Subset(ArrayImages(images, labels, transform), range(pass_images))
+    cpu_loader = dataset.FolderLoader(cpu_set, args.batch_size, train=True, device=device, seed=args.seed,
+                                      workers=args.workers, channels_last=True)
 
     # warm-up: worker start-up, the device copy of the array, kernel selection
     take(tensor_loader, 2)
-    take(cpu_loader, 2)
+    whole_pass(cpu_loader)
     tensor_rates, cpu_rates = [], []
     for r in range(args.repeats):
         tensor_loader.set_epoch(r + 1)
         cpu_loader.set_epoch(r + 1)
-        sides = [(tensor_loader, tensor_rates), (cpu_loader, cpu_rates)]
-        for loader, rates in (sides if r % 2 == 0 else sides[::-1]):
-            rates.append(_common.timed_rate(lambda loader=loader: take(loader, args.batches), device))
+        sides = [(lambda: take(tensor_loader, args.batches), tensor_rates),
+                 (lambda: whole_pass(cpu_loader), cpu_rates)]
+        for block, rates in (sides if r % 2 == 0 else sides[::-1]):
+            rates.append(_common.timed_rate(block, device))
     tensor, cpu = _common.summary(tensor_rates), _common.summary(cpu_rates)
     record = {
         **_common.stamp(device),
         "image_size": args.image_size, "native_size": args.native_size, "batch_size": args.batch_size,
         "num_images": n, "batches": args.batches, "repeats": args.repeats,
         "tensor_loader": {**tensor, "augment": "rrc-flip", "on": str(device)},
-        "cpu_loader": {**cpu, "workers": args.workers,
+        "cpu_loader": {**cpu, "workers": args.workers, "pass_images": pass_images,
                        "transforms": "RandomResizedCrop+RandomHorizontalFlip+ToTensor (PIL)"},
         **_common.speedups(tensor_rates, cpu_rates),
         "cpu_malloc_tuned": malloc_tuned,

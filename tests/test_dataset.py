@@ -274,7 +274,7 @@ def _images(n=16, size=32, seed=0):
 
 
 @pytest.mark.parametrize("augment,size", [("rrc-flip", 48), ("pad-crop-flip", 32), ("pad-crop", 32),
-                                          ("none", 32), ("none", 40), ("rrc-flip", 24)])
+                                          ("none", 32), ("none", 40), ("rrc-flip", 32), ("pad-crop-flip", 24)])
 def test_tensor_loader_output_shape_dtype_and_range(augment, size):
     loader = TensorLoader(_images(10), np.arange(10), 4, train=True, image_size=size, augment=augment,
                           device="cpu", seed=0)
@@ -410,6 +410,36 @@ def test_crop_resize_of_the_whole_image_equals_bilinear_resize_and_flip_mirrors(
     box = dataset._crop_resize(x, torch.full((3,), 2.0), torch.full((3,), 5.0), torch.full((3,), 8.0),
                                torch.full((3,), 8.0), 8)
     torch.testing.assert_close(box, x[:, :, 2:10, 5:13])
+
+
+@pytest.mark.parametrize("size,boxes", [
+    # (top, left, height, width, flip): small boxes blown up 3-6x, boxes on every image edge, a full image
+    (32, [(3, 5, 9, 11, False), (3, 5, 9, 11, True), (0, 0, 7, 5, True), (7, 2, 25, 30, False)]),
+    (64, [(11, 17, 9, 11, False), (23, 21, 9, 11, True), (20, 0, 12, 15, False), (0, 0, 32, 32, True)]),
+])
+def test_crop_resize_matches_torchvision_resized_crop(size, boxes):
+    import torchvision.transforms.functional as TF
+
+    x = torch.rand(len(boxes), 3, 32, 32, generator=torch.Generator().manual_seed(size))
+    top, left, h, w = (torch.tensor([float(b[i]) for b in boxes]) for i in range(4))
+    flip = torch.tensor([b[4] for b in boxes])
+    out = dataset._crop_resize(x, top, left, h, w, size, flip)
+    for i, (t, l, bh, bw, mirrored) in enumerate(boxes):
+        expected = TF.resized_crop(x[i], t, l, bh, bw, [size, size], antialias=True)
+        if mirrored:
+            expected = TF.hflip(expected)
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-4,
+                                   msg=lambda m, box=boxes[i]: f"box {box}: {m}")
+
+
+def test_rrc_flip_that_would_downscale_is_refused():
+    with pytest.raises(UserError, match="image size 24.*--image-size 32"):
+        TensorLoader(_images(4), np.arange(4), 2, train=True, image_size=24, augment="rrc-flip",
+                     device="cpu", seed=0)
+    # evaluation never crops randomly, so a smaller evaluation size stays allowed
+    evaluation = TensorLoader(_images(4), np.arange(4), 2, train=False, image_size=24, augment="rrc-flip",
+                              device="cpu", seed=0)
+    assert next(iter(evaluation))[0].shape == (2, 3, 24, 24)
 
 
 def test_random_resized_crop_boxes_follow_torchvision_ranges():
