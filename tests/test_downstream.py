@@ -287,3 +287,36 @@ def test_divergence_and_config_change_exit_2(tmp_path):
     assert not (out / "results.json").exists()
     proc = _cli(["--dataset", "digits", "--init", init, "--epochs", "3", "--lr", "0.01", "--save-dir", out, *TINY])
     assert proc.returncode == 2 and "different configuration" in proc.stderr and "epochs" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """One run over two gloo processes: the global batch is split, counts are summed over ranks,
+    every rank's RNG state is gathered into the checkpoint, and only rank 0 writes."""
+    ticket, init, meta = make_ticket(tmp_path)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "main_downstream.py"), "--dataset", "digits", "--classes", "5-9", "--init", str(init),
+           "--ticket", str(ticket), "--regime", "at", "--epochs", "2", "--lr", "0.05", "--train-steps", "1",
+           "--test-steps", "1", "--device", "cpu", "--save-dir", str(out), *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    check_contract(res, "at")
+    assert proc.stdout.count("done: digits at") == 1  # reported once, by rank 0
+    assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
+    ckpt = safe_load(out / "checkpoint.pt")
+    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seeds differ per rank
+    best = safe_load(out / "model_best.pt")
+    for name, m in meta["masks"].items():
+        assert torch.count_nonzero(best["state_dict"][name][~m]) == 0
+    # killed after the last checkpoint but before results.json: the rerun restores each rank's own
+    # RNG stream, so the test attack's random starts, and the result, come out the same
+    (out / "results.json").unlink()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    res2 = json.loads((out / "results.json").read_text())
+    assert (res2["sa"], res2["ra"], res2["selected_epoch"]) == (res["sa"], res["ra"], res["selected_epoch"])
