@@ -1,7 +1,7 @@
 """2-D loss landscape around a trained ticket, with its training trajectory projected on the plane.
 
-    python analysis/loss_landscape.py RUN_DIR --out OUT_DIR [--data DIR] [--grid 21] [--range 1]
-        [--num-images 256]
+    python analysis/loss_landscape.py RUN_DIR --out OUT_DIR [--data DIR] [--grid 21] [--range R]
+        [--num-images 256] [--directions random|pca] [--reattack]
 
 Directions follow Li et al. (2018), "Visualizing the Loss Landscape of Neural Nets": two
 Gaussian directions, each restricted to the ticket's mask (pruned entries 0) and then scaled
@@ -9,7 +9,10 @@ filter by filter (per output channel) to the norm of that filter of the trained 
 parameters (BatchNorm weights and biases, the head's bias) and buffers get direction 0, so the
 BatchNorm running statistics stay those of the trained model (evaluated in eval mode).  The loss
 (mean cross-entropy) and accuracy are computed at w + x·d1 + y·d2 on a fixed set of clean test
-images and on PGD images crafted once on the trained model.  The weights before fine-tuning
+images and on PGD images crafted once on the trained model (``--reattack``: crafted anew against
+the model at every grid point, the robust loss surface, at one PGD run per point).
+``--directions pca`` takes instead the two principal directions of the saved trajectory (Li et
+al. §7), the plane that holds the most of the training path.  The weights before fine-tuning
 (trajectory/start.pt, drawn as "start") and each saved epoch (trajectory/epoch_*.pt, both from
 main_downstream.py --save-trajectory) are projected by least squares
 of (w_epoch − w) onto (d1, d2) over the weights with more than one dimension; the residual is
@@ -111,8 +114,11 @@ def _loss_acc(model, batches):
     return loss / n, 100.0 * correct / n
 
 
-def landscape_grid(model, center, d1, d2, coords, clean, adv):
-    """{metric: [[value at (coords[ix], coords[iy]) for ix] for iy]} evaluated in eval mode."""
+def landscape_grid(model, center, d1, d2, coords, clean, adv, attack=None):
+    """{metric: [[value at (coords[ix], coords[iy]) for ix] for iy]} evaluated in eval mode.
+
+    ``adv``: adversarial batches crafted once at the centre; with ``attack`` (clean batches ->
+    adversarial batches) they are crafted anew against the model at every grid point instead."""
     import torch
 
     params = dict(model.named_parameters())
@@ -127,43 +133,102 @@ def landscape_grid(model, center, d1, d2, coords, clean, adv):
                     for name, (a, b) in dirs.items():
                         params[name].copy_(center[name] + x * a + y * b)
                 grid["loss_clean"][iy][ix], grid["acc_clean"][iy][ix] = _loss_acc(model, clean)
-                grid["loss_pgd"][iy][ix], grid["acc_pgd"][iy][ix] = _loss_acc(model, adv)
+                point_adv = attack(clean) if attack is not None else adv
+                grid["loss_pgd"][iy][ix], grid["acc_pgd"][iy][ix] = _loss_acc(model, point_adv)
     finally:
         model.load_state_dict(center)
     return grid
 
 
-def read_trajectory(run_dir, center, d1, d2):
-    """Projected epochs, sorted by epoch; [] when the run saved no trajectory."""
+def trajectory_files(run_dir):
+    """[(epoch, path)] of the saved trajectory, sorted; the weights before fine-tuning
+    (trajectory/start.pt: θ_p ⊙ m with the new head) come first as epoch -1."""
+    folder = Path(run_dir) / "trajectory"
+    if not folder.is_dir():
+        return []
+    files = sorted((int(_EPOCH_FILE.search(f.name).group(1)), f) for f in folder.glob("epoch_*.pt")
+                   if _EPOCH_FILE.search(f.name))
+    start = folder / "start.pt"
+    return ([(-1, start)] if start.is_file() else []) + files
+
+
+def _trajectory_state(path):
     from utils.checkpoint import safe_load
 
-    folder = Path(run_dir) / "trajectory"
-    files = sorted((f for f in folder.glob("epoch_*.pt") if _EPOCH_FILE.search(f.name)),
-                   key=lambda f: int(_EPOCH_FILE.search(f.name).group(1))) if folder.is_dir() else []
-    start = folder / "start.pt"  # the weights before fine-tuning (θ_p ⊙ m with the new head)
-    if start.is_file():
-        files = [start] + files
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise UserError(f"'{path}' is not a state dict; the trajectory file is damaged.")
+    return state
+
+
+def read_trajectory(run_dir, center, d1, d2):
+    """Projected epochs, sorted by epoch; [] when the run saved no trajectory."""
     points = []
-    for f in files:
-        state = safe_load(f)
-        if not isinstance(state, dict):
-            raise UserError(f"'{f}' is not a state dict; the trajectory file is damaged.")
+    for epoch, f in trajectory_files(run_dir):
         try:
-            x, y, residual = project(state, center, d1, d2)
+            x, y, residual = project(_trajectory_state(f), center, d1, d2)
         except KeyError as exc:
             raise UserError(f"'{f}' has no '{exc.args[0]}'; it is not a trajectory of this run's model.") from None
-        epoch = -1 if f == start else int(_EPOCH_FILE.search(f.name).group(1))
         points.append({"epoch": epoch, "file": f.name, "x": x, "y": y, "residual": residual})
     return points
 
 
-def plot(out_path, coords, grid, trajectory, title):
+def pca_directions(model, run_dir, center):
+    """The two principal directions of the saved trajectory's weights (Li et al., 2018, §7), as
+    unit vectors over the multi-dimensional weights, and the share of the trajectory's variance
+    each explains.
+
+    Random directions in a space of millions of weights are almost orthogonal to any training
+    path, so its projection on a random plane is mostly residual; the principal plane holds as
+    much of the path as a plane can. Pruned weights are 0 in every saved epoch, so the directions
+    stay inside the mask by construction. Memory: one float32 copy of the weights per saved epoch.
+    """
+    import torch
+
+    files = trajectory_files(run_dir)
+    if len(files) < 3:
+        raise UserError(f"--directions pca needs at least 3 saved weights in '{Path(run_dir) / 'trajectory'}' "
+                        f"(found {len(files)}); rerun main_downstream.py with --save-trajectory.")
+    names = [n for n, p in model.named_parameters() if p.dim() > 1]
+    rows = []
+    for _, f in files:
+        state = _trajectory_state(f)
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise UserError(f"'{f}' has no '{missing[0]}'; it is not a trajectory of this run's model.")
+        rows.append(torch.cat([(state[n].float().cpu() - center[n].float().cpu()).reshape(-1) for n in names]))
+    offsets = torch.stack(rows)
+    offsets -= offsets.mean(0, keepdim=True)
+    # eigenvectors of the small (epochs x epochs) Gram matrix give the principal axes without
+    # ever forming the weights x weights covariance
+    values, vectors = torch.linalg.eigh((offsets @ offsets.T).double())
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    if values[1] <= 1e-9 * float(values[0]):
+        raise UserError("the saved trajectory moves along fewer than two directions; nothing to span a plane with.")
+    axes = (offsets.T @ vectors[:, :2].float()) / values[:2].sqrt().float()
+    explained = (values[:2] / values.sum()).tolist()
+    directions = []
+    for k in range(2):
+        d, pos = {}, 0
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                d[n] = axes[pos:pos + p.numel(), k].float().reshape(p.shape)
+                pos += p.numel()
+            else:
+                d[n] = torch.zeros(p.shape)
+        directions.append(d)
+    return directions[0], directions[1], explained
+
+
+def plot(out_path, coords, grid, trajectory, title, axis_labels=("direction 1 (filter-normalized)",
+                                                                  "direction 2 (filter-normalized)"),
+         pgd_name="PGD test images"):
     import numpy as np
 
     plt = common.use_agg()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     xs = np.asarray(coords)
-    for ax, key, name in ((axes[0], "loss_clean", "clean test images"), (axes[1], "loss_pgd", "PGD test images")):
+    for ax, key, name in ((axes[0], "loss_clean", "clean test images"), (axes[1], "loss_pgd", pgd_name)):
         z = np.asarray(grid[key], dtype=float)
         levels = None
         if z.max() > z.min():
@@ -187,8 +252,8 @@ def plot(out_path, coords, grid, trajectory, title):
                         xytext=(4, -10), textcoords="offset points")
         ax.plot([0], [0], marker="*", color="red", ms=11, ls="none", label="trained ticket")
         ax.set_title(f"loss on {name}", fontsize=10)
-        ax.set_xlabel("direction 1 (filter-normalized)")
-        ax.set_ylabel("direction 2 (filter-normalized)")
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
         ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -204,7 +269,15 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="dataset root (default: the run's own --data)")
     p.add_argument("--checkpoint", default="model_best.pt", help="weights in RUN_DIR at the centre (default model_best.pt)")
     p.add_argument("--grid", type=int, default=21, help="points per axis (default 21)")
-    p.add_argument("--range", dest="extent", type=float, default=1.0, help="coordinates span [-R, R] (default 1)")
+    p.add_argument("--range", dest="extent", type=float, default=None,
+                   help="coordinates span [-R, R] (default 1 for random directions; for pca, 1.25x the "
+                        "trajectory's largest coordinate)")
+    p.add_argument("--directions", choices=["random", "pca"], default="random",
+                   help="random: two filter-normalized Gaussian directions in the mask (Li et al.); pca: the "
+                        "two principal directions of the saved trajectory, which holds the training path")
+    p.add_argument("--reattack", action="store_true",
+                   help="craft the PGD images anew at every grid point (the robust loss surface; costs a "
+                        "PGD run per point) instead of once at the centre")
     p.add_argument("--num-images", type=int, default=256, help="fixed test images for the loss (default 256)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eps", default=None, help="PGD radius (default: the run's --eps)")
@@ -215,7 +288,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.grid < 2:
         raise UserError(f"--grid must be at least 2 points per axis, not {args.grid}.")
-    if not args.extent > 0:
+    if args.extent is not None and not args.extent > 0:
         raise UserError(f"--range must be positive, not {args.extent}.")
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1.")
@@ -246,20 +319,35 @@ def main(argv=None):
     alpha = args.alpha if args.alpha is not None else float(config.get("test_alpha") or 2 / 255)
     steps = args.pgd_steps if args.pgd_steps is not None else int(config.get("test_steps") or 20)
     torch.manual_seed(args.seed)
-    adv = [(attacks.pgd_attack(model, x, y, eps, alpha, steps), y) for x, y in clean]
 
-    d1, d2 = filter_normalized_directions(model, mask, args.seed)
-    coords = [(-args.extent + 2 * args.extent * i / (args.grid - 1)) for i in range(args.grid)]
-    grid = landscape_grid(model, center, d1, d2, coords, clean, adv)
+    def attack(batches):
+        return [(attacks.pgd_attack(model, x, y, eps, alpha, steps), y) for x, y in batches]
+
+    adv = attack(clean)
     center_cpu = {k: v.cpu() for k, v in center.items()}
+    if args.directions == "pca":
+        d1, d2, explained = pca_directions(model, run_dir, center_cpu)
+        labels = tuple(f"PC{k + 1} of the trajectory ({100 * e:.0f}% of its variance)" for k, e in enumerate(explained))
+        described = (f"the trajectory's two principal directions (explained variance "
+                     f"{explained[0]:.3f}, {explained[1]:.3f}); 1-D params and buffers 0")
+    else:
+        d1, d2 = filter_normalized_directions(model, mask, args.seed)
+        labels = ("direction 1 (filter-normalized)", "direction 2 (filter-normalized)")
+        described = "filter-normalized Gaussian, restricted to the mask; 1-D params and buffers 0"
     trajectory = read_trajectory(run_dir, center_cpu, d1, d2)
+    extent = args.extent
+    if extent is None:
+        reach = max((max(abs(p["x"]), abs(p["y"])) for p in trajectory), default=0.0)
+        extent = 1.25 * reach if args.directions == "pca" and reach > 0 else 1.0
+    coords = [(-extent + 2 * extent * i / (args.grid - 1)) for i in range(args.grid)]
+    grid = landscape_grid(model, center, d1, d2, coords, clean, adv, attack=attack if args.reattack else None)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_images = sum(len(y) for _, y in clean)
-    settings = {"run": str(run_dir), "checkpoint": args.checkpoint, "grid": args.grid, "range": args.extent,
+    settings = {"run": str(run_dir), "checkpoint": args.checkpoint, "grid": args.grid, "range": extent,
                 "num_images": n_images, "eps": eps, "alpha": alpha, "pgd_steps": steps, "seed": args.seed,
-                "directions": "filter-normalized Gaussian, restricted to the mask; 1-D params and buffers 0"}
+                "directions": described, "reattack": args.reattack}
     atomic_write_text(json.dumps({"settings": settings, "x": coords, "y": coords, **grid, "trajectory": trajectory},
                                  indent=1), out / "landscape.json")
     rows = [{"x": x, "y": y, **{k: grid[k][iy][ix] for k in GRID_FIELDS[2:]}}
@@ -272,7 +360,8 @@ def main(argv=None):
 
         sparsity = f", {pu.sparsity(mask):.2f}% sparse"
     title = f"{config.get('dataset')} {config.get('regime', '')} {config.get('arch')}{sparsity} — {run_dir.name}"
-    png = plot(out / "landscape.png", coords, grid, trajectory, title)
+    pgd_name = f"PGD-{steps} images, " + ("re-crafted at every point" if args.reattack else "crafted at the centre")
+    png = plot(out / "landscape.png", coords, grid, trajectory, title, labels, pgd_name)
 
     mid = args.grid // 2
     print(f"loss at the centre: clean {grid['loss_clean'][mid][mid]:.4f}, PGD {grid['loss_pgd'][mid][mid]:.4f} "
@@ -280,7 +369,7 @@ def main(argv=None):
     if not trajectory:
         print(f"note: '{run_dir / 'trajectory'}' holds no epoch_*.pt; rerun main_downstream.py with "
               "--save-trajectory to draw the training path.")
-    elif any(abs(p["x"]) > args.extent or abs(p["y"]) > args.extent for p in trajectory):
+    elif any(abs(p["x"]) > extent or abs(p["y"]) > extent for p in trajectory):
         print("note: part of the trajectory lies outside the grid; a larger --range shows the landscape there.")
     print(f"wrote {png}, {out / 'landscape.json'}, {out / 'landscape.csv'}, {out / 'trajectory.csv'}")
     return 0
