@@ -169,6 +169,53 @@ def test_sigkill_mid_round_then_rerun_gives_bit_identical_tickets(tmp_path):
     assert again.returncode == 0 and "round 3/3" not in again.stdout.replace("resuming", "")
 
 
+def _children(pid):
+    """PIDs whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find torchrun's workers")
+def test_torchrun_max_restarts_continues_after_a_worker_is_killed(tmp_path):
+    """A worker killed mid-round: torchrun restarts the group, which resumes from the checkpoint
+    (each rank with its own RNG stream) and ends with the tickets of an uninterrupted run."""
+    init, _ = tiny_init(tmp_path)
+    data = folder_data(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+    def launch(out, restarts):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--max-restarts", str(restarts), str(REPO / "main_imp_pretrain.py"),
+                *map(str, imp_args(init, data, out, "--rounds", "3", "--device", "cpu"))]
+
+    straight = tmp_path / "straight"
+    subprocess.run(launch(straight, 0), env=env, check=True, capture_output=True, timeout=300)
+    crashed = tmp_path / "crashed"
+    agent = subprocess.Popen(launch(crashed, 1), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((crashed / "log.csv").exists()
+                                          and "\n2," in (crashed / "log.csv").read_text()):
+        time.sleep(0.02)
+    workers = _children(agent.pid)
+    assert workers, "torchrun started no workers"
+    os.kill(max(workers), signal.SIGKILL)
+    out, _ = agent.communicate(timeout=300)
+    assert agent.returncode == 0, out[-3000:]
+    assert "resuming" in out
+    for k in (1, 2, 3):
+        a = pruning_utils.load_ticket(straight / "tickets" / f"round_{k:02d}.pt")["masks"]
+        b = pruning_utils.load_ticket(crashed / "tickets" / f"round_{k:02d}.pt")["masks"]
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path):
     init, _ = tiny_init(tmp_path)

@@ -52,8 +52,19 @@ def init_distributed(device="auto", timeout_minutes=60):
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        options = {"timeout": timeout, "device_id": dev if dev.type == "cuda" else None}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, **options)
+        else:
+            # torchrun's agent keeps one store across restarts of the group, so the addresses the
+            # previous attempt's ranks published are still in it, and a restarted rank can read a
+            # dead peer's address before its successor overwrites it (seen: gloo "connection refused"
+            # or a hang in most restarts, with gloo on this CPU). A prefix per attempt keeps them apart.
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                    rank=rank, world_size=world_size, **options)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
