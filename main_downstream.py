@@ -85,8 +85,11 @@ def parse_args(argv=None):
 def resolve_defaults(args, n_train_full=None):
     """Fill unset flags from the paper's protocol for this regime and dataset."""
     defaults = dict(PAPER_DEFAULTS[args.regime])
-    if args.dataset == "svhn" and args.regime in ("at", "fat") and args.milestones is None:
-        defaults.update(SVHN_ADVERSARIAL)  # explicit --milestones mean a step schedule, even on SVHN
+    if args.dataset == "svhn" and args.regime in ("at", "fat"):
+        svhn = dict(SVHN_ADVERSARIAL)
+        if args.milestones is not None:  # explicit --milestones mean a step schedule, even on SVHN
+            del svhn["schedule"], svhn["milestones"]
+        defaults.update(svhn)
     if args.schedule == "cosine" and args.milestones:
         raise UserError("--milestones only apply to --schedule step; drop one of the two.")
     for key, value in defaults.items():
@@ -309,12 +312,13 @@ def main(argv=None):
         row["seconds"] = time.perf_counter() - t0
         state["history"].append(row)
         state["epoch"] = epoch + 1
-        save_checkpoint()
-        if dist_info.primary:
+        if dist_info.primary:  # before the checkpoint: a kill in between re-runs this epoch and rewrites both
             if args.save_trajectory:
                 atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                             save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
             write_csv(state["history"], save_dir / "log.csv", LOG_FIELDS)
+        save_checkpoint()
+        if dist_info.primary:
             val_txt = "" if row["val_sa"] is None else f" val SA {row['val_sa']:.2f}" + (
                 "" if row["val_ra"] is None else f" RA {row['val_ra']:.2f}")
             setup.log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
@@ -345,7 +349,8 @@ def save_selected_models(save_dir, model, mask, state, selection, resuming=False
         if best["epoch"] != held_epoch:
             if resuming:
                 raise UserError(f"'{path}' holds epoch {on_disk} but '{save_dir / 'checkpoint.pt'}' selected epoch "
-                                f"{best['epoch']}; the run directory was changed by hand; start it afresh.")
+                                f"{best['epoch']} (the files were changed by hand, or an older version of this "
+                                "tool was killed between writing them); rerun into a new --save-dir.")
             continue
         models.save_model_checkpoint(path, model, mask=mask, epoch=best["epoch"], selection=sel)
 

@@ -179,8 +179,9 @@ def pca_directions(model, run_dir, center):
     each explains.
 
     Random directions in a space of millions of weights are almost orthogonal to any training
-    path, so its projection on a random plane is mostly residual; the principal plane holds as
-    much of the path as a plane can. Pruned weights are 0 in every saved epoch, so the directions
+    path, so its projection on a random plane is mostly residual. The principal directions span
+    the plane that fits the path best (through the path's mean, as PCA centres); the grid lays
+    that plane through the trained weights instead, which the path ends near. Pruned weights are 0 in every saved epoch, so the directions
     stay inside the mask by construction. Memory: one float32 copy of the weights per saved epoch.
     """
     import torch

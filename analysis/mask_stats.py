@@ -150,12 +150,14 @@ def assign_labels(infos):
 
 
 def assign_levels(infos):
-    """Level = IMP round when every ticket has one, else the sparsity (2 decimals).
+    """Level = IMP round when every ticket has one and no label has two tickets of one round (seed
+    files that sit at no 20% level all read as round 0), else the sparsity (2 decimals).
 
     Tickets of one round are at one sparsity only when their stage-1 runs used the same --rate;
     where they are not, the pairing is said out loud (IoU between masks of different density
     mostly measures the density)."""
-    by_round = all(isinstance(i.round, int) for i in infos)
+    by_round = (all(isinstance(i.round, int) for i in infos)
+                and len({(i.label, i.round) for i in infos}) == len(infos))
     if by_round:
         per_round = defaultdict(set)
         for i in infos:

@@ -400,6 +400,22 @@ def test_mask_stats_iou_and_zero_kernels(tmp_path, capsys):
     assert tb.exists()
 
 
+def test_mask_stats_levels_by_sparsity_when_rounds_repeat(tmp_path, capsys):
+    """Seed files at no 20% level all read as round 0; two such tickets of one label are told
+    apart by sparsity instead of being refused as duplicates."""
+    a, b = _hand_masks()
+    for name, masks in (("p.pt", a), ("q.pt", b)):
+        _ticket(tmp_path / "std" / name, masks, round_=0, pretrain="std")
+    for name, masks in (("p.pt", a), ("q.pt", b)):
+        _ticket(tmp_path / "at" / name, masks, round_=0, pretrain="at")
+    out = tmp_path / "out"
+    assert mask_stats.main([str(tmp_path / "std"), str(tmp_path / "at"), "--out", str(out)]) == 0
+    with open(out / "mask_iou.csv", newline="") as fh:
+        iou = list(csv.DictReader(fh))
+    assert sorted(r["round"] for r in iou) == ["22.73", "50.0"]  # two levels, each pairing std with at
+    assert all(float(r["iou"]) == 1.0 for r in iou)
+
+
 def test_mask_stats_different_architectures_exit_2(tmp_path):
     a, _ = _hand_masks()
     other = {"conv1.weight": torch.ones(3, 2, 3, 3, dtype=torch.bool)}

@@ -179,9 +179,10 @@ def test_loss_landscape_end_to_end(tiny_run, tmp_path):
 
 
 def test_loss_landscape_pca_plane_holds_the_trajectory_and_reattack(tiny_run, tmp_path):
-    random_out, pca_out = tmp_path / "random", tmp_path / "pca"
+    random_out, pca_out, fixed_out = tmp_path / "random", tmp_path / "pca", tmp_path / "fixed"
     common = ["--grid", "3", "--num-images", "32", "--pgd-steps", "2", "--device", "cpu"]
     loss_landscape.main([str(tiny_run), "--out", str(random_out), *common])
+    loss_landscape.main([str(tiny_run), "--out", str(fixed_out), "--directions", "pca", *common])
     assert loss_landscape.main([str(tiny_run), "--out", str(pca_out), "--directions", "pca", "--reattack",
                                 *common]) == 0
     rand, pca = (json.loads((o / "landscape.json").read_text()) for o in (random_out, pca_out))
@@ -195,9 +196,14 @@ def test_loss_landscape_pca_plane_holds_the_trajectory_and_reattack(tiny_run, tm
     assert abs(last["x"]) < 1e-4 and abs(last["y"]) < 1e-4
     reach = max(max(abs(p["x"]), abs(p["y"])) for p in pca["trajectory"])
     assert pca["settings"]["range"] == pytest.approx(1.25 * reach)
-    # attacked anew at every point, the PGD loss is above the clean loss everywhere
+    # attacked anew at every point, the PGD loss is above the clean loss everywhere, and off the
+    # centre above the loss of images crafted once at the centre (which no longer fit the weights)
+    fixed = json.loads((fixed_out / "landscape.json").read_text())
+    assert fixed["settings"]["reattack"] is False
     for clean_row, pgd_row in zip(pca["loss_clean"], pca["loss_pgd"]):
         assert all(p > c for c, p in zip(clean_row, pgd_row))
+    corners = [(0, 0), (0, 2), (2, 0), (2, 2)]
+    assert all(pca["loss_pgd"][i][j] > fixed["loss_pgd"][i][j] for i, j in corners)
 
 
 def test_loss_landscape_pca_needs_a_trajectory(tiny_run, tmp_path):

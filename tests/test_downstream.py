@@ -155,7 +155,8 @@ def test_svhn_adversarial_schedule_follows_explicit_milestones():
     assert (paper.schedule, paper.lr, paper.epochs) == ("cosine", 0.01, 80)
     stepped = main_downstream.parse_args(base + ["--decreasing_lr", "40,60"])
     main_downstream.resolve_defaults(stepped)
-    assert (stepped.schedule, stepped.milestones) == ("step", [40, 60])
+    # only the schedule changes: SVHN's lr and length stay
+    assert (stepped.schedule, stepped.milestones, stepped.lr, stepped.epochs) == ("step", [40, 60], 0.01, 80)
     with pytest.raises(UserError, match="--milestones"):
         main_downstream.resolve_defaults(main_downstream.parse_args(base + ["--schedule", "cosine",
                                                                             "--milestones", "40"]))
@@ -196,7 +197,7 @@ def test_resume_re_saves_a_selected_model_a_kill_left_behind(tmp_path):
     assert best["epoch"] == 2 and torch.equal(best["state_dict"]["fc.weight"], model.fc.weight)
     # a selection that is neither on disk nor the epoch in hand cannot be repaired: refused
     state = {"epoch": 5, "best": {"score": 40.0, "epoch": 3}, "best_sa": None}
-    with pytest.raises(UserError, match="changed by hand"):
+    with pytest.raises(UserError, match="new --save-dir"):
         main_downstream.save_selected_models(tmp_path, model, meta["masks"], state, "val_ra", resuming=True)
 
 
@@ -206,9 +207,10 @@ def test_rng_state_loaded_onto_the_gpu_restores(tmp_path):
     from utils.seeding import gather_rng_states, restore_rank_rng_state
     torch.zeros(1, device="cuda")
     atomic_save({"rng": gather_rng_states()}, tmp_path / "c.pt")
-    expected = torch.rand(3)
+    expected, expected_gpu = torch.rand(3), torch.rand(3, device="cuda")
     restore_rank_rng_state(safe_load(tmp_path / "c.pt", map_location="cuda")["rng"], 0)
     assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3, device="cuda"), expected_gpu)
 
 
 def test_linear_eval_trains_only_the_head(tmp_path):

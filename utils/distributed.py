@@ -55,7 +55,10 @@ def init_distributed(device="auto", timeout_minutes=60):
         timeout = datetime.timedelta(minutes=timeout_minutes)
         options = {"timeout": timeout, "device_id": dev if dev.type == "cuda" else None}
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is None:
+        # each node's agent counts its own restarts (a healthy node that re-joins counts none), so
+        # a per-attempt name is only shared by every rank when one agent runs them all
+        one_node = os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
+        if attempt is None or not one_node:
             dist.init_process_group(backend=backend, **options)
         else:
             # torchrun's agent keeps one store across restarts of the group, so the addresses the

@@ -19,8 +19,16 @@ NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "cha
 
 
 def config_differences(old, new, ignore=NON_SEMANTIC_KEYS):
+    """(key, old, new) for every setting that differs. A key one side lacks while the other holds
+    None is no difference: a flag added or removed between versions with its default unset must
+    not strand a sweep's run directories."""
     keys = sorted((set(old) | set(new)) - set(ignore))
-    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in keys if old.get(k, "<absent>") != new.get(k, "<absent>")]
+    diffs = []
+    for k in keys:
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if a != b and not ((a is None and b == "<absent>") or (a == "<absent>" and b is None)):
+            diffs.append((k, a, b))
+    return diffs
 
 
 def prepare_run_dir(save_dir, config, primary=True):
