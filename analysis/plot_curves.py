@@ -246,6 +246,7 @@ def judge(cells):
         where = _where(*group)
         levels = sorted({k[5] for k in cells if k[:4] == group})
         base = {regime: cells.get((ds, rate, pre, DENSE, regime, 0.0)) for regime in ("st", "at")}
+        n_seeds = cells_expected(cells, group)
         reasons = []
         for regime in ("st", "at"):
             if base[regime] is None:
@@ -253,11 +254,11 @@ def judge(cells):
                                f"{common.fmt_rate(rate)}, pretrain {pre})")
             elif not base[regime].complete:
                 reasons.append(f"its regime-{regime} dense baseline is incomplete ({', '.join(base[regime].problems)})")
-            elif base[regime].n < cells_expected(cells, group):
+            elif base[regime].n < n_seeds:
                 reasons.append(f"its regime-{regime} dense baseline has {base[regime].n} seeds, fewer than the "
-                               f"{cells_expected(cells, group)} of its tickets")
-            elif base[regime].n > cells_expected(cells, group):
-                reasons.append(f"its tickets have {cells_expected(cells, group)} seeds, fewer than the "
+                               f"{n_seeds} of its tickets")
+            elif base[regime].n > n_seeds:
+                reasons.append(f"its tickets have {n_seeds} seeds, fewer than the "
                                f"{base[regime].n} of its regime-{regime} dense baseline")
         archs = sorted({r.arch for k, c in cells.items() if k[:4] == group for r in c.runs}
                        | {r.arch for c in base.values() if c is not None for r in c.runs})
@@ -269,7 +270,7 @@ def judge(cells):
                 reasons.append(f"it has no ticket runs under regime {regime}")
         if reasons:
             warnings.append(f"{where}: no double-win verdict because {'; '.join(reasons)}.")
-        elif cells_expected(cells, group) < 2:
+        elif n_seeds < 2:
             warnings.append(f"{where}: judged on a single seed, so the dense std is 0 and matching means "
                             "ticket ≥ dense exactly; run 3 seeds (as the paper) for a verdict that allows for noise.")
 
