@@ -258,7 +258,7 @@ def main(argv=None):
         setup.log(f"{save_dir} holds this configuration but no checkpoint yet; starting at epoch 0")
 
     if args.save_trajectory and dist_info.primary and state["epoch"] == 0:
-        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, save_dir / "trajectory" / "start.pt")
+        save_weights(model, save_dir / "trajectory" / "start.pt")
 
     guard_batch = None
     if args.regime == "fat" and args.fat_guard:
@@ -314,8 +314,7 @@ def main(argv=None):
         state["epoch"] = epoch + 1
         if dist_info.primary:  # before the checkpoint: a kill in between re-runs this epoch and rewrites both
             if args.save_trajectory:
-                atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
+                save_weights(model, save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
             write_csv(state["history"], save_dir / "log.csv", LOG_FIELDS)
         save_checkpoint()
         if dist_info.primary:
@@ -329,6 +328,11 @@ def main(argv=None):
     finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info)
     du.cleanup()
     return 0
+
+
+def save_weights(model, path):
+    """A plain state dict on the CPU: what analysis/loss_landscape.py reads as a trajectory point."""
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def save_selected_models(save_dir, model, mask, state, selection, resuming=False):

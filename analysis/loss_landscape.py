@@ -174,15 +174,17 @@ def read_trajectory(run_dir, center, d1, d2):
 
 
 def pca_directions(model, run_dir, center):
-    """The two principal directions of the saved trajectory's weights (Li et al., 2018, §7), as
-    unit vectors over the multi-dimensional weights, and the share of the trajectory's variance
-    each explains.
+    """(d1, d2, explained, trajectory): the two principal directions of the saved trajectory's
+    weights (Li et al., 2018, §7) as unit vectors over the multi-dimensional weights, the share of
+    the trajectory's variance each explains, and the trajectory projected on them (the points of
+    :func:`read_trajectory`, computed from the weights already in memory).
 
     Random directions in a space of millions of weights are almost orthogonal to any training
     path, so its projection on a random plane is mostly residual. The principal directions span
     the plane that fits the path best (through the path's mean, as PCA centres); the grid lays
-    that plane through the trained weights instead, which the path ends near. Pruned weights are 0 in every saved epoch, so the directions
-    stay inside the mask by construction. Memory: one float32 copy of the weights per saved epoch.
+    that plane through the trained weights instead, which the path ends near. Pruned weights are
+    0 in every saved epoch, so the directions stay inside the mask by construction. Memory: one
+    float32 copy of the weights per saved epoch.
     """
     import torch
 
@@ -198,16 +200,25 @@ def pca_directions(model, run_dir, center):
         if missing:
             raise UserError(f"'{f}' has no '{missing[0]}'; it is not a trajectory of this run's model.")
         rows.append(torch.cat([(state[n].float().cpu() - center[n].float().cpu()).reshape(-1) for n in names]))
-    offsets = torch.stack(rows)
-    offsets -= offsets.mean(0, keepdim=True)
-    # eigenvectors of the small (epochs x epochs) Gram matrix give the principal axes without
-    # ever forming the weights x weights covariance
-    values, vectors = torch.linalg.eigh((offsets @ offsets.T).double())
+    offsets = torch.stack(rows)  # from the centre, one row per saved epoch
+    gram = (offsets @ offsets.T).double()
+    # eigenvectors of the small (epochs x epochs) Gram matrix of the mean-centred rows give the
+    # principal axes without forming the weights x weights covariance; those with a positive
+    # eigenvalue are orthogonal to the all-ones vector, so they apply to the uncentred rows as well
+    n = len(rows)
+    centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    values, vectors = torch.linalg.eigh(centring @ gram @ centring)
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     if values[1] <= 1e-9 * float(values[0]):
         raise UserError("the saved trajectory moves along fewer than two directions; nothing to span a plane with.")
     axes = (offsets.T @ vectors[:, :2].float()) / values[:2].sqrt().float()
     explained = (values[:2] / values.sum()).tolist()
+    coords = (offsets @ axes).double()  # the axes are orthonormal: coordinates are dot products
+    trajectory = []
+    for (epoch, f), (x, y), length2 in zip(files, coords.tolist(), gram.diagonal().tolist()):
+        off = max(length2 - x * x - y * y, 0.0)
+        trajectory.append({"epoch": epoch, "file": f.name, "x": x, "y": y,
+                           "residual": math.sqrt(off / length2) if length2 > 0 else 0.0})
     directions = []
     for k in range(2):
         d, pos = {}, 0
@@ -218,7 +229,7 @@ def pca_directions(model, run_dir, center):
             else:
                 d[n] = torch.zeros(p.shape)
         directions.append(d)
-    return directions[0], directions[1], explained
+    return directions[0], directions[1], explained, trajectory
 
 
 def plot(out_path, coords, grid, trajectory, title, axis_labels=("direction 1 (filter-normalized)",
@@ -327,7 +338,7 @@ def main(argv=None):
     adv = attack(clean)
     center_cpu = {k: v.cpu() for k, v in center.items()}
     if args.directions == "pca":
-        d1, d2, explained = pca_directions(model, run_dir, center_cpu)
+        d1, d2, explained, trajectory = pca_directions(model, run_dir, center_cpu)
         labels = tuple(f"PC{k + 1} of the trajectory ({100 * e:.0f}% of its variance)" for k, e in enumerate(explained))
         described = (f"the trajectory's two principal directions (explained variance "
                      f"{explained[0]:.3f}, {explained[1]:.3f}); 1-D params and buffers 0")
@@ -335,7 +346,7 @@ def main(argv=None):
         d1, d2 = filter_normalized_directions(model, mask, args.seed)
         labels = ("direction 1 (filter-normalized)", "direction 2 (filter-normalized)")
         described = "filter-normalized Gaussian, restricted to the mask; 1-D params and buffers 0"
-    trajectory = read_trajectory(run_dir, center_cpu, d1, d2)
+        trajectory = read_trajectory(run_dir, center_cpu, d1, d2)
     extent = args.extent
     if extent is None:
         reach = max((max(abs(p["x"]), abs(p["y"])) for p in trajectory), default=0.0)
