@@ -9,6 +9,7 @@ import numbers
 import zlib
 from pathlib import Path
 
+from analysis import verdict
 from utils.checkpoint import atomic_write_text
 from utils.errors import UserError
 
@@ -59,15 +60,16 @@ def fmt_rate_percent(rate):
 
 
 def agg_mean_std(values):
-    """(mean, std): sample std (ddof=1) for two or more values, 0 for one."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = math.fsum(values) / n
-    if n == 1:
-        return mean, 0.0
-    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var)
+    """(mean, std): sample std (ddof=1) for two or more values, 0 for one (the verdict's convention)."""
+    return verdict.mean_std(values)
+
+
+def check_eps(value, text, flag="--eps"):
+    """``value`` when it is a radius in [0, 1] pixel space (8/255, not 8), else UserError."""
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{flag} {text} is outside [0, 1]; images are in [0, 1] pixels, so write e.g. 8/255 "
+                        "(0.0314), not 8.")
+    return value
 
 
 def use_agg():
@@ -176,6 +178,9 @@ def check_result(obj):
         return f"'sa' is {obj['sa']!r}, not a number"
     if obj["ra"] is not None and not _is_number(obj["ra"]):
         return f"'ra' is {obj['ra']!r}, not a number or null"
+    for key in ("sa", "ra"):  # accuracies in percent: a fraction or a count here is a broken writer
+        if obj[key] is not None and not 0.0 <= float(obj[key]) <= 100.0:
+            return f"'{key}' is {obj[key]!r}, outside [0, 100] percent"
     return None
 
 

@@ -306,7 +306,7 @@ def parse_args(argv=None):
         raise UserError("--num-images and --batch-size must be at least 1.")
     if args.pgd_steps is not None and args.pgd_steps < 0:
         raise UserError(f"--pgd-steps must be 0 or more, not {args.pgd_steps}.")
-    args.eps = None if args.eps is None else parse_fraction(args.eps, "--eps")
+    args.eps = None if args.eps is None else common.check_eps(parse_fraction(args.eps, "--eps"), args.eps)
     args.alpha = None if args.alpha is None else parse_fraction(args.alpha, "--alpha")
     return args
 

@@ -11,10 +11,14 @@ start); AutoAttack goes through attacks.autoattack_eval; the transfer attack (th
 A2) crafts PGD on a separate robust model (--transfer-source, any checkpoint format
 models.load_pretrained reads, classifying the same classes) and scores each run on those images.
 Every attack is seeded (--seed), so all runs face the same random starts.
+Evaluation runs in fp32 by default (on CUDA with TF32 off too, so the numbers are those of full
+precision); ``--eval-amp bf16|fp16`` autocasts the forward passes for speed, at the risk of a
+weaker attack.  The precision used is recorded in every row (``eval_precision``).
 Writes robustness.csv and robustness.md.
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,7 +30,9 @@ from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 FIELDS = ["run", "dataset", "arch", "pretrain", "method", "sparsity", "regime", "data_rate", "seed", "n_images", "eps",
-          "sa", "ra_pgd", "ra_autoattack", "transfer_acc", "transfer_source_acc", "reported_sa", "reported_ra"]
+          "sa", "ra_pgd", "ra_autoattack", "transfer_acc", "transfer_source_acc", "reported_sa", "reported_ra",
+          "eval_precision"]
+PRECISION_NAMES = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 def find_run_dirs(items):
@@ -73,6 +79,25 @@ def load_transfer_source(path, arch, cifar_stem, data, device):
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def eval_precision(amp, device):
+    """Autocast for ``--eval-amp``; "off" is true fp32 (TF32 disabled on CUDA while it runs)."""
+    import torch
+
+    from utils.engine import Precision
+
+    precision = Precision.resolve(amp, device)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if precision.dtype is None:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        with precision.autocast():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _seeded(seed, device):
     import torch
 
@@ -82,7 +107,6 @@ def _seeded(seed, device):
 
 
 def evaluate_run(run_dir, args, device, data_cache, source_cache):
-    import attacks
     import pruning_utils as pu
 
     config = common.read_json_file(run_dir / "config.json", "run config")
@@ -106,7 +130,15 @@ def evaluate_run(run_dir, args, device, data_cache, source_cache):
            "sparsity": round(pu.sparsity(mask), 2) if mask else 0.0,
            "regime": results.get("regime", config.get("regime")), "data_rate": results.get("data_rate", config.get("data_rate")),
            "seed": results.get("seed", config.get("seed")), "n_images": n_images, "eps": round(eps, 6),
-           "reported_sa": results.get("sa"), "reported_ra": results.get("ra")}
+           "reported_sa": results.get("sa"), "reported_ra": results.get("ra"),
+           "eval_precision": PRECISION_NAMES[args.eval_amp]}
+    with eval_precision(args.eval_amp, device):
+        _score(row, model, batches, key, data, eps, alpha, args, device, source_cache)
+    return row
+
+
+def _score(row, model, batches, key, data, eps, alpha, args, device, source_cache):
+    import attacks
 
     row["sa"] = round(attacks.attack_accuracy(model, batches), 4)
     _seeded(args.seed, device)
@@ -126,7 +158,6 @@ def evaluate_run(run_dir, args, device, data_cache, source_cache):
                                        args.transfer_steps)
         row["transfer_acc"] = round(accs["target"], 4)
         row["transfer_source_acc"] = round(accs["source"], 4)
-    return row
 
 
 def parse_args(argv=None):
@@ -153,8 +184,11 @@ def parse_args(argv=None):
     p.add_argument("--transfer-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--eval-amp", default="off", choices=sorted(PRECISION_NAMES),
+                   help="precision of the evaluation: off = fp32 (default, the reported numbers' precision), "
+                        "bf16 or fp16 (CUDA only) autocast for speed")
     args = p.parse_args(argv)
-    args.eps = None if args.eps is None else parse_fraction(args.eps, "--eps")
+    args.eps = None if args.eps is None else common.check_eps(parse_fraction(args.eps, "--eps"), args.eps)
     args.alpha = None if args.alpha is None else parse_fraction(args.alpha, "--alpha")
     if args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, not {args.max_images}.")
@@ -171,6 +205,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
+    from utils.engine import Precision
+
+    Precision.resolve(args.eval_amp, device)  # fp16 on a CPU is refused before any model is loaded
     runs = find_run_dirs(args.runs)
     data_cache, source_cache, rows = {}, {}, []
     for run_dir in runs:
@@ -179,7 +216,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = common.write_csv(rows, out / "robustness.csv", FIELDS)
-    settings = (f"PGD-{args.steps} (seed {args.seed}); AutoAttack: "
+    settings = (f"precision {PRECISION_NAMES[args.eval_amp]}; PGD-{args.steps} (seed {args.seed}); AutoAttack: "
                 f"{(args.autoattack_version + ' ' + str(args.autoattack_attacks or '')) if args.autoattack else 'not run'}; "
                 f"transfer: {args.transfer_source or 'not run'}"
                 + (f" (PGD-{args.transfer_steps})" if args.transfer_source else "")

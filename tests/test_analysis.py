@@ -91,13 +91,18 @@ def test_double_win_table_known_answer(tmp_path):
     out = tmp_path / "out"
     assert plot_curves.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
     fields, rows = read_table(out)
-    assert fields == ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels"]
+    # the six §5.5 columns first, the appended ones after them in this order
+    assert fields == ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels",
+                      "extreme_sparsity_contiguous", "verdict", "extreme_sparsity_supported"]
     assert len(rows) == 1
     row = rows[0]
     assert (row["dataset"], row["pretrain"], row["method"]) == ("cifar10", "at", "imp")
     assert float(row["data_rate"]) == 1.0
     assert row["extreme_sparsity"] == "89.26"
     assert row["double_win_levels"] == ";".join(f"{s:.2f}" for s in LEVELS if s <= 89.26)
+    assert row["extreme_sparsity_contiguous"] == "89.26" and row["verdict"] == "complete"
+    # 3 seeds a std apart from the dense mean: no level is double-win under ≥ 90% of seed resamples
+    assert row["extreme_sparsity_supported"] == ""
     assert (out / "warnings.txt").read_text() == ""
     md = (out / "double_win.md").read_text()
     assert "| cifar10 | 1.0 | at | imp | 89.26 | 20.00;36.00;" in md
@@ -455,3 +460,261 @@ def test_heatmap_of_a_resnet_ticket_marks_stages_and_bins_wide_layers(tmp_path):
     # a single pre-training: nothing to compare, said so, not an error
     with open(out / "mask_iou.csv", newline="") as fh:
         assert list(csv.DictReader(fh)) == []
+
+
+# --------------------------------------------------------------------------- grid awareness, support, hardening
+
+def write_stage1(root, name, levels=LEVELS):
+    """A stage-1 save dir as far as the analysis reads it: sparsity.json (the ticket files may be gone)."""
+    d = Path(root) / name
+    d.mkdir(parents=True)
+    (d / "sparsity.json").write_text(json.dumps({str(k + 1): s for k, s in enumerate(levels)}))
+    return d
+
+
+def write_ticket_study(runs, stage1, pretrain):
+    """write_at_study's numbers, each ticket run naming stage1/tickets/round_XX.pt."""
+    write_level(runs, sparsity=0.0, pretrain=pretrain, **DENSE)
+    for k, s in enumerate(LEVELS, start=1):
+        ticket = str(stage1 / "tickets" / f"round_{k:02d}.pt")
+        if s <= 89.26:
+            vals = dict(st_sa=[90.5, 91.5, 92.5], at_sa=[81.0, 81.5, 82.0], at_ra=[49.0, 49.5, 50.0])
+        else:
+            vals = dict(st_sa=[88.9, 89.9, 90.9], at_sa=[81.0, 81.5, 82.0], at_ra=[49.0, 49.5, 50.0])
+        write_level(runs, sparsity=s, pretrain=pretrain, ticket=ticket, **vals)
+
+
+def _delete(runs, pattern):
+    hits = list(runs.glob(pattern))
+    assert hits, pattern
+    for run in hits:
+        (run / "results.json").unlink()
+
+
+def test_missing_level_makes_its_row_incomplete_and_leaves_others_alone(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for pre in ("at", "std"):
+        write_ticket_study(runs, write_stage1(tmp_path / "stage1", pre), pre)
+    full = plot_curves.verdict_rows([str(runs)])
+    assert [(r["pretrain"], r["extreme_sparsity"], r["verdict"]) for r in full] == [
+        ("std", "89.26", "complete"), ("at", "89.26", "complete")]
+    # every run of one level of the at row is gone: only sparsity.json still says it should exist
+    _delete(runs, "*_at_imp_48.80_*")
+    out = tmp_path / "out"
+    assert plot_curves.main([str(runs), "--out", str(out), "--no-figures"]) == 0
+    _, rows = read_table(out)
+    at, std = row_for(rows, pretrain="at"), row_for(rows, pretrain="std")
+    assert at["verdict"] == "incomplete" and at["extreme_sparsity"] == ""
+    assert at["extreme_sparsity_contiguous"] == "36.00"  # the gap at 48.80 stops the contiguous run
+    assert "48.80" not in at["double_win_levels"].split(";") and "89.26" in at["double_win_levels"].split(";")
+    assert std == next(r for r in full if r["pretrain"] == "std")  # untouched by the other row's gap
+    err = capsys.readouterr().err
+    assert "warning: cifar10, data rate 1.0, pretrain at, method imp: level 48.80% has no result for " \
+           "regime st seed(s) 1, 2, 3; regime at seed(s) 1, 2, 3." in err
+    md = (out / "double_win.md").read_text()
+    assert "## Missing runs" in md and "level 48.80% has no result" in md
+    assert "extreme sparsity is withheld" in md
+    with open(out / "double_win_details.csv", newline="") as fh:
+        level = {r["sparsity"]: r for r in csv.DictReader(fh) if r["pretrain"] == "at"}["48.80"]
+    assert level["judged"] == "False" and "missing runs" in level["note"]
+
+
+def test_missing_seed_at_one_level_is_listed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_ticket_study(runs, write_stage1(tmp_path / "stage1", "at"), "at")
+    _delete(runs, "*_at_imp_20.00_st_s2")
+    (row,) = plot_curves.verdict_rows([str(runs)])
+    assert row["verdict"] == "incomplete" and row["extreme_sparsity"] == ""
+    assert row["extreme_sparsity_contiguous"] == ""  # the very first level is not judged
+    plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--no-figures"])
+    assert "level 20.00% has no result for regime st seed(s) 2." in capsys.readouterr().err
+
+
+def test_verdict_rows_match_the_csv(tmp_path):
+    runs = tmp_path / "runs"
+    write_at_study(runs)
+    write_level(runs, sparsity=20.0, method="omp", st_sa=60.0, at_sa=82.0, at_ra=50.0)
+    out = tmp_path / "out"
+    plot_curves.main([str(runs), "--out", str(out), "--no-figures"])
+    _, rows = read_table(out)
+    assert plot_curves.verdict_rows([str(runs)]) == rows
+    assert not list(tmp_path.glob("**/*.png"))
+
+
+def test_no_baseline_verdict(tmp_path):
+    runs = tmp_path / "runs"
+    write_at_study(runs, pretrain="at")
+    write_at_study(runs, pretrain="fat")
+    _delete(runs, "*_fat_dense_0.00_at_s*")
+    rows = {r["pretrain"]: r for r in plot_curves.verdict_rows([str(runs)])}
+    assert rows["fat"]["verdict"] == "no-baseline" and rows["fat"]["extreme_sparsity_contiguous"] == ""
+    assert rows["at"]["verdict"] == "complete"
+
+
+def test_grid_records_are_the_expected_set(tmp_path, monkeypatch, capsys):
+    import types
+
+    runs = tmp_path / "runs"
+    write_at_study(runs)
+    grid = tmp_path / "grid.toml"
+    grid.write_text("# read by the fake expected_runs\n")
+    seen = []
+
+    def expected_runs(path):
+        seen.append(path)
+        recs = []
+        for s in [0.0] + LEVELS + [94.5]:  # 94.50: a level the grid asks for that never ran
+            for regime in ("st", "at"):
+                for seed in SEEDS:
+                    name = f"cifar10_1.0_at_{'dense' if s == 0 else 'imp'}_{s:.2f}_{regime}_s{seed}"
+                    recs.append({"dataset": "cifar10", "data_rate": 1.0, "pretrain": "at",
+                                 "method": "dense" if s == 0 else "imp", "sparsity": s, "regime": regime,
+                                 "seed": seed, "run_dir": str(runs / name)})
+        return recs
+
+    monkeypatch.setitem(sys.modules, "script.sweep", types.SimpleNamespace(expected_runs=expected_runs))
+    out = tmp_path / "out"
+    assert plot_curves.main([str(runs), "--out", str(out), "--grid", str(grid), "--no-figures"]) == 0
+    assert seen == [str(grid)]
+    _, rows = read_table(out)
+    # 94.50 lies above the extreme: the extreme stands, the row says it is incomplete
+    assert rows[0]["extreme_sparsity"] == "89.26" and rows[0]["verdict"] == "incomplete"
+    assert "level 94.50% has no result for regime st seed(s) 1, 2, 3" in capsys.readouterr().err
+    # without the grid nothing marks 94.50 as expected
+    assert plot_curves.verdict_rows([str(runs)])[0]["verdict"] == "complete"
+    # a sweep.py without expected_runs: one line, exit 2
+    monkeypatch.setitem(sys.modules, "script.sweep", types.SimpleNamespace())
+    with pytest.raises(UserError, match="expected_runs"):
+        plot_curves.main([str(runs), "--out", str(out), "--grid", str(grid)])
+
+
+def test_plot_curves_does_not_need_sweep(tmp_path, monkeypatch):
+    code = "import sys, analysis.plot_curves; sys.exit('script.sweep' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr  # imported only when --grid asks for it
+    monkeypatch.setitem(sys.modules, "script.sweep", None)  # as if script/sweep.py did not exist
+    grid = tmp_path / "grid.toml"
+    grid.write_text("")
+    with pytest.raises(UserError, match="needs script/sweep.py"):
+        plot_curves.grid_expected_runs(grid)
+
+
+def test_support_columns_on_a_known_tree(tmp_path):
+    """Levels far above the dense band are supported; one on the band's edge is uncertain."""
+    runs = tmp_path / "runs"
+    write_level(runs, sparsity=0.0, **DENSE)
+    write_level(runs, sparsity=20.0, st_sa=[97.0, 98.0, 99.0], at_sa=[88.0, 89.0, 90.0], at_ra=[56.0, 57.0, 58.0])
+    write_level(runs, sparsity=36.0, st_sa=[97.0, 98.0, 99.0], at_sa=[88.0, 89.0, 90.0], at_ra=[56.0, 57.0, 58.0])
+    write_level(runs, sparsity=48.8, st_sa=[90.5, 91.5, 92.5], at_sa=[81.0, 81.5, 82.0], at_ra=[49.0, 49.5, 50.0])
+    write_level(runs, sparsity=59.04, st_sa=[60.0, 61.0, 62.0], at_sa=[88.0, 89.0, 90.0], at_ra=[56.0, 57.0, 58.0])
+    out = tmp_path / "out"
+    plot_curves.main([str(runs), "--out", str(out)])
+    _, (row,) = read_table(out)
+    assert (row["extreme_sparsity"], row["extreme_sparsity_contiguous"], row["extreme_sparsity_supported"]) == (
+        "48.80", "48.80", "36.00")
+    with open(out / "double_win_details.csv", newline="") as fh:
+        levels = {r["sparsity"]: r for r in csv.DictReader(fh)}
+    assert float(levels["20.00"]["double_win_support"]) == 1.0 and levels["20.00"]["support"] == "supported"
+    assert levels["48.80"]["support"] == "uncertain" and 0.1 < float(levels["48.80"]["double_win_support"]) < 0.9
+    assert float(levels["48.80"]["st_sa_support"]) == pytest.approx(0.7545, abs=1e-4)
+    assert levels["59.04"]["support"] == "contradicted" and float(levels["59.04"]["st_sa_support"]) == 0.0
+    md = (out / "double_win.md").read_text()
+    assert "win? (" in md and "**?** marks an uncertain cell" in md
+    assert "win (1.00)" in md and "no (0.00)" in md
+    with open(out / "curves_cifar10_rate100_imp.csv", newline="") as fh:
+        drawn = {r["sparsity"]: r for r in csv.DictReader(fh) if r["series"] == "at imp" and r["panel"] == "st_sa"}
+    assert float(drawn["48.80"]["double_win_support"]) == float(levels["48.80"]["double_win_support"])
+
+
+def test_mixed_attack_settings_in_one_cell_are_refused(tmp_path):
+    runs = tmp_path / "runs"
+    write_at_study(runs)
+    for path in runs.glob("*/results.json"):
+        obj = json.loads(path.read_text())
+        obj["config"].update(eps=8 / 255, alpha=2 / 255, train_steps=10, test_eps=8 / 255, test_steps=20)
+        if "_20.00_at_s3" in str(path):
+            obj["config"].update(eps=4 / 255, test_eps=4 / 255)
+        path.write_text(json.dumps(obj))
+    with pytest.raises(UserError) as err:
+        plot_curves.main([str(runs), "--out", str(tmp_path / "out"), "--no-figures"])
+    msg = str(err.value)
+    assert "level 20.00%" in msg and "regime at" in msg and "eps 0.0156863 (= 4/255)" in msg
+    assert "cifar10_1.0_at_imp_20.00_at_s3" in msg and "cifar10_1.0_at_imp_20.00_at_s1" in msg
+    proc = subprocess.run([sys.executable, "analysis/plot_curves.py", str(runs), "--out", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "different attack settings" in proc.stderr
+    assert not (tmp_path / "o" / "double_win.csv").exists()
+    # ST trains without an attack: a different training ε under ST is no conflict
+    for path in runs.glob("*_20.00_*/results.json"):
+        obj = json.loads(path.read_text())
+        obj["config"].update(eps=8 / 255, test_eps=8 / 255)
+        if "_st_s3" in str(path):
+            obj["config"].update(eps=4 / 255, train_steps=3)
+        path.write_text(json.dumps(obj))
+    assert plot_curves.verdict_rows([str(runs)])[0]["extreme_sparsity"] == "89.26"
+
+
+def test_accuracies_outside_percent_are_skipped(tmp_path):
+    runs = tmp_path / "runs"
+    write_at_study(runs)
+    bad = write_result(runs, sparsity=20.0, regime="at", seed=4, sa=0.91, ra=150.0, name="fraction_ra")
+    out = tmp_path / "out"
+    plot_curves.main([str(runs), "--out", str(out), "--no-figures"])
+    warnings = (out / "warnings.txt").read_text()
+    assert f"skipped '{bad / 'results.json'}'" in warnings and "outside [0, 100]" in warnings
+    assert read_table(out)[1][0]["extreme_sparsity"] == "89.26"
+
+
+def test_unreadable_ticket_is_a_skipped_run(tmp_path):
+    runs = tmp_path / "runs"
+    write_at_study(runs)
+    for content, name in ((b"", "empty.pt"), (b"not a torch file\n", "text.pt")):
+        ticket = tmp_path / name
+        ticket.write_bytes(content)
+        write_result(runs, sparsity=20.0, regime="st", seed=9, sa=91.0, ticket=str(ticket), name=f"run_{name}")
+    out = tmp_path / "out"
+    assert plot_curves.main([str(runs), "--out", str(out), "--no-figures"]) == 0
+    warnings = (out / "warnings.txt").read_text()
+    assert f"its ticket '{tmp_path / 'empty.pt'}' is empty" in warnings
+    assert f"its ticket '{tmp_path / 'text.pt'}' is not a torch file" in warnings
+    assert read_table(out)[1][0]["extreme_sparsity"] == "89.26"
+
+
+def test_grid_of_the_real_sweep(tmp_path, capsys):
+    """plot_curves --grid with script/sweep.py's own expected_runs on a small finished grid."""
+    sweep = pytest.importorskip("script.sweep")
+    if not hasattr(sweep, "expected_runs"):
+        pytest.skip("script/sweep.py has no expected_runs yet")
+    stage1 = tmp_path / "stage1"
+    masks = {"conv1.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)}
+    levels = {1: 20.0, 2: 36.0, 3: 48.8}
+    for r in levels:
+        pu.save_ticket(stage1 / "tickets" / f"round_{r:02d}.pt",
+                       pu.make_ticket(masks, round=r, method="imp", retrain="st", arch="resnet_tiny", pretrain="at",
+                                      init="x", source_dataset="digits"))
+    (stage1 / "sparsity.json").write_text(json.dumps({str(k): v for k, v in levels.items()}))
+    (stage1 / "config.json").write_text(json.dumps({"method": "imp", "retrain": "st"}))
+    grid = tmp_path / "grid.toml"
+    grid.write_text('out = "runs"\n[pretrain.at]\ninit = "none"\ntickets = ["stage1"]\n'
+                    '[axes]\ndataset = ["digits"]\nregime = ["st", "at"]\nseed = [1, 2]\n')
+    records = sweep.expected_runs(str(grid))
+    assert len(records) == 4 * 2 * 2
+    round_of = {v: k for k, v in levels.items()}
+    for rec in records:
+        if rec["sparsity"] == 36.0 and rec["regime"] == "at" and rec["seed"] == 2:
+            continue  # never ran
+        dense = rec["sparsity"] == 0.0
+        sa = 90.0 if dense else 95.0
+        obj = {"dataset": rec["dataset"], "arch": "resnet_tiny", "pretrain": rec["pretrain"], "init": "none",
+               "ticket": None if dense else str(stage1 / "tickets" / f"round_{round_of[rec['sparsity']]:02d}.pt"),
+               "method": "dense" if dense else rec["method"], "sparsity": rec["sparsity"], "regime": rec["regime"],
+               "data_rate": rec["data_rate"], "seed": rec["seed"], "sa": sa, "ra": 40.0 if rec["regime"] == "at" else None,
+               "config": {}}
+        Path(rec["run_dir"]).mkdir(parents=True)
+        (Path(rec["run_dir"]) / "results.json").write_text(json.dumps(obj))
+    out = tmp_path / "out"
+    assert plot_curves.main([str(tmp_path / "runs"), "--out", str(out), "--grid", str(grid), "--no-figures"]) == 0
+    (row,) = read_table(out)[1]
+    assert (row["extreme_sparsity"], row["double_win_levels"], row["verdict"]) == ("", "20.00;48.80", "incomplete")
+    assert row["extreme_sparsity_contiguous"] == "20.00"
+    assert "level 36.00% has no result for regime at seed(s) 2." in capsys.readouterr().err

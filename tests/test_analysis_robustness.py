@@ -102,6 +102,7 @@ def test_robustness_rebuilds_the_model_and_scores_it(tiny_run, tmp_path):
     assert row["transfer_acc"] == row["transfer_source_acc"]
     assert float(row["transfer_acc"]) < float(row["sa"])
     assert str(tiny_run) in (out / "robustness.md").read_text()
+    assert row["eval_precision"] == "fp32" and "precision fp32" in (out / "robustness.md").read_text()
 
 
 def test_robustness_bad_inputs(tiny_run, tmp_path):
@@ -115,6 +116,41 @@ def test_robustness_bad_inputs(tiny_run, tmp_path):
     with pytest.raises(UserError, match="--transfer-arch"):
         robustness.main([str(tiny_run), "--out", str(tmp_path / "o"), "--max-images", "8", "--steps", "1",
                          "--transfer-source", str(plain), "--device", "cpu"])
+
+
+def test_robustness_precision_is_fp32_unless_asked(tiny_run, tmp_path, monkeypatch):
+    import attacks
+
+    seen = []
+    real = attacks.attack_accuracy
+
+    def spy(*a, **kw):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attacks, "attack_accuracy", spy)
+    base = [str(tiny_run), "--max-images", "32", "--steps", "2", "--device", "cpu"]
+    robustness.main(base + ["--out", str(tmp_path / "fp32")])
+    assert seen == [torch.float32, torch.float32]
+    seen.clear()
+    robustness.main(base + ["--out", str(tmp_path / "bf16"), "--eval-amp", "bf16"])
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert not torch.is_autocast_enabled("cpu")  # left as it was
+    (full,), (low,) = (_read_csv(tmp_path / o / "robustness.csv") for o in ("fp32", "bf16"))
+    assert (full["eval_precision"], low["eval_precision"]) == ("fp32", "bf16")
+    assert abs(float(full["sa"]) - float(low["sa"])) <= 10.0  # same model, rounding only
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        robustness.main(base + ["--out", str(tmp_path / "fp16"), "--eval-amp", "fp16"])
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_analysis_eps_must_lie_in_unit_range(tiny_run, tmp_path):
+    for eps in ("8", "1.5", "300/255"):
+        with pytest.raises(UserError, match=r"outside \[0, 1\]"):
+            robustness.main([str(tiny_run), "--out", str(tmp_path / "o"), "--eps", eps, "--device", "cpu"])
+        with pytest.raises(UserError, match=r"outside \[0, 1\]"):
+            loss_landscape.main([str(tiny_run), "--out", str(tmp_path / "o"), "--eps", eps, "--device", "cpu"])
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- loss landscape
