@@ -8,8 +8,16 @@ by :class:`FolderLoader` so the engine drives both the same way (``set_epoch``, 
 ``(images in [0, 1] on device, int64 labels)``).
 
 Splits follow the paper: the validation set is the last ``val_size`` training images (CIFAR
-45,000/5,000, SVHN 68,257/5,000) and data-limited runs keep a seeded, class-balanced fraction
-of the remaining training images.  Nothing is ever downloaded.
+45,000/5,000, SVHN 68,257/5,000) and data-limited runs keep a fraction of the remaining training
+images: by default a class-balanced draw seeded by (subset seed, dataset, rate) alone, so every
+training seed of a study trains on the same images, or exactly the first N images as the seed
+code did.  Nothing is ever downloaded.
+
+Training epochs keep every image exactly once: ceil(n / global batch) steps, the partial last
+step included (the seed code's behaviour), each step's global batch split across ranks without
+padding.  Augmentation draws depend only on (seed, epoch, rank, batch) (TensorLoader) or
+(seed, epoch, position in the epoch) (FolderLoader), so ``set_epoch(epoch, start_batch=k)``
+resumes an interrupted epoch with exactly the batches an uninterrupted one yields from k on.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import copy
 import math
 import numbers
 import pickle
+import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +76,13 @@ _CIFAR100_SOURCE = ("the 'CIFAR-100 python version' archive (cifar-100-python.ta
 _SVHN_SOURCE = ("the SVHN 'Format 2: Cropped Digits' file of the same name from "
                 "http://ufldl.stanford.edu/housenumbers/")
 
-# Seed-mixing stream ids, so the data order and the augmentation draws never share a stream.
+# Seed-mixing stream ids, so the data order, the augmentation draws and the subset draw never
+# share a stream.
 _STREAM_ORDER = 1
 _STREAM_AUGMENT = 2
+_STREAM_SUBSET = 3
+
+SUBSET_RULES = ("random", "first")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,13 +173,28 @@ def _require_file(path: Path, source: str) -> Path:
     return path
 
 
+_IMAGENET_HINT = ("the ILSVRC2012 archives extracted, with val/ sorted into one subfolder per class "
+                  "(e.g. by the widely used valprep.sh)")
+_FOLDER_HINT = "an ImageFolder tree: one subfolder per class holding that class's images"
+
+# What a --data folder must hold, for the messages that refuse a missing one.
+_ROOT_CONTENTS = {
+    "cifar10": f"cifar-10-batches-py/data_batch_1 ... data_batch_5 and test_batch ({_CIFAR10_SOURCE})",
+    "cifar100": f"cifar-100-python/train and cifar-100-python/test ({_CIFAR100_SOURCE})",
+    "svhn": f"train_32x32.mat and test_32x32.mat ({_SVHN_SOURCE})",
+    "folder": f"train/<class>/<image> and val/<class>/<image> ({_FOLDER_HINT})",
+    "imagenet": f"train/<class>/<image> and val/<class>/<image> ({_IMAGENET_HINT})",
+}
+
+
 def _require_root(name: str, root) -> Path:
     if root is None or str(root) == "":
-        raise UserError(f"dataset '{name}' is read from local files; pass their folder with --data.")
+        raise UserError(f"dataset '{name}' is read from local files; pass with --data the folder that "
+                        f"holds {_ROOT_CONTENTS[name]}.")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist; pass the folder that holds the "
-                        f"'{name}' files with --data.")
+        raise UserError(f"data folder {root} does not exist; pass with --data the folder that holds "
+                        f"{_ROOT_CONTENTS[name]}.")
     return root
 
 
@@ -359,9 +388,7 @@ def data_rate_subset(labels, indices, rate, seed) -> np.ndarray:
     numpy Generator seeded with ``seed``, so the same arguments give the same subset.
     Returns sorted int64 indices.
     """
-    if (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate)
-            or not 0 < rate <= 1):
-        raise UserError(f"data rate {rate!r} must be a fraction in (0, 1], e.g. 0.1 for 10% of the training split.")
+    _check_rate(rate)
     labels = np.asarray(labels)
     indices = np.asarray(indices, dtype=np.int64)
     rng = np.random.default_rng(int(seed))
@@ -374,6 +401,43 @@ def data_rate_subset(labels, indices, rate, seed) -> np.ndarray:
     if not chosen:
         return np.zeros(0, dtype=np.int64)
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _check_rate(rate):
+    if (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate)
+            or not 0 < rate <= 1):
+        raise UserError(f"data rate {rate!r} must be a fraction in (0, 1], e.g. 0.1 for 10% of the training split.")
+
+
+def _check_subset(subset, subset_seed):
+    if subset not in SUBSET_RULES:
+        raise UserError(f"unknown subset rule {subset!r}; choose one of {', '.join(SUBSET_RULES)} (--subset).")
+    if isinstance(subset_seed, bool) or not isinstance(subset_seed, numbers.Integral) or subset_seed < 0:
+        raise UserError(f"subset seed {subset_seed!r} must be a whole number, 0 or more; fix --subset-seed.")
+
+
+def subset_draw_seed(name: str, rate, subset_seed: int) -> int:
+    """The seed of a 'random' subset: (subset seed, dataset, rate), never the training seed, so
+    every training seed of a study trains on the same images and only the run's own noise
+    enters the seed-to-seed spread."""
+    return _mix_seed(_STREAM_SUBSET, subset_seed, zlib.crc32(name.encode()), int(round(float(rate) * 10**9)))
+
+
+def training_subset(name: str, labels, pool, rate, subset="random", subset_seed=0) -> np.ndarray:
+    """The data-limited training images, as sorted int64 positions into ``labels``.
+
+    ``pool``: the training split (after the validation hold-out) in its own order.  'random'
+    keeps a class-balanced draw (:func:`data_rate_subset`) seeded by :func:`subset_draw_seed`;
+    'first' keeps exactly the first round(rate * len(pool)) images of the pool (at least one),
+    the seed code's rule.
+    """
+    _check_rate(rate)
+    _check_subset(subset, subset_seed)
+    pool = np.asarray(pool, dtype=np.int64)
+    if subset == "first":
+        keep = max(1, int(math.floor(rate * len(pool) + 0.5)))
+        return np.sort(pool[:keep])
+    return data_rate_subset(labels, np.sort(pool), rate, subset_draw_seed(name, rate, subset_seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,15 +587,56 @@ def _check_positive_int(value, what: str, flag: str):
 # Loaders
 # --------------------------------------------------------------------------------------------
 
-def _shard(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
-    """Strided shard of ``order`` for ``rank``; with ``pad``, wrap around so all ranks get as many."""
-    if pad and world_size > 1:
-        total = math.ceil(len(order) / world_size) * world_size
-        missing = total - len(order)
-        if missing:
-            reps = math.ceil(missing / len(order))
-            order = torch.cat([order, order.repeat(reps)[:missing]])
-    return order[rank::world_size]
+def train_step_bounds(n: int, batch_size: int, world_size: int = 1) -> list[int]:
+    """Where each optimizer step of a training epoch begins in the epoch's order, then ``n``.
+
+    ``batch_size`` is per rank.  A step takes the next ``batch_size * world_size`` images (the
+    global batch) and the last step the rest, so an epoch has ceil(n / global batch) steps and
+    uses every image exactly once: none dropped, none repeated to pad.  One exception keeps
+    BatchNorm usable: when the last step would leave some rank fewer than 2 images (one image
+    whose feature map is 1x1 cannot be batch-normalized in training), that step takes the images
+    it lacks from the step before, provided that step keeps at least 2 per rank.  The step count
+    never changes; the last two steps' composition then depends on the world size.
+    """
+    global_batch = batch_size * world_size
+    steps = max(1, math.ceil(n / global_batch))
+    bounds = [s * global_batch for s in range(steps)] + [n]
+    lacking = 2 * world_size - (n - bounds[-2])
+    if steps > 1 and lacking > 0 and global_batch - lacking >= 2 * world_size:
+        bounds[-2] -= lacking
+    return bounds
+
+
+def _rank_share(start: int, stop: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``rank``'s contiguous part of positions [start, stop): sizes differ by at most one, the
+    first ranks take the extra images, and a rank's part is empty only when the step has fewer
+    images than there are ranks."""
+    size, extra = divmod(stop - start, world_size)
+    lo = start + rank * size + min(rank, extra)
+    return lo, lo + size + (1 if rank < extra else 0)
+
+
+def _train_spans(n: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    bounds = train_step_bounds(n, batch_size, world_size)
+    return [_rank_share(a, b, rank, world_size) for a, b in zip(bounds, bounds[1:])]
+
+
+def _eval_spans(n: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """Batches over this rank's strided, unpadded shard, as position ranges into that shard."""
+    shard = len(range(rank, n, world_size))
+    return [(a, min(a + batch_size, shard)) for a in range(0, shard, batch_size)]
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The training order of an epoch: the same on every rank, so the ranks' shares never overlap."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(seed, epoch, _STREAM_ORDER)))
+
+
+def _check_start_batch(start_batch, length: int) -> int:
+    if (isinstance(start_batch, bool) or not isinstance(start_batch, numbers.Integral)
+            or not 0 <= start_batch <= length):
+        raise ValueError(f"start_batch {start_batch!r} must be a whole number from 0 to the epoch's {length} batches")
+    return int(start_batch)
 
 
 def _check_rank(rank, world_size):
@@ -544,17 +649,22 @@ class TensorLoader:
     """Batches of an in-memory uint8 image set, augmented on its device, one batch at a time.
 
     ``images_u8``: numpy array or tensor, NHWC ([N, H, W, 3], as :func:`load_arrays` gives) or
-    NCHW ([N, 3, H, W]); the images are moved to ``device`` once.  Training order and
-    augmentation depend only on (seed, epoch, rank), so an epoch replays identically after a
-    resume.  Training shards are padded to equal length across ranks (as DistributedSampler);
-    evaluation shards are not, so every image is scored exactly once — reduce sums, not means.
-    ``drop_last=None`` drops a trailing partial training batch only when a full batch exists.
+    NCHW ([N, 3, H, W]); the images are moved to ``device`` once.  ``batch_size`` is per rank.
+
+    Training: every rank iterates the same :func:`train_step_bounds` steps, each step's images
+    split across the ranks without padding, so every image is used exactly once per epoch and
+    the partial last step is kept.  A rank's batch can therefore be smaller than the others' in
+    the last step, or even empty (only when that step holds fewer images than there are ranks);
+    the engine weights each rank's loss by its batch size and runs an empty batch as a
+    zero-size step.  The order depends on (seed, epoch), the augmentation draws on (seed, epoch,
+    rank, batch index), so an epoch replays identically after a resume and
+    ``set_epoch(epoch, start_batch=k)`` yields exactly its batches k, k+1, ...  Evaluation
+    shards are strided and unpadded, so every image is scored exactly once: reduce sums, not means.
     Yields (float images [B, 3, S, S] in [0, 1] on device, int64 labels on device).
     """
 
     def __init__(self, images_u8, labels, batch_size, *, train, image_size, augment, device,
-                 seed, rank=0, world_size=1, drop_last=None, channels_last=False,
-                 dtype=torch.float32, pad_mode="zeros"):
+                 seed, rank=0, world_size=1, channels_last=False, dtype=torch.float32, pad_mode="zeros"):
         _check_positive_int(batch_size, "batch size", "--batch-size")
         _check_positive_int(image_size, "image size", "--image-size")
         _check_rank(rank, world_size)
@@ -592,49 +702,47 @@ class TensorLoader:
                             f"--image-size {max(height, width)} or more, or --augment pad-crop-flip.")
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.drop_last = drop_last
         self.channels_last = channels_last
         self.dtype = dtype
         self.pad_mode = pad_mode
         self.pad = _default_pad(self.native_size)
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Iterate ``epoch`` from its batch ``start_batch`` on (mid-epoch resume); ``len`` stays
+        the whole epoch's batch count."""
         self.epoch = int(epoch)
+        self.start_batch = _check_start_batch(start_batch, len(self))
 
     @property
     def dataset_size(self) -> int:
         return len(self.images)
 
+    def _plan(self, epoch: int):
+        """(order on CPU, this rank's (start, stop) range into it for each batch)."""
+        n = len(self.images)
+        if self.train:
+            return _epoch_order(self.seed, epoch, n), _train_spans(n, self.batch_size, self.rank, self.world_size)
+        return (torch.arange(self.rank, n, self.world_size),
+                _eval_spans(n, self.batch_size, self.rank, self.world_size))
+
     def indices(self, epoch: Optional[int] = None) -> torch.Tensor:
         """This rank's image indices (CPU int64) for an epoch, in iteration order."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        n = len(self.images)
-        if self.train:
-            gen = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, _STREAM_ORDER))
-            order = torch.randperm(n, generator=gen)
-        else:
-            order = torch.arange(n)
-        return _shard(order, self.rank, self.world_size, pad=self.train)
-
-    def _num_samples(self) -> int:
-        n = len(self.images)
-        if self.train:
-            return math.ceil(n / self.world_size)
-        return len(range(self.rank, n, self.world_size))
-
-    def _drops_last(self, n: int) -> bool:
-        if self.drop_last is None:
-            return self.train and n >= self.batch_size
-        return bool(self.drop_last)
+        order, spans = self._plan(self.epoch if epoch is None else int(epoch))
+        return torch.cat([order[a:b] for a, b in spans] + [order[:0]])
 
     def __len__(self) -> int:
-        n = self._num_samples()
-        return n // self.batch_size if self._drops_last(n) else math.ceil(n / self.batch_size)
+        n = len(self.images)
+        if self.train:
+            return len(train_step_bounds(n, self.batch_size, self.world_size)) - 1
+        return len(_eval_spans(n, self.batch_size, self.rank, self.world_size))
 
     def _transform(self, x_u8: torch.Tensor, generator) -> torch.Tensor:
         size = self.image_size
-        if self.augment == "rrc-flip":
+        if len(x_u8) == 0:  # an empty share: only its shape matters (and resampling refuses 0 images)
+            x = torch.zeros((0, x_u8.shape[1], size, size), device=x_u8.device)
+        elif self.augment == "rrc-flip":
             x = x_u8.to(torch.float32).div_(255)
             top, left, box_h, box_w = _rrc_boxes(x.shape[0], x.shape[2], x.shape[3], generator, x.device)
             flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
@@ -653,28 +761,20 @@ class TensorLoader:
         return x.contiguous(memory_format=memory_format)
 
     def __iter__(self):
-        epoch = self.epoch
-        order = self.indices(epoch).to(self.device)
-        generator = None
-        if self.augment != "none":
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(_mix_seed(self.seed, epoch, self.rank, _STREAM_AUGMENT))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        epoch, start = self.epoch, self.start_batch
+        order, spans = self._plan(epoch)
+        # one copy per epoch; slicing it on the device then costs no host synchronisation
+        order = order.to(self.device)
+        for b in range(start, len(spans)):
+            lo, hi = spans[b]
+            idx = order[lo:hi]
+            generator = None
+            if self.augment != "none":
+                # a generator per batch, not one stream per epoch, so batch b's draws do not depend
+                # on the batches before it and a resumed epoch redraws them exactly
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(_mix_seed(self.seed, epoch, self.rank, b, _STREAM_AUGMENT))
             yield self._transform(self.images.index_select(0, idx), generator), self.labels.index_select(0, idx)
-
-
-class _ShardSampler(torch.utils.data.Sampler):
-    """Sequential, unpadded strided shard: each evaluation image is seen by exactly one rank."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.items = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
 
 
 class _Relabel:
@@ -687,17 +787,147 @@ class _Relabel:
         return self.mapping[target]
 
 
+def _unwrap_subset(dataset, index: int):
+    """The innermost dataset under (possibly nested) Subsets, and ``index`` mapped into it."""
+    from torch.utils.data import Subset
+
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    return dataset, int(index)
+
+
+def _is_image_folder(dataset) -> bool:
+    return hasattr(dataset, "samples") and hasattr(dataset, "loader")
+
+
+@dataclass
+class _BadImage:
+    """A file that failed to decode, returned by a worker instead of raising: an exception raised
+    in a DataLoader worker reaches the main process wrapped in a multi-line traceback."""
+
+    path: str
+    problem: str
+
+    @classmethod
+    def of(cls, path, exc: BaseException):
+        return cls(str(path), " ".join(f"{type(exc).__name__}: {exc}".split())[:300])
+
+    def message(self, what: str = "") -> str:
+        where = f"{what} image" if what else "image"
+        return (f"{where} {self.path} cannot be decoded ({self.problem}); replace it with a good copy "
+                "or remove it from the folder.")
+
+
+def _open_image(path, decode):
+    """``decode(path)`` with PIL's decompression-bomb warning raised as an error, so an oversized
+    file stops the run instead of being decoded into gigabytes of memory."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return decode(path)
+
+
+class _FolderItems(torch.utils.data.Dataset):
+    """The items FolderLoader's DataLoader fetches, by key.
+
+    A key is a dataset position, or for training (position, epoch seed, place in the epoch): the
+    transform's random draws are then seeded per item, so they depend neither on which worker
+    decodes the item nor on what it decoded before, and a resumed epoch redraws them exactly.
+    An image-folder file that fails to decode comes back as a :class:`_BadImage`.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, epoch_seed, place = key
+            # the main process's RNG drives training attacks when there are no workers: keep it
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_mix_seed(epoch_seed, place))
+                return self._item(index)
+        return self._item(key)
+
+    def _item(self, index):
+        root, i = _unwrap_subset(self.dataset, index)
+        if not _is_image_folder(root):
+            return self.dataset[index]
+        path, target = root.samples[i]
+        try:
+            sample = _open_image(path, root.loader)
+        except Exception as exc:  # PIL's format plugins raise many exception types for a malformed file
+            return _BadImage.of(path, exc)
+        if root.transform is not None:
+            sample = root.transform(sample)
+        if root.target_transform is not None:
+            target = root.target_transform(target)
+        return sample, target
+
+
+def _collate_checked(items):
+    for item in items:
+        if isinstance(item, _BadImage):
+            return item
+    return torch.utils.data.default_collate(items)
+
+
+class _FolderPlan(torch.utils.data.Sampler):
+    """FolderLoader's epoch plan and its DataLoader's batch sampler: the current epoch's batches
+    of item keys from the start batch on.  Empty shares are left out (a DataLoader cannot fetch
+    an empty batch); FolderLoader yields those itself.  It holds no reference to the loader: a
+    loader <-> sampler cycle would leave an abandoned iterator to the cycle collector, whose
+    worker shutdown then waits out its join timeouts (10 s seen)."""
+
+    def __init__(self, n, batch_size, train, seed, rank, world_size):
+        self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def spans(self):
+        if self.train:
+            return _train_spans(self.n, self.batch_size, self.rank, self.world_size)
+        return _eval_spans(self.n, self.batch_size, self.rank, self.world_size)
+
+    def keys(self, epoch: int) -> list:
+        """This rank's batches of item keys for ``epoch``, the whole epoch, empty shares included."""
+        spans = self.spans()
+        if self.train:
+            order = _epoch_order(self.seed, epoch, self.n).tolist()
+            epoch_seed = _mix_seed(self.seed, epoch, _STREAM_AUGMENT)
+            return [[(order[p], epoch_seed, p) for p in range(a, b)] for a, b in spans]
+        shard = range(self.rank, self.n, self.world_size)
+        return [list(shard[a:b]) for a, b in spans]
+
+    def __iter__(self):
+        for keys in self.keys(self.epoch)[self.start_batch:]:
+            if keys:
+                yield keys
+
+    def __len__(self):
+        return sum(1 for a, b in self.spans()[self.start_batch:] if b > a)
+
+
 class FolderLoader:
     """A DataLoader over an image-folder dataset that behaves like :class:`TensorLoader`.
 
-    Training order comes from a DistributedSampler (also for one process) seeded with ``seed``
-    and reset by ``set_epoch``, so it replays after a resume; augmentation draws come from the
-    worker processes' RNGs and are not replayed.  Batches are moved to ``device``.
+    The same epoch plan: every rank takes part in the same :func:`train_step_bounds` steps, each
+    step's images split across ranks without padding (an empty share comes out as a zero-size
+    batch), and evaluation shards strided and unpadded.  The order depends on (seed, epoch), each
+    image's augmentation draws on (seed, epoch, its place in the epoch), whatever worker decodes
+    it, so ``set_epoch(epoch, start_batch=k)`` resumes an epoch exactly.  A file that fails to
+    decode, or exceeds PIL's decompression-bomb limit, raises one UserError naming it.  Batches
+    are moved to ``device``.  ``image_size`` (the transforms' output size) shapes empty batches;
+    None reads it from the first item.
     """
 
     def __init__(self, dataset, batch_size, *, train, device, seed, workers=4, rank=0, world_size=1,
-                 drop_last=None, channels_last=False, dtype=torch.float32, prefetch_factor=4):
-        from torch.utils.data import DataLoader, DistributedSampler
+                 channels_last=False, dtype=torch.float32, prefetch_factor=4, image_size=None):
+        from torch.utils.data import DataLoader
 
         _check_positive_int(batch_size, "batch size", "--batch-size")
         _check_rank(rank, world_size)
@@ -705,41 +935,123 @@ class FolderLoader:
             raise UserError(f"worker count {workers!r} must be 0 or more; fix --workers.")
         if len(dataset) == 0:
             raise UserError("a data split is empty; lower the validation size or raise the data rate.")
+        self.dataset = dataset
         self.device = torch.device(device)
         self.train = bool(train)
-        self.epoch = 0
+        self.image_size = image_size
         self.channels_last = channels_last
         self.dtype = dtype
-        if self.train:
-            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                              seed=int(seed), drop_last=False)
-        else:
-            self.sampler = _ShardSampler(len(dataset), rank, world_size)
-        if drop_last is None:
-            drop_last = self.train and len(self.sampler) >= batch_size
-        kwargs = dict(batch_size=int(batch_size), sampler=self.sampler, num_workers=int(workers),
-                      pin_memory=self.device.type == "cuda", drop_last=bool(drop_last))
+        self.plan = _FolderPlan(len(dataset), int(batch_size), self.train, int(seed), int(rank), int(world_size))
+        kwargs = dict(batch_sampler=self.plan, num_workers=int(workers),
+                      pin_memory=self.device.type == "cuda", collate_fn=_collate_checked)
         if workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
-        self.loader = DataLoader(dataset, **kwargs)
+        self.loader = DataLoader(_FolderItems(dataset), **kwargs)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
-        if isinstance(self.sampler, torch.utils.data.DistributedSampler):
-            self.sampler.set_epoch(self.epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Iterate ``epoch`` from its batch ``start_batch`` on (mid-epoch resume); ``len`` stays
+        the whole epoch's batch count."""
+        self.plan.epoch = int(epoch)
+        self.plan.start_batch = _check_start_batch(start_batch, len(self))
+
+    @property
+    def epoch(self) -> int:
+        return self.plan.epoch
 
     @property
     def dataset_size(self) -> int:
-        return len(self.loader.dataset)
+        return self.plan.n
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.plan.spans())
+
+    def close(self):
+        """Stop the worker processes now; the next iteration starts new ones.  Left to the
+        garbage collector (an iteration abandoned with an exception), the shutdown waits out its
+        join timeouts, 10 s for two workers."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+    def _empty_batch(self, memory_format):
+        if self.image_size is not None:
+            shape = (3, int(self.image_size), int(self.image_size))
+        else:
+            first = _FolderItems(self.dataset)[0]
+            if isinstance(first, _BadImage):
+                raise UserError(first.message())
+            shape = tuple(first[0].shape)
+        images = torch.zeros((0, *shape), dtype=self.dtype, device=self.device)
+        return images.contiguous(memory_format=memory_format), torch.zeros(0, dtype=torch.int64, device=self.device)
 
     def __iter__(self):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in self.loader:
+        spans, start = self.plan.spans(), self.plan.start_batch
+        for batch in self.loader:
+            if isinstance(batch, _BadImage):
+                self.close()
+                raise UserError(batch.message("training" if self.train else ""))
+            images, labels = batch
             images = images.to(self.device, non_blocking=True).to(self.dtype)
             yield images.contiguous(memory_format=memory_format), labels.to(self.device, non_blocking=True)
+        # only the last step can leave a rank an empty share (every earlier step is a full global batch)
+        if start < len(spans) and spans[-1][0] == spans[-1][1]:
+            yield self._empty_batch(memory_format)
+
+
+class _ImageCheck(torch.utils.data.Dataset):
+    """Decodes one image-folder file and returns None, or the message naming it when it fails."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        root, i = _unwrap_subset(self.dataset, index)
+        path = root.samples[i][0]
+
+        def decode(p):
+            with Image.open(p) as image:
+                # JPEGs decode at 1/8 scale: the whole compressed stream is still read, so a
+                # truncated file still fails, in a fraction of a full decode's time
+                image.draft("RGB", (1, 1))
+                image.load()
+
+        try:
+            _open_image(path, decode)
+        except Exception as exc:  # PIL's format plugins raise many exception types for a malformed file
+            return _BadImage.of(path, exc)
+        return None
+
+
+def check_images(dataset, what: str, *, workers=0, rank=0, world_size=1):
+    """Decode every image of an image-folder split this rank evaluates (its strided shard) and
+    raise one UserError naming the first file that fails, on every rank.
+
+    Evaluation splits are read only at validation (possibly many epochs in) and at the very end,
+    so a bad file there would otherwise surface after the whole training run.
+    """
+    from torch.utils.data import DataLoader
+
+    from utils import distributed as du
+
+    shard = list(range(rank, len(dataset), world_size))
+    loader = DataLoader(_ImageCheck(dataset), batch_size=64, sampler=shard, num_workers=int(workers),
+                        collate_fn=list)
+    bad = [item for batch in loader for item in batch if item is not None]
+    found = [(bad[0] if bad else None, len(bad))]
+    if world_size > 1 and du.is_distributed():
+        found = du.all_gather_object(found[0])
+    total = sum(count for _, count in found)
+    first = next((b for b, _ in found if b is not None), None)
+    if first is not None:
+        more = f" ({total - 1} more {what} images fail too)" if total > 1 else ""
+        raise UserError(first.message(what)[:-1] + more + ".")
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,6 +1074,8 @@ class Data:
     val_indices: np.ndarray
     name: str = ""
     augment: str = ""
+    subset_rule: str = "random"  # how the data-limited training images were chosen (SUBSET_RULES)
+    subset_seed: int = 0
 
 
 def _folder_transforms(image_size: int, augment: str):
@@ -778,9 +1092,7 @@ def _folder_transforms(image_size: int, augment: str):
 def _image_folder(path: Path, name: str, what: str):
     from torchvision.datasets import ImageFolder
 
-    hint = ("the ILSVRC2012 archives extracted, with val/ sorted into one subfolder per class "
-            "(e.g. by the widely used valprep.sh)") if name == "imagenet" else \
-           "an ImageFolder tree: one subfolder per class holding that class's images"
+    hint = _IMAGENET_HINT if name == "imagenet" else _FOLDER_HINT
     if not path.is_dir():
         raise UserError(f"expected the {what} folder {path} ({hint}); pass its parent folder with --data.")
     try:
@@ -792,13 +1104,19 @@ def _image_folder(path: Path, name: str, what: str):
 
 def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_batch_size=None,
                          val_size=None, data_rate=1.0, seed=0, device="cpu", workers=4, augment="auto",
-                         classes=None, rank=0, world_size=1, channels_last=False) -> Data:
+                         classes=None, rank=0, world_size=1, channels_last=False, subset="random",
+                         subset_seed=0) -> Data:
     """Loaders for ``<root>/train`` and ``<root>/val`` image folders.
 
     The validation split is the last ``val_size`` images of a fixed (FOLDER_SPLIT_SEED)
     permutation of the train folder's sorted samples: the sorted list is grouped by class,
-    so its literal tail would be a few whole classes missing from training.
+    so its literal tail would be a few whole classes missing from training.  The training split
+    is the rest in that permutation's order, so ``subset='first'`` keeps its first N images
+    (sorted by class they would be a few whole classes).  Every test and validation image is
+    decoded once before training (:func:`check_images`); a bad training image stops the first
+    epoch, which reads them all, with the same one-line error.
     """
+    _check_subset(subset, subset_seed)
     root = _require_root(name, root)
     image_size = FOLDER_DEFAULT_IMAGE_SIZE if image_size is None else image_size
     _check_positive_int(image_size, "image size", "--image-size")
@@ -829,8 +1147,8 @@ def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_b
     n_val = _resolve_val_size(name, len(pool), val_size)
     shuffled = pool[np.random.default_rng(FOLDER_SPLIT_SEED).permutation(len(pool))]
     val_indices = np.sort(shuffled[len(pool) - n_val:])
-    train_pool = np.sort(shuffled[:len(pool) - n_val])
-    train_indices = data_rate_subset(train_targets, train_pool, data_rate, seed)
+    train_indices = training_subset(name, train_targets, shuffled[:len(pool) - n_val], data_rate, subset,
+                                    subset_seed)
 
     from torch.utils.data import Subset
 
@@ -840,33 +1158,43 @@ def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_b
     test_set.transform = eval_tf
     eval_bs = batch_size if eval_batch_size is None else eval_batch_size
     common = dict(device=device, seed=seed, workers=workers, rank=rank, world_size=world_size,
-                  channels_last=channels_last)
+                  channels_last=channels_last, image_size=int(image_size))
+    test_subset = Subset(test_set, test_idx.tolist())
+    val_subset = Subset(eval_set, val_indices.tolist())
+    check_images(test_subset, "test", workers=workers, rank=rank, world_size=world_size)
+    if n_val:
+        check_images(val_subset, "validation", workers=workers, rank=rank, world_size=world_size)
     train = FolderLoader(Subset(train_set, train_indices.tolist()), batch_size, train=True, **common)
-    val = (FolderLoader(Subset(eval_set, val_indices.tolist()), eval_bs, train=False, **common)
-           if n_val else None)
-    test = FolderLoader(Subset(test_set, test_idx.tolist()), eval_bs, train=False, **common)
+    val = FolderLoader(val_subset, eval_bs, train=False, **common) if n_val else None
+    test = FolderLoader(test_subset, eval_bs, train=False, **common)
     mean, std = DATASET_STATS[name]
     return Data(train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std,
                 native_size=None, image_size=int(image_size), train_indices=train_indices,
-                val_indices=val_indices, name=name, augment=augment)
+                val_indices=val_indices, name=name, augment=augment, subset_rule=subset,
+                subset_seed=int(subset_seed))
 
 
 def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_size=None, val_size=None,
                data_rate=1.0, seed=0, device="cpu", workers=4, augment="auto", classes=None, rank=0,
-               world_size=1, channels_last=False) -> Data:
+               world_size=1, channels_last=False, subset="random", subset_seed=0) -> Data:
     """Train / validation / test loaders for one dataset, following the paper's protocol.
 
     Validation = the last ``val_size`` training images (default: :func:`default_val_size`;
-    0 means no validation loader); ``data_rate`` < 1 keeps a seeded class-balanced subset of
-    the rest (validation stays whole).  ``image_size`` None means the native size.
+    0 means no validation loader).  ``data_rate`` < 1 keeps part of the rest (validation stays
+    whole), chosen by ``subset`` (:func:`training_subset`): 'random', a class-balanced draw
+    seeded by (``subset_seed``, dataset, rate) and never by the training ``seed``, so every
+    training seed gets the same images; 'first', the first round(rate * n) images of the
+    training split, as the seed code.  ``seed`` drives the training order and augmentation.
+    ``batch_size`` is per rank.  ``image_size`` None means the native size.
     """
     _check_name(name)
+    _check_subset(subset, subset_seed)
     if name in FOLDER_DATASETS:
         return build_folder_loaders(name, root, image_size=image_size, batch_size=batch_size,
                                     eval_batch_size=eval_batch_size, val_size=val_size, data_rate=data_rate,
                                     seed=seed, device=device, workers=workers, augment=augment,
                                     classes=classes, rank=rank, world_size=world_size,
-                                    channels_last=channels_last)
+                                    channels_last=channels_last, subset=subset, subset_seed=subset_seed)
     _check_positive_int(batch_size, "batch size", "--batch-size")
     if eval_batch_size is not None:
         _check_positive_int(eval_batch_size, "evaluation batch size", "--eval-batch-size")
@@ -878,7 +1206,8 @@ def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_
     n_train = len(arrays.train_y)
     n_val = _resolve_val_size(name, n_train, val_size)
     val_pos = np.arange(n_train - n_val, n_train, dtype=np.int64)
-    train_pos = data_rate_subset(arrays.train_y, np.arange(n_train - n_val, dtype=np.int64), data_rate, seed)
+    train_pos = training_subset(name, arrays.train_y, np.arange(n_train - n_val, dtype=np.int64), data_rate,
+                                subset, subset_seed)
 
     eval_bs = batch_size if eval_batch_size is None else eval_batch_size
     common = dict(image_size=image_size, device=device, seed=seed, rank=rank, world_size=world_size,
@@ -892,4 +1221,5 @@ def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_
     source = arrays.train_source_index
     return Data(train=train, val=val, test=test, num_classes=arrays.num_classes, mean=mean, std=std,
                 native_size=arrays.native_size, image_size=int(image_size),
-                train_indices=source[train_pos], val_indices=source[val_pos], name=name, augment=augment)
+                train_indices=source[train_pos], val_indices=source[val_pos], name=name, augment=augment,
+                subset_rule=subset, subset_seed=int(subset_seed))

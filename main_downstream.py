@@ -19,9 +19,10 @@ from utils import distributed as du
 from utils import setup
 from utils.checkpoint import atomic_save, atomic_write_json, safe_load
 from utils.cli import ArgumentParser, fraction, int_list, run_main
-from utils.engine import (AttackSpec, NonFiniteLoss, evaluate, lr_for_epoch, make_sgd, set_lr, train_epoch,
-                          training_attack)
+from utils.engine import (AttackSpec, LossGuard, NonFiniteLoss, NonFiniteOutput, Precision, evaluate, lr_for_epoch,
+                          make_sgd, set_lr, train_epoch, training_attack, uniform_loss)
 from utils.errors import UserError
+from utils.preemption import StepCheckpointer, StopRequest
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit, write_csv
 from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything
 
@@ -34,20 +35,44 @@ PAPER_DEFAULTS = {
 }
 PAPER_DEFAULTS["fat"] = dict(PAPER_DEFAULTS["at"])
 SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones": []}
+# First validated epoch (the seed code's scripts): CIFAR adversarial runs select among epochs >= 45,
+# SVHN adversarial runs and every standard run from epoch 0. FAT follows AT.
+EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
+MAX_LOSS_FACTOR = 100  # a loss 100x that of a uniform prediction is divergence, not learning
+MAX_LOSS_PATIENCE = 10  # ... when it lasts this many consecutive steps
 FAT_GUARD_DROP = 20.0  # percentage points of robust accuracy lost in one epoch = catastrophic overfitting
 FAT_GUARD_STEPS = 5
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_sa", "val_ra", "seconds"]
 
 
+def _regime_defaults_text():
+    lines = ["defaults per regime (the paper's protocol, DESIGN.md §2; flags given win):"]
+    for regime in ("st", "at", "fat"):
+        d = PAPER_DEFAULTS[regime]
+        lines.append(f"  {regime}: --lr {d['lr']} --batch-size {d['batch_size']} --epochs {d['epochs']} "
+                     f"--milestones {','.join(map(str, d['milestones']))} --weight-decay {d['weight_decay']}"
+                     + (" --eval-from 45 on CIFAR, 0 elsewhere" if regime != "st" else " --eval-from 0"))
+    s = SVHN_ADVERSARIAL
+    lines.append(f"  svhn at/fat: --lr {s['lr']} --epochs {s['epochs']} --schedule cosine --eval-from 0")
+    lines.append("  --alpha: eps/4 (at), 1.25 eps (fat); --test-eps: --eps; --test-alpha: test eps / 4")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, epilog=_regime_defaults_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
                    help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline")
     p.add_argument("--regime", choices=["st", "fat", "at"], default="st")
     p.add_argument("--data-rate", "--data_rate", "--data_number", dest="data_rate", type=float, default=1.0,
-                   help="fraction of the training split used (class-balanced, seeded): 1.0, 0.1, 0.01 "
-                        "(the seed repo called it --data_number)")
+                   help="fraction of the training split used: 1.0, 0.1, 0.01 (the seed repo called it --data_number)")
+    p.add_argument("--subset", choices=["random", "first"], default="random",
+                   help="which images a data rate below 1 keeps: 'random' = a class-balanced draw fixed by "
+                        "--subset-seed and shared by every training seed; 'first' = the first N images of the "
+                        "training split, exactly as the seed code")
+    p.add_argument("--subset-seed", "--subset_seed", type=int, default=0,
+                   help="seed of the 'random' subset (vary it only to study subset variance on purpose)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--milestones", "--decreasing_lr", "--decreasing-lr", dest="milestones", type=int_list, default=None,
                    help="epochs at which the lr is multiplied by 0.1, e.g. 50,75")
@@ -67,8 +92,18 @@ def parse_args(argv=None):
                         "0 = report no RA (st only)")
     p.add_argument("--test-alpha", "--test_alpha", "--test_gamma", dest="test_alpha", type=fraction, default=None,
                    help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default: the test radius / 4, 2/255 at 8/255)")
-    p.add_argument("--eval-from", "--eval_from", type=int, default=0,
-                   help="validate from this epoch on (the seed scripts used 45)")
+    p.add_argument("--eval-from", "--eval_from", type=int, default=None,
+                   help="validate (and select) from this epoch on; default per protocol: 45 for CIFAR at/fat, "
+                        "0 for SVHN at/fat and for st")
+    p.add_argument("--eval-amp", "--eval_amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="precision of the reported test SA/RA (default off = fp32; validation uses --amp)")
+    p.add_argument("--max-loss", "--max_loss", type=float, default=None,
+                   help=f"stop as diverged when the training loss stays above this for {MAX_LOSS_PATIENCE} steps "
+                        f"(default {MAX_LOSS_FACTOR} x the loss of a uniform prediction, ln(classes))")
+    p.add_argument("--checkpoint-minutes", "--checkpoint_minutes", type=float, default=30.0,
+                   help="also checkpoint inside an epoch every this many minutes (0 = only at epoch ends)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt (optimizer state) after results.json is written; model_best.pt is always kept")
     p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
                    help="fat: do not stop on catastrophic overfitting")
     p.add_argument("--linear-eval", "--linear_eval", action="store_true",
@@ -111,6 +146,16 @@ def resolve_defaults(args, n_train_full=None):
         raise UserError("--train-steps must be at least 1 and --test-steps at least 0.")
     if args.ticket is not None and str(args.ticket).lower() == "none":
         args.ticket = None
+    if args.eval_from is None:
+        args.eval_from = EVAL_FROM_ADVERSARIAL.get(args.dataset, 0) if args.regime in ("at", "fat") else 0
+    if args.eval_from < 0:
+        raise UserError(f"--eval-from must be 0 or more, not {args.eval_from}.")
+    if args.max_loss is not None and not args.max_loss > 0:
+        raise UserError(f"--max-loss must be a positive number, not {args.max_loss}.")
+    if not args.checkpoint_minutes >= 0:
+        raise UserError(f"--checkpoint-minutes must be 0 or more, not {args.checkpoint_minutes}.")
+    if args.subset_seed < 0:
+        raise UserError(f"--subset-seed must be 0 or more, not {args.subset_seed}.")
 
 
 def check_pretrain_label(args, ticket):
@@ -169,6 +214,23 @@ def set_train_mode(model, linear_eval):
                 module.eval()
 
 
+def subset_record(args, data):
+    """How the training images of a data rate below 1 were chosen (recorded beside the indices)."""
+    return {"subset": getattr(data, "subset_rule", args.subset), "subset_seed": getattr(data, "subset_seed",
+                                                                                         args.subset_seed)}
+
+
+def kept_state_text(save_dir, state):
+    """What a stopped run leaves behind and how to go on, stated truthfully."""
+    ckpt = Path(save_dir) / "checkpoint.pt"
+    if ckpt.exists() and state["epoch"] > 0:
+        kept = f"the checkpoint of epoch {state['epoch']} is kept in '{ckpt}' and no results.json was written"
+    else:
+        kept = "no checkpoint was written and no results.json either"
+    return (f"{kept}. Lower --lr (or check the data and θ_p) and rerun with --restart, which discards this "
+            f"run's checkpoint and config, or choose another --save-dir.")
+
+
 def check_finished_config(save_dir, args):
     """A finished run is only 'already done' for the command that made it."""
     old = json.loads((save_dir / "config.json").read_text())
@@ -188,14 +250,23 @@ def print_finished(save_dir):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return setup.run_stoppable(run, parse_args(argv), StopRequest())
+
+
+def run(args, stop):
     dist_info = du.init_distributed(args.device)
     save_dir = Path(args.save_dir)
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed + dist_info.rank)
     resolve_defaults(args)
+    Precision.resolve(args.eval_amp, dist_info.device)  # a test precision the device lacks fails now, not after training
     if (save_dir / "results.json").exists():
+        if args.restart:
+            raise UserError(f"--save-dir '{save_dir}' holds a finished run (results.json), which --restart never "
+                            "discards; choose another --save-dir.")
         check_finished_config(save_dir, args)
+        if not args.keep_checkpoint and dist_info.primary:  # left by a kill between results.json and its removal
+            (save_dir / "checkpoint.pt").unlink(missing_ok=True)
         print_finished(save_dir)
         return 0
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
@@ -207,13 +278,13 @@ def main(argv=None):
     ticket = load_ticket_for(model, args.ticket, args.reinit_stem) if args.ticket else None
     mask = None if ticket is None else {k: v.to(dist_info.device) for k, v in ticket["masks"].items()}
     if mask is not None:
-        pruning_utils.apply_mask(model, mask)
+        pruning_utils.apply_mask(model, mask, pattern=ticket["pattern"])
 
     check_pretrain_label(args, ticket)
     config = run_config(args, ticket)
     resumed = setup.prepare_dir(save_dir, config, dist_info)
     if dist_info.primary:
-        atomic_write_json({"data_rate": args.data_rate, "seed": args.seed,
+        atomic_write_json({"data_rate": args.data_rate, "seed": args.seed, **subset_record(args, data),
                            "train_indices": np.asarray(data.train_indices).tolist(),
                            "val_indices": np.asarray(data.val_indices).tolist()}, save_dir / "subset_indices.json")
 
@@ -223,37 +294,60 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_sgd(params, args.lr, args.momentum, args.weight_decay, dist_info.device)
     scaler = precision.make_scaler()
-    enforcer = pruning_utils.MaskEnforcer(model, mask) if mask is not None else None
+    enforcer = pruning_utils.MaskEnforcer(model, mask, pattern=ticket["pattern"]) if mask is not None else None
     train_attack = training_attack(args.regime, args.eps, args.alpha, args.train_steps, args.attack_bn)
     eval_attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
                    if args.regime != "st" and args.test_steps > 0 else None)
     selection = "val_sa" if args.regime == "st" else "val_ra"
+    loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
 
-    state = {"epoch": 0, "history": [], "best": None, "best_sa": None, "guard": None, "stopped": None}
+    state = {"epoch": 0, "history": [], "best": None, "best_sa": None, "guard": None, "stopped": None,
+             "partial": None}
     ckpt_path = save_dir / "checkpoint.pt"
+    epoch_start_weights = {}  # FAT's guard restores the epoch's starting weights, also after a mid-epoch resume
 
-    def save_checkpoint():
+    def save_checkpoint(partial=None):
         """The per-epoch checkpoint first, then the selected models it points to: a kill between the
-        two leaves a checkpoint whose selection is the epoch it holds, which a resume re-saves."""
+        two leaves a checkpoint whose selection is the epoch it holds, which a resume re-saves.
+        ``partial``: a mid-epoch checkpoint (position and sums of the epoch in progress); the
+        selected models are then left alone, since the weights in hand are no epoch's end."""
+        state["partial"] = partial
         rng = gather_rng_states()
         if dist_info.primary:
+            extra = {"prev_weights": epoch_start_weights.get("w")} if partial and epoch_start_weights else {}
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
-                         "state": state, "rng": rng}, ckpt_path)
-            save_selected_models(save_dir, model, mask, state, selection)
+                         "state": state, "rng": rng, "loss_guard": loss_guard.state_dict(), **extra}, ckpt_path)
+            if partial is None:
+                save_selected_models(save_dir, model, mask, state, selection)
         du.barrier()
+
+    def save_mid_epoch(step, carry):
+        save_checkpoint({"epoch": state["epoch"], "step": step, "carry": carry})
+        setup.log(f"checkpoint inside epoch {state['epoch'] + 1} after step {step} -> {ckpt_path}")
+
+    checkpointer = StepCheckpointer(save_mid_epoch, stop, args.checkpoint_minutes)
 
     if ckpt_path.exists():
         ckpt = safe_load(ckpt_path, map_location=dist_info.device)
+        missing = [k for k in ("model", "optimizer", "state", "rng") if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise UserError(f"'{ckpt_path}' is not a checkpoint of this stage (it lacks {missing}); rerun with "
+                            "--restart to discard it, or choose another --save-dir.")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
+        state.setdefault("partial", None)
+        loss_guard.load_state_dict(ckpt.get("loss_guard"))
+        if ckpt.get("prev_weights") is not None:
+            epoch_start_weights["w"] = ckpt["prev_weights"]
         restore_rank_rng_state(ckpt["rng"], dist_info.rank)
-        if dist_info.primary:
+        if dist_info.primary and state["partial"] is None:
             save_selected_models(save_dir, model, mask, state, selection, resuming=True)
-        setup.log(f"resuming {save_dir} at epoch {state['epoch']} of {args.epochs}")
+        where = "" if state["partial"] is None else f", step {state['partial']['step']} of that epoch"
+        setup.log(f"resuming {save_dir} at epoch {state['epoch']} of {args.epochs}{where}")
     elif resumed:
         setup.log(f"{save_dir} holds this configuration but no checkpoint yet; starting at epoch 0")
 
@@ -273,17 +367,22 @@ def main(argv=None):
         t0 = time.perf_counter()
         lr = lr_for_epoch(epoch, args.lr, args.epochs, args.milestones, args.schedule)
         set_lr(optimizer, lr)
-        data.train.set_epoch(epoch)
-        prev_weights = copy.deepcopy(model.state_dict()) if guard_batch is not None else None
+        partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
+        start_step = partial["step"] if partial else 0
+        data.train.set_epoch(epoch, start_batch=start_step)
+        if guard_batch is not None and partial is None:
+            epoch_start_weights["w"] = copy.deepcopy(model.state_dict())
         set_train_mode(model, args.linear_eval)
         try:
             stats = train_epoch(runner, data.train, optimizer, device=dist_info.device, attack=train_attack,
                                 attack_model=plain, enforcer=enforcer, precision=precision, scaler=scaler,
                                 channels_last=args.channels_last, progress=args.progress,
-                                desc=f"{desc_base} epoch {epoch + 1}/{args.epochs}", train_mode=False)
+                                desc=f"{desc_base} epoch {epoch + 1}/{args.epochs}", train_mode=False,
+                                loss_guard=loss_guard, start_step=start_step,
+                                carry=partial["carry"] if partial else None, step_hook=checkpointer)
         except NonFiniteLoss as exc:
-            raise UserError(f"{exc} in epoch {epoch + 1}; the last good checkpoint is kept in '{save_dir}'. "
-                            "Lower --lr (or check the data) and rerun.") from None
+            raise UserError(f"{exc} in epoch {epoch + 1}; {kept_state_text(save_dir, state)}") from None
+        prev_weights = epoch_start_weights.get("w")
         row = {"epoch": epoch, "lr": lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                "val_sa": None, "val_ra": None}
         if guard_batch is not None:
@@ -299,9 +398,12 @@ def main(argv=None):
                 break
             state["guard"] = acc
         if epoch >= args.eval_from or epoch == args.epochs - 1:
-            val = evaluate(plain, data.val, device=dist_info.device,
-                           attack=eval_attack, precision=precision, channels_last=args.channels_last,
-                           progress=args.progress, desc="validate")
+            try:
+                val = evaluate(plain, data.val, device=dist_info.device,
+                               attack=eval_attack, precision=precision, channels_last=args.channels_last,
+                               progress=args.progress, desc="validate")
+            except NonFiniteOutput as exc:
+                raise UserError(f"{exc} after epoch {epoch + 1}; {kept_state_text(save_dir, state)}") from None
             row["val_sa"], row["val_ra"] = val["sa"], val["ra"]
             score = row[selection]
             if state["best"] is None or score > state["best"]["score"]:
@@ -309,7 +411,8 @@ def main(argv=None):
             if args.keep_sa_best and args.regime != "st" and (state["best_sa"] is None or
                                                               row["val_sa"] > state["best_sa"]["score"]):
                 state["best_sa"] = {"score": row["val_sa"], "epoch": epoch}
-        row["seconds"] = time.perf_counter() - t0
+        # an epoch resumed mid-way counts the seconds spent before the interruption too
+        row["seconds"] = time.perf_counter() - t0 + (partial["carry"]["seconds"] if partial else 0.0)
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if dist_info.primary:  # before the checkpoint: a kill in between re-runs this epoch and rewrites both
@@ -317,6 +420,7 @@ def main(argv=None):
                 save_weights(model, save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
             write_csv(state["history"], save_dir / "log.csv", LOG_FIELDS)
         save_checkpoint()
+        checkpointer.reset_clock()
         if dist_info.primary:
             val_txt = "" if row["val_sa"] is None else f" val SA {row['val_sa']:.2f}" + (
                 "" if row["val_ra"] is None else f" RA {row['val_ra']:.2f}")
@@ -360,23 +464,34 @@ def save_selected_models(save_dir, model, mask, state, selection, resuming=False
 
 
 def test_selected(model, path, mask, data, args, precision, device):
+    """Test SA/RA of a selected model in the reported precision (fp32 unless --eval-amp)."""
     selected = safe_load(path, map_location=device)
     model.load_state_dict(selected["state_dict"])
     if mask is not None:
         verify_sparse(model, mask, f"in the selected model '{path}'")
     attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
               if args.test_steps > 0 else None)
-    return evaluate(model, data.test, device=device, attack=attack, precision=precision,
-                    channels_last=args.channels_last, progress=args.progress, desc="test")
+    try:
+        return evaluate(model, data.test, device=device, attack=attack, precision=precision,
+                        channels_last=args.channels_last, progress=args.progress, desc="test")
+    except NonFiniteOutput as exc:
+        raise UserError(f"{exc} of the selected model '{path}'; no results.json was written. The run's "
+                        "checkpoints are kept; inspect them, or rerun with --restart and a lower --lr.") from None
+
+
+def precision_name(precision):
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
 
 
 def finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info):
     if mask is not None:
         verify_sparse(model, mask, "after training")
-    test = test_selected(model, save_dir / "model_best.pt", mask, data, args, precision, dist_info.device)
+    # validation may run in the training precision; the reported numbers are fp32 unless asked otherwise
+    test_precision = Precision.resolve(args.eval_amp, dist_info.device)
+    test = test_selected(model, save_dir / "model_best.pt", mask, data, args, test_precision, dist_info.device)
     extra = {}
     if args.keep_sa_best and (save_dir / "model_best_sa.pt").exists():
-        t = test_selected(model, save_dir / "model_best_sa.pt", mask, data, args, precision, dist_info.device)
+        t = test_selected(model, save_dir / "model_best_sa.pt", mask, data, args, test_precision, dist_info.device)
         extra = {"sa_best": {"epoch": state["best_sa"]["epoch"], "sa": t["sa"], "ra": t["ra"]}}
     total_seconds = sum(r["seconds"] for r in state["history"])
     results = {
@@ -389,7 +504,12 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
         "sa": test["sa"], "ra": test["ra"],
         "selected_epoch": state["best"]["epoch"], "selection": selection,
         "history": state["history"],
-        "config": run_config(args, ticket), "git": git_commit(),
+        # the top-level keys are the contract (DESIGN.md §5.3); what was resolved at run time (the
+        # first validated epoch, the subset rule, the precisions) is recorded in the config
+        "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": args.eval_from,
+                   "precision": {"train": precision_name(precision), "validation": precision_name(precision),
+                                 "test": precision_name(test_precision)}},
+        "git": git_commit(),
     }
     if dist_info.primary:
         # details beyond the results contract (DESIGN.md §5.3) go beside it
@@ -398,6 +518,8 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
                            "train_seconds": total_seconds, "world_size": dist_info.world_size, **extra},
                           save_dir / "run_info.json")
         atomic_write_json(results, save_dir / "results.json")
+        if not args.keep_checkpoint:  # optimizer state is only needed to resume; at grid scale it is terabytes
+            (save_dir / "checkpoint.pt").unlink(missing_ok=True)
         ra = "n/a" if results["ra"] is None else f"{results['ra']:.2f}"
         setup.log(f"done: {args.dataset} {args.regime} sparsity {results['sparsity']:.2f}% rate {args.data_rate} "
                   f"seed {args.seed}: SA {results['sa']:.2f}  RA {ra}  (epoch {results['selected_epoch']}, "

@@ -1,10 +1,11 @@
-"""Stage 1: find tickets in pre-trained weights θ_p by IMP, OMP or random pruning.
+"""Stage 1: find tickets in pre-trained weights θ_p by IMP, OMP, random pruning or LMP.
 
 IMP round k: prune ``--rate`` of the remaining prunable weights by global magnitude of the
 current weights (round 1: of θ_p), save the ticket, rewind every weight and BatchNorm buffer to
-θ_p, then re-train ``--epochs-per-round`` epochs with the mask enforced (standard or PGD
-adversarial). The last round needs no re-training: its weights would only choose a next mask.
-OMP and RP give tickets at the same sparsity levels straight from θ_p, without training.
+θ_p (``--rewind none``: keep the re-trained ones), then re-train ``--epochs-per-round`` epochs with
+the mask enforced (standard or PGD adversarial). The last round needs no re-training: its weights
+would only choose a next mask. OMP and RP give tickets at the same sparsity levels straight from
+θ_p, without training. LMP learns each level's mask over a frozen θ_p (utils/lmp.py).
 
 Rerunning the same command resumes from the last per-epoch checkpoint and skips finished rounds.
 """
@@ -18,23 +19,33 @@ import torch
 
 import pruning_utils
 from utils import distributed as du
-from utils import setup
+from utils import lmp, setup
 from utils.checkpoint import atomic_save, atomic_write_json, safe_load
 from utils.cli import ArgumentParser, run_main
-from utils.engine import NonFiniteLoss, make_sgd, set_lr, train_epoch, training_attack
+from utils.engine import LossGuard, NonFiniteLoss, make_sgd, set_lr, train_epoch, training_attack, uniform_loss
 from utils.errors import UserError
+from utils.preemption import StepCheckpointer, StopRequest
 from utils.rundir import write_csv
 from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything
 
 PAPER_DEFAULTS = {"lr": 5e-4, "weight_decay": 1e-4, "batch_size": 2048}
+MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE = 100, 10  # as stage 2: 100x a uniform prediction's loss for 10 steps = diverged
 LOG_FIELDS = ["round", "epoch", "lr", "train_loss", "train_acc", "sparsity", "seconds"]
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
-    p.add_argument("--method", choices=["imp", "omp", "rp"], default="imp")
-    p.add_argument("--retrain", choices=["st", "at"], default="st", help="IMP re-training: standard or PGD adversarial")
+    p.add_argument("--method", choices=["imp", "omp", "rp", "lmp"], default="imp",
+                   help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, README 'LMP')")
+    p.add_argument("--retrain", choices=["st", "at"], default="st",
+                   help="IMP re-training / LMP score training: standard or PGD adversarial")
+    p.add_argument("--rewind", choices=["theta_p", "none"], default="theta_p",
+                   help="IMP: after pruning a round, rewind weights and BatchNorm buffers to θ_p (the paper) or "
+                        "continue from the re-trained weights (none)")
+    p.add_argument("--score-init", "--score_init", choices=list(lmp.SCORE_INITS), default="scaled",
+                   help="LMP scores from θ_p: scaled (HYDRA: |w| / max|w| * sqrt(6 / fan_in) per layer) or "
+                        "magnitude (|w|; untrained scores give OMP's mask)")
     p.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
     p.add_argument("--rounds", "--pruning_times", type=int, default=19)
     p.add_argument("--epochs-per-round", "--epochs_per_round", "--prune-epoch", "--prune_epoch",
@@ -42,8 +53,32 @@ def parse_args(argv=None):
     p.add_argument("--attack-steps", "--attack_steps", type=int, default=3, help="PGD steps of adversarial re-training")
     p.add_argument("--exclude-stem", action="store_true", help="never prune the first convolution")
     p.add_argument("--layerwise", action="store_true", help="prune each layer by the rate instead of globally")
+    p.add_argument("--pattern", choices=list(pruning_utils.PATTERNS), default="unstructured",
+                   help="unstructured (single weights), channel (whole filters of block-internal convs, --rate of "
+                        "the remaining filters per round) or nm (N:M groups along each filter's inputs, one level: "
+                        "needs --rounds 1)")
+    p.add_argument("--nm", type=pruning_utils.parse_nm, default=None,
+                   help="N:M of --pattern nm: keep N of every M weights (default 2:4, NVIDIA's sparse tensor cores)")
+    p.add_argument("--checkpoint-minutes", "--checkpoint_minutes", type=float, default=30.0,
+                   help="also checkpoint inside an epoch every this many minutes (0 = only at epoch ends); "
+                        "SIGTERM/SIGUSR1 always checkpoint at the next step and exit with status 75")
+    p.add_argument("--max-loss", "--max_loss", type=float, default=None,
+                   help=f"stop as diverged when the re-training loss stays above this for {MAX_LOSS_PATIENCE} steps "
+                        f"(default {MAX_LOSS_FACTOR} x ln(classes), the loss of a uniform prediction)")
+    p.set_defaults(attack_bn=None)  # resolved below: LMP keeps θ_p's BatchNorm frozen, so its default differs
     args = p.parse_args(argv)
     setup.check_common_args(args)
+    if args.method == "lmp":
+        lmp.resolve_args(args)
+    elif args.attack_bn is None:
+        args.attack_bn = "train"
+    if args.rewind != "theta_p" and args.method != "imp":
+        raise UserError(f"--rewind {args.rewind} applies to IMP only (--method {args.method} never re-trains "
+                        "weights); drop the flag or use --method imp.")
+    if args.method != "lmp":
+        if args.score_init != "scaled":
+            raise UserError(f"--score-init applies to --method lmp only, not {args.method}; drop the flag.")
+        args.score_init = None
     for key, value in PAPER_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -53,13 +88,37 @@ def parse_args(argv=None):
         raise UserError(f"--rate must lie strictly between 0 and 1 (the paper prunes 0.2 per round), not {args.rate}.")
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, not {args.rounds}.")
-    if args.method == "imp" and args.epochs_per_round < 0:
+    if args.method in ("imp", "lmp") and args.epochs_per_round < 0:
         raise UserError(f"--epochs-per-round must be 0 or more, not {args.epochs_per_round}.")
     if args.attack_steps < 1:
         raise UserError(f"--attack-steps must be at least 1, not {args.attack_steps}.")
-    if args.method != "imp":
+    if not args.checkpoint_minutes >= 0:
+        raise UserError(f"--checkpoint-minutes must be 0 or more, not {args.checkpoint_minutes}.")
+    if args.max_loss is not None and not args.max_loss > 0:
+        raise UserError(f"--max-loss must be a positive number, not {args.max_loss}.")
+    if args.method not in ("imp", "lmp"):
         args.retrain = None
+    check_pattern_args(args)
     return args
+
+
+def check_pattern_args(args):
+    if args.nm is not None and args.pattern != "nm":
+        raise UserError(f"--nm applies to --pattern nm only, not {args.pattern}; drop --nm or pass --pattern nm.")
+    if args.pattern == "unstructured":
+        return
+    if args.method == "lmp":
+        raise UserError(f"--method lmp learns unstructured masks only; drop --pattern {args.pattern}.")
+    if args.layerwise:
+        raise UserError(f"--layerwise applies to --pattern unstructured; the {args.pattern} pattern has its own "
+                        "per-layer rule, so drop --layerwise.")
+    if args.pattern == "nm":
+        if args.nm is None:
+            args.nm = [2, 4]
+        # N:M is one level (2:4 = 50%): a second round would give the same mask again
+        if args.rounds != 1:
+            raise UserError(f"--pattern nm gives one sparsity level ({args.nm[0]}:{args.nm[1]}), so it needs "
+                            f"--rounds 1, not {args.rounds}.")
 
 
 def fingerprint(path):
@@ -113,7 +172,8 @@ class TicketWriter:
         ticket = pruning_utils.make_ticket(
             {n: m.cpu() for n, m in mask.items()}, round=k, method=self.args.method, retrain=self.args.retrain,
             arch=self.args.arch, pretrain=self.args.pretrain or "unknown", init=str(self.args.init),
-            source_dataset=self.args.dataset)
+            source_dataset=self.args.dataset, rewind=self.args.rewind, pattern=self.args.pattern,
+            nm=self.args.nm)
         if self.primary:
             if not (keep_existing and self.path(k).exists()):
                 pruning_utils.save_ticket(self.path(k), ticket)
@@ -124,6 +184,19 @@ class TicketWriter:
 
 
 def next_mask(args, weights, mask, generator):
+    if args.pattern == "channel":
+        if args.method == "rp":
+            return pruning_utils.random_channel_prune(mask, args.rate, generator)
+        return pruning_utils.channel_prune(weights, mask, args.rate)
+    if args.pattern == "nm":
+        n, m = args.nm
+        dense = pruning_utils.nm_dense_layers(mask, m)
+        if dense:
+            setup.log(f"note: {len(dense)} layer(s) have an input size that is not a multiple of {m} and stay dense "
+                      f"under {n}:{m}: {', '.join(dense)}")
+        if args.method == "rp":
+            return pruning_utils.random_nm_prune(mask, n, m, generator)
+        return pruning_utils.nm_prune(weights, mask, n, m)
     if args.method == "rp":
         return pruning_utils.random_prune(mask, args.rate, generator)
     if args.layerwise:
@@ -153,26 +226,105 @@ def prune_without_training(args, model, writer, log_path):
         write_csv(rows, log_path, LOG_FIELDS)
 
 
+def listed_ticket_problem(writer, save_dir):
+    """Why the tickets sparsity.json lists are not all there and readable, or None.
+
+    A rerun must not report 'done' over a deleted or damaged ticket. IMP cannot recompute an
+    earlier round (its weights are gone), so a missing one is reported; OMP/RP rewrite theirs."""
+    if not writer.sparsity_path.exists():
+        return None
+    try:
+        listed = json.loads(writer.sparsity_path.read_text())
+        rounds = sorted(int(r) for r in listed)
+    except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
+        return (f"'{writer.sparsity_path}' is not a valid level list; rerun with --restart to find the tickets "
+                "again, or choose another --save-dir.")
+    for k in rounds:
+        path = writer.path(k)
+        if not path.is_file():
+            return (f"'{path}' is listed in sparsity.json but missing; an earlier round cannot be recomputed, so "
+                    f"restore the file or rerun with --restart to find every ticket again in '{save_dir}'.")
+        try:
+            pruning_utils.load_ticket(path)
+        except UserError as exc:
+            return f"ticket round {k} of '{save_dir}' is damaged ({exc}); restore it or rerun with --restart."
+    return None
+
+
+def read_checkpoint(path, device, keys):
+    """A checkpoint of this tool, or one clear error: a torch file of another shape is not a resume point."""
+    ckpt = safe_load(path, map_location=device)
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"'{path}' is not a checkpoint of this stage (it lacks {missing}); rerun with --restart to "
+                        "discard it, or choose another --save-dir.")
+    return ckpt
+
+
+def check_finite_weights(model, where):
+    """Pruning by magnitude over NaN weights gives a meaningless mask: refuse to write such a ticket."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            raise UserError(f"parameter '{name}' holds non-finite values {where}; no ticket was written for this round.")
+
+
+def diverged_text(ckpt_path, k, done_epochs):
+    if ckpt_path.exists():
+        kept = (f"the checkpoint of round {k} after {done_epochs} epochs is kept in '{ckpt_path}' and no ticket of a "
+                "later round was written")
+    else:
+        kept = "no checkpoint was written"
+    return (f"{kept}. Lower --lr and rerun with --restart (which discards that checkpoint and the config, then "
+            "starts again) or choose another --save-dir.")
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    return setup.run_stoppable(run, parse_args(argv), StopRequest())
+
+
+def run(args, stop):
+    if not args.pretrain:
+        setup.log("warning: --pretrain is not set, so every ticket is labelled 'unknown' and analysis/plot_curves.py "
+                  "cannot pair it with a dense baseline; pass --pretrain std|fat|at (the label of θ_p).")
     dist_info = du.init_distributed(args.device)
     save_dir = Path(args.save_dir)
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed)  # the same on every rank: masks and head initialisation agree
     config = dict(vars(args))
+    if config["rewind"] == "theta_p":
+        # stored as unset, which config_differences equates with the key's absence: directories made
+        # before --rewind existed (all rewinding to θ_p) resume, and a change of variant is refused
+        config["rewind"] = None
     if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
         raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
     config["init_sha256"] = fingerprint(args.init)
     # data and θ_p are checked before the run directory is claimed, so a mistake in either leaves
     # no config.json behind to refuse the corrected command
-    data = setup.data_stub(args) if args.method != "imp" else setup.build_data(
+    data = setup.data_stub(args) if args.method not in ("imp", "lmp") else setup.build_data(
         args, dist_info, batch_size=args.batch_size, val_size=0)
     model, init_info = setup.build_model(args, data, dist_info.device, load_head="auto")
     if init_info.get("dropped_head"):
         setup.log(f"note: θ_p's head does not fit the {data.num_classes} classes of --dataset {args.dataset}; "
                   "a new head is initialised (the head is never pruned)")
-    setup.prepare_dir(save_dir, config, dist_info)
+        if args.method == "lmp":
+            raise UserError(f"LMP keeps θ_p frozen, head included, but θ_p's head does not fit the "
+                            f"{data.num_classes} classes of --dataset {args.dataset}; pass a θ_p trained on "
+                            "that label set (or --init none).")
     writer = TicketWriter(save_dir, args, dist_info.primary)
+    problem = listed_ticket_problem(writer, save_dir) if args.method in ("imp", "lmp") else None
+    # a directory with a damaged ticket is not finished, so --restart may discard it
+    setup.prepare_dir(save_dir, config, dist_info, finished=False if problem else None)
+    if problem and not args.restart:
+        raise UserError(problem)
+
+    if args.method == "lmp":
+        loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
+        lmp.run(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision, config=config,
+                log_fields=LOG_FIELDS, broadcast_mask=broadcast_mask, stop=stop, loss_guard=loss_guard)
+        du.barrier()
+        setup.log(f"done: {args.rounds} LMP tickets in {writer.dir} (sparsity.json lists the levels)")
+        du.cleanup()
+        return 0
 
     if args.method != "imp":
         prune_without_training(args, model, writer, save_dir / "log.csv")
@@ -189,9 +341,13 @@ def main(argv=None):
 
     ckpt_path = save_dir / "checkpoint.pt"
     optimizer = None
+    partial = None  # position inside the epoch in progress, from a mid-epoch checkpoint
+    loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
     if ckpt_path.exists():
-        ckpt = safe_load(ckpt_path, map_location=dist_info.device)
+        ckpt = read_checkpoint(ckpt_path, dist_info.device, ("round", "epoch", "log", "mask", "model", "optimizer", "rng"))
         k, done_epochs, log_rows = ckpt["round"], ckpt["epoch"], ckpt["log"]
+        partial = ckpt.get("partial")
+        loss_guard.load_state_dict(ckpt.get("loss_guard"))
         mask = {n: m.to(dist_info.device) for n, m in ckpt["mask"].items()}
         model.load_state_dict(ckpt["model"])
         optimizer = make_sgd(model.parameters(), args.lr, args.momentum, args.weight_decay, dist_info.device)
@@ -199,32 +355,44 @@ def main(argv=None):
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         restore_rank_rng_state(ckpt["rng"], dist_info.rank)
-        setup.log(f"resuming {save_dir}: round {k}, {done_epochs}/{args.epochs_per_round} epochs done")
+        where = "" if partial is None else f", step {partial['step']} of the next"
+        setup.log(f"resuming {save_dir}: round {k}, {done_epochs}/{args.epochs_per_round} epochs done{where}")
     else:
         k, done_epochs, log_rows = 0, args.epochs_per_round, []
         mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=dist_info.device)
 
-    def save_checkpoint():
+    def save_checkpoint(partial_state=None):
+        """``partial_state``: the step reached inside epoch ``done_epochs`` and that epoch's sums."""
         rng = gather_rng_states()
         if dist_info.primary:
             atomic_save({"round": k, "epoch": done_epochs, "log": log_rows, "model": model.state_dict(),
                          "mask": {n: m.cpu() for n, m in mask.items()}, "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
-                         "rng": rng, "init": str(args.init),
+                         "rng": rng, "init": str(args.init), "partial": partial_state,
+                         "loss_guard": loss_guard.state_dict(),
                          "init_sha256": config["init_sha256"]}, ckpt_path)
         du.barrier()
+
+    def save_mid_epoch(step, carry):
+        save_checkpoint({"step": step, "carry": carry})
+        setup.log(f"checkpoint inside round {k}, epoch {done_epochs + 1}, after step {step} -> {ckpt_path}")
+
+    checkpointer = StepCheckpointer(save_mid_epoch, stop, args.checkpoint_minutes)
 
     while True:
         if done_epochs >= args.epochs_per_round or k == args.rounds:
             if k == args.rounds:
                 break
-            # next round: prune the current (trained) weights, save the ticket, rewind to θ_p
+            # next round: prune the current (trained) weights, save the ticket, rewind to θ_p (or,
+            # with --rewind none, keep the re-trained weights and BatchNorm buffers, newly pruned ones zeroed)
+            check_finite_weights(model, f"after round {k}'s re-training" if k else "in θ_p")
             weights = {n: p.detach() for n, p in model.named_parameters()}
             k += 1
             mask = broadcast_mask(next_mask(args, weights, mask, None), k)
             ticket = writer.write(k, mask)
-            model.load_state_dict(theta_p)
-            pruning_utils.apply_mask(model, mask)
+            if args.rewind == "theta_p":
+                model.load_state_dict(theta_p)
+            pruning_utils.apply_mask(model, mask, pattern=args.pattern)
             optimizer = make_sgd(model.parameters(), args.lr, args.momentum, args.weight_decay, dist_info.device)
             done_epochs = 0
             setup.log(f"round {k}/{args.rounds}: ticket at {ticket['sparsity']:.2f}% sparsity -> {writer.path(k)}")
@@ -232,25 +400,30 @@ def main(argv=None):
                 save_checkpoint()
                 break
             save_checkpoint()
-        enforcer = pruning_utils.MaskEnforcer(model, mask)
+        enforcer = pruning_utils.MaskEnforcer(model, mask, pattern=args.pattern)
         sparsity = pruning_utils.sparsity(mask)
         while done_epochs < args.epochs_per_round:
             epoch = done_epochs
             set_lr(optimizer, args.lr)
-            data.train.set_epoch((k - 1) * args.epochs_per_round + epoch)
+            start_step = partial["step"] if partial else 0
+            data.train.set_epoch((k - 1) * args.epochs_per_round + epoch, start_batch=start_step)
             try:
                 stats = train_epoch(runner, data.train, optimizer, device=dist_info.device, attack=attack,
                                     attack_model=plain, enforcer=enforcer, precision=precision, scaler=scaler,
                                     channels_last=args.channels_last, progress=args.progress,
-                                    desc=f"round {k}/{args.rounds} epoch {epoch + 1}/{args.epochs_per_round}")
+                                    desc=f"round {k}/{args.rounds} epoch {epoch + 1}/{args.epochs_per_round}",
+                                    loss_guard=loss_guard, start_step=start_step,
+                                    carry=partial["carry"] if partial else None, step_hook=checkpointer)
             except NonFiniteLoss as exc:
-                raise UserError(f"{exc} in round {k}, epoch {epoch + 1}; the last good checkpoint is kept in "
-                                f"'{ckpt_path}'. Lower --lr and rerun.") from None
+                raise UserError(f"{exc} in round {k}, epoch {epoch + 1}; "
+                                f"{diverged_text(ckpt_path, k, done_epochs)}") from None
+            partial = None
             done_epochs += 1
             log_rows.append({"round": k, "epoch": epoch, "lr": args.lr, "train_loss": stats["train_loss"],
                              "train_acc": stats["train_acc"], "sparsity": round(sparsity, 2),
                              "seconds": round(stats["seconds"], 3)})
             save_checkpoint()
+            checkpointer.reset_clock()
             if dist_info.primary:
                 write_csv(log_rows, save_dir / "log.csv", LOG_FIELDS)
         round_rows = [r for r in log_rows if r["round"] == k]

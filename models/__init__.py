@@ -1,6 +1,6 @@
 """Architectures with the input normalization inside, and importers of pre-trained checkpoints."""
 
-from models.pretrained import guess_arch, load_pretrained, save_model_checkpoint
+from models.pretrained import check_finite_state, guess_arch, load_pretrained, save_model_checkpoint
 from models.resnet import (
     ARCHS,
     HEAD_PREFIX,
@@ -13,5 +13,5 @@ from models.resnet import (
 
 __all__ = [
     "ARCHS", "HEAD_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD", "NormalizedResNet",
-    "build_model", "guess_arch", "load_pretrained", "save_model_checkpoint", "set_normalization",
+    "build_model", "check_finite_state", "guess_arch", "load_pretrained", "save_model_checkpoint", "set_normalization",
 ]

@@ -259,6 +259,25 @@ def _mismatch_error(path, fmt, model, state, missing, unexpected, reshaped):
 
 # --------------------------------------------------------------------------- loading
 
+def check_finite_state(state, path):
+    """Refuse weights that would train into garbage instead of failing: a NaN/inf weight or
+    BatchNorm statistic, or a negative running variance (its square root is NaN in eval mode).
+
+    Raises :class:`UserError` naming ``path`` and the first offending tensor in ``state``'s order."""
+    for key, value in state.items():
+        if not torch.is_floating_point(value) or value.is_sparse:
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise UserError(f"'{path}' is damaged: '{key}' holds {bad} non-finite value(s) (NaN or inf) among "
+                            f"{value.numel()}; use an intact copy of the pre-trained weights.")
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise UserError(f"'{path}' is damaged: the BatchNorm variance '{key}' holds "
+                            f"{int((value < 0).sum())} negative value(s); use an intact copy of the pre-trained weights.")
+
+
+
 def load_pretrained(model, path, *, load_head="auto", load_stem=True):
     """Load the weights and BatchNorm buffers in ``path`` into ``model`` (a :func:`build_model` net).
 
@@ -321,6 +340,7 @@ def load_pretrained(model, path, *, load_head="auto", load_stem=True):
             merged[key] = state[key]
         else:
             merged[key] = torch.zeros_like(value)
+    check_finite_state({k: v for k, v in merged.items() if k in state and k not in skipped}, path)
     model.load_state_dict(merged, strict=True)
 
     normalization = None

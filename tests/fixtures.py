@@ -74,3 +74,16 @@ def write_image_folder(root, classes=("ant", "bee", "cat"), n_train=5, n_val=2, 
             for i in range(n):
                 pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(d / f"{c}_{i}.png")
+
+
+def write_truncated_jpeg(path, size=(24, 20), keep=0.5, seed=4):
+    """A JPEG cut off part-way through its compressed data, as an interrupted copy leaves it:
+    the header still opens, decoding fails."""
+    import io
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[: int(len(data) * keep)])

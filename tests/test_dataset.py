@@ -2,6 +2,7 @@
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from utils.errors import UserError
 
 # ---------------------------------------------------------------------------- fixtures
 
-from tests.fixtures import _dump, _undump, write_cifar10, write_cifar100, write_image_folder, write_svhn  # noqa: E402
+from tests.fixtures import (_dump, _undump, write_cifar10, write_cifar100, write_image_folder,  # noqa: E402
+                            write_svhn, write_truncated_jpeg)
 
 
 def _collect(loader):
@@ -259,12 +261,75 @@ def test_data_rate_outside_unit_interval_is_refused(rate):
 def test_build_data_records_the_subset_it_trains_on():
     a = build_data("digits", batch_size=16, data_rate=0.1, seed=3)
     b = build_data("digits", batch_size=16, data_rate=0.1, seed=3)
-    c = build_data("digits", batch_size=16, data_rate=0.1, seed=4)
     np.testing.assert_array_equal(a.train_indices, b.train_indices)
-    assert not np.array_equal(a.train_indices, c.train_indices)
     assert a.train.dataset_size == len(a.train_indices)
     assert abs(len(a.train_indices) - 130) <= 10
     assert set(a.train_indices.tolist()).isdisjoint(a.val_indices.tolist())
+    assert (a.subset_rule, a.subset_seed) == ("random", 0)
+
+
+@pytest.fixture(scope="module")
+def cifar_2000(tmp_path_factory):
+    """A CIFAR-10 fixture of 2,000 training images, so 1% of its 1,800-image training split is 18."""
+    root = tmp_path_factory.mktemp("cifar_2000")
+    data, labels, _, _ = write_cifar10(root, per_batch=400, n_test=4)
+    return root, data, labels
+
+
+def test_training_seeds_share_the_data_limited_subset(cifar_2000):
+    root, _, labels = cifar_2000
+    runs = [build_data("cifar10", root, batch_size=8, data_rate=0.01, seed=s) for s in (1, 2, 3)]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.train_indices, runs[0].train_indices)
+    first_labels = torch.cat([y for _, y in runs[0].train])
+    assert not torch.equal(first_labels, torch.cat([y for _, y in runs[1].train]))  # the order still varies
+    kept = runs[0].train_indices
+    assert set(labels[kept].tolist()) == set(labels[:1800].tolist())  # class-balanced: every class present
+    assert set(kept.tolist()) <= set(range(1800))
+    other = build_data("cifar10", root, batch_size=8, data_rate=0.01, seed=1, subset_seed=1)
+    assert not np.array_equal(other.train_indices, kept)
+    assert other.subset_seed == 1 and other.subset_rule == "random"
+    np.testing.assert_array_equal(other.val_indices, runs[0].val_indices)
+    # the draw is tied to the dataset and the rate too, not only to the subset seed
+    digits = [build_data("digits", batch_size=8, data_rate=rate, seed=s).train_indices
+              for rate, s in ((0.1, 0), (0.1, 5), (0.2, 0))]
+    np.testing.assert_array_equal(digits[0], digits[1])
+    assert not set(digits[0].tolist()) <= set(digits[2].tolist())
+
+
+def test_subset_first_is_the_first_images_of_the_training_split(cifar_2000):
+    root, data, labels = cifar_2000
+    d = build_data("cifar10", root, batch_size=32, data_rate=0.01, subset="first", seed=4, augment="none")
+    np.testing.assert_array_equal(d.train_indices, np.arange(18))  # round(0.01 * 1,800)
+    np.testing.assert_array_equal(d.val_indices, np.arange(1800, 2000))
+    assert d.subset_rule == "first"
+    x, y = d.train.images.cpu(), d.train.labels.cpu()
+    np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), data[:18].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(y.numpy(), labels[:18])
+    tiny = build_data("cifar10", root, batch_size=4, data_rate=0.0001, subset="first")
+    np.testing.assert_array_equal(tiny.train_indices, [0])  # at least one image
+    whole = build_data("cifar10", root, batch_size=4, data_rate=1.0, subset="first")
+    np.testing.assert_array_equal(whole.train_indices, np.arange(1800))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"subset": "last"}, "subset rule"), ({"subset_seed": -1}, "--subset-seed"),
+                                          ({"subset_seed": 1.5}, "--subset-seed")])
+def test_bad_subset_arguments_are_refused(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        build_data("digits", batch_size=8, data_rate=0.1, **kwargs)
+
+
+def test_folder_subsets_follow_the_same_rules(tmp_path):
+    write_image_folder(tmp_path, n_train=10, n_val=1)
+    kwargs = dict(image_size=16, batch_size=4, workers=0, val_size=6, data_rate=0.5)
+    a, b = (build_data("folder", tmp_path, seed=s, **kwargs) for s in (0, 1))
+    np.testing.assert_array_equal(a.train_indices, b.train_indices)
+    assert not np.array_equal(a.train_indices, build_data("folder", tmp_path, subset_seed=3, **kwargs).train_indices)
+    first = build_data("folder", tmp_path, subset="first", **kwargs)
+    # the first half of the training split in its (fixed, class-mixing) split order
+    split = np.random.default_rng(dataset.FOLDER_SPLIT_SEED).permutation(30)[:24]
+    np.testing.assert_array_equal(first.train_indices, np.sort(split[:12]))
+    assert first.subset_rule == "first" and a.subset_rule == "random"
 
 
 # ---------------------------------------------------------------------------- TensorLoader
@@ -279,9 +344,9 @@ def test_tensor_loader_output_shape_dtype_and_range(augment, size):
     loader = TensorLoader(_images(10), np.arange(10), 4, train=True, image_size=size, augment=augment,
                           device="cpu", seed=0)
     batches = list(loader)
-    assert len(batches) == len(loader) == 2  # the partial third batch is dropped in training
-    for x, y in batches:
-        assert x.shape == (4, 3, size, size) and x.dtype == torch.float32
+    assert len(batches) == len(loader) == 3  # the partial last batch is trained on, as in the seed code
+    for (x, y), n in zip(batches, (4, 4, 2)):
+        assert x.shape == (n, 3, size, size) and x.dtype == torch.float32
         assert y.dtype == torch.int64
         assert x.min() >= 0 and x.max() <= 1
         assert x.max() > 0.5  # really scaled from 0..255, not left as 0..1 of bytes
@@ -330,19 +395,76 @@ def test_pad_crop_changes_across_epochs():
     assert set(x0.flatten().tolist()) <= values
 
 
-@pytest.mark.parametrize("n,world", [(12, 3), (13, 4), (3, 4)])
-def test_training_rank_shards_are_disjoint_and_cover_everything(n, world):
-    shards = []
+@pytest.mark.parametrize("n,world,batch", [(12, 3, 2), (13, 4, 2), (3, 4, 2), (450, 2, 64), (5, 2, 1)])
+def test_training_rank_shards_use_every_image_once_in_the_same_steps(n, world, batch):
+    steps = []
     for rank in range(world):
-        loader = TensorLoader(_images(n, size=8), np.arange(n), 2, train=True, image_size=8, augment="none",
-                              device="cpu", seed=7, rank=rank, world_size=world, drop_last=False)
+        loader = TensorLoader(_images(n, size=8), np.arange(n), batch, train=True, image_size=8, augment="none",
+                              device="cpu", seed=7, rank=rank, world_size=world)
         loader.set_epoch(2)
-        shards.append(torch.cat([y for _, y in loader]).tolist())
-    assert len({len(s) for s in shards}) == 1  # padded to equal length, as DistributedSampler
-    assert set().union(*shards) == set(range(n))
-    if n % world == 0:
-        assert sum(len(s) for s in shards) == n
-        assert all(set(a).isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1:])
+        steps.append([y.tolist() for _, y in loader])
+        assert len(steps[-1]) == len(loader) == -(-n // (batch * world))  # every rank takes every step
+        torch.testing.assert_close(loader.indices(2), torch.tensor(sum(steps[-1], []), dtype=torch.int64))
+    used = sum((sum(s, []) for s in steps), [])
+    assert sorted(used) == list(range(n))  # no image dropped, none repeated to pad
+    for step in zip(*steps):
+        sizes = [len(part) for part in step]
+        assert max(sizes) - min(sizes) <= 1  # each global batch split as evenly as possible
+    # the global batches are those of one process at the global batch size, in the same order
+    alone = TensorLoader(_images(n, size=8), np.arange(n), batch * world, train=True, image_size=8,
+                         augment="none", device="cpu", seed=7)
+    alone.set_epoch(2)
+    if n != 3:  # 3 images on 4 ranks: the single process keeps its 3-image step whole as well
+        assert [sorted(y.tolist()) for _, y in alone] == [sorted(sum(step, [])) for step in zip(*steps)]
+
+
+def test_step_plan_keeps_the_partial_step_and_never_leaves_a_lone_image():
+    assert dataset.train_step_bounds(450, 128) == [0, 128, 256, 384, 450]
+    assert dataset.train_step_bounds(450, 64, 2) == [0, 128, 256, 384, 450]
+    assert dataset.train_step_bounds(512, 128) == [0, 128, 256, 384, 512]
+    assert dataset.train_step_bounds(7, 16) == [0, 7]
+    # one image left for the last step: BatchNorm cannot train on it, so it borrows from the step before
+    assert dataset.train_step_bounds(129, 128) == [0, 127, 129]
+    assert dataset.train_step_bounds(385, 64, 2) == [0, 128, 256, 381, 385]  # 2 images per rank
+    # too small a batch to lend from: the last step leaves rank 1 empty (the engine runs a zero-size step)
+    assert dataset.train_step_bounds(5, 1, 2) == [0, 2, 4, 5]
+    assert [dataset._rank_share(4, 5, r, 2) for r in (0, 1)] == [(4, 5), (5, 5)]
+    assert [dataset._rank_share(384, 451, r, 2) for r in (0, 1)] == [(384, 418), (418, 451)]
+
+
+@pytest.mark.parametrize("augment,size", [("rrc-flip", 16), ("pad-crop-flip", 8), ("none", 12), ("none", 8)])
+def test_an_empty_share_is_a_zero_size_batch_of_the_right_shape(augment, size):
+    loader = TensorLoader(_images(5, size=8), np.arange(5), 1, train=True, image_size=size, augment=augment,
+                          device="cpu", seed=0, rank=1, world_size=2, channels_last=True)
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [1, 1, 0]
+    x, y = batches[-1]
+    assert x.shape == (0, 3, size, size) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def _epoch(loader, epoch, start_batch=0):
+    loader.set_epoch(epoch, start_batch=start_batch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("augment,size,rank,world", [("rrc-flip", 48, 0, 1), ("pad-crop-flip", 32, 0, 1),
+                                                     ("rrc-flip", 48, 1, 2), ("pad-crop-flip", 32, 1, 2)])
+def test_resumed_epoch_yields_the_batches_of_an_uninterrupted_one(augment, size, rank, world):
+    loader = TensorLoader(_images(23), np.arange(23), 3, train=True, image_size=size, augment=augment,
+                          device="cpu", seed=5, rank=rank, world_size=world)
+    full = _epoch(loader, 3)
+    assert len(full) == len(loader)
+    for k in (1, 2, len(full) - 1, len(full)):
+        resumed = _epoch(loader, 3, start_batch=k)
+        assert len(loader) == len(full)  # len keeps meaning the whole epoch
+        assert len(resumed) == len(full) - k
+        for (x, y), (xr, yr) in zip(full[k:], resumed):
+            assert torch.equal(y, yr) and torch.equal(x, xr)
+    assert len(_epoch(loader, 3)) == len(full)  # set_epoch without start_batch starts over
+    # a different epoch draws different augmentations for the same batch position
+    assert not torch.equal(_epoch(loader, 4)[1][0], full[1][0])
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(3, start_batch=len(full) + 1)
 
 
 def test_evaluation_rank_shards_score_each_image_once():
@@ -530,6 +652,39 @@ def test_folder_loaders_follow_the_same_interface(tmp_path):
     assert sorted(ytrain.tolist()) == [0] * 5 + [1] * 5
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_folder_training_resumes_mid_epoch_with_the_same_augmentations(tmp_path, workers):
+    write_image_folder(tmp_path, n_train=6, n_val=1)
+    d = build_data("folder", tmp_path, image_size=16, batch_size=4, workers=workers, val_size=0, seed=2)
+    assert d.augment == "rrc-flip"
+    full = _epoch(d.train, 1)
+    assert [len(y) for _, y in full] == [4, 4, 4, 4, 2]
+    resumed = _epoch(d.train, 1, start_batch=3)
+    assert len(resumed) == 2 and len(d.train) == 5
+    for (x, y), (xr, yr) in zip(full[3:], resumed):
+        assert torch.equal(y, yr) and torch.equal(x, xr)
+    again = _epoch(d.train, 1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, again))  # draws do not depend on the worker
+    other = _epoch(d.train, 2)
+    assert not torch.equal(torch.cat([x for x, _ in other]), torch.cat([x for x, _ in full]))
+
+
+def test_folder_training_shards_use_every_image_once(tmp_path):
+    write_image_folder(tmp_path, n_train=3, n_val=1)
+    steps = []
+    for rank in range(2):
+        d = build_data("folder", tmp_path, image_size=16, batch_size=2, workers=0, val_size=0, rank=rank,
+                       world_size=2, augment="none")
+        d.train.set_epoch(0)
+        steps.append([(x.shape, y.tolist()) for x, y in d.train])
+        assert len(steps[-1]) == len(d.train) == 3
+    assert [s for s, _ in steps[0]] == [(2, 3, 16, 16)] * 2 + [(1, 3, 16, 16)]
+    # 9 images in steps of 4: the last step has one image, for rank 0; rank 1 gets a zero-size batch
+    assert [s for s, _ in steps[1]] == [(2, 3, 16, 16)] * 2 + [(0, 3, 16, 16)]
+    labels = sum((y for s in steps for _, y in s), [])
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 def test_folder_with_flat_val_or_missing_split_is_refused(tmp_path):
     write_image_folder(tmp_path)
     for png in (tmp_path / "val").rglob("*.png"):
@@ -541,6 +696,81 @@ def test_folder_with_flat_val_or_missing_split_is_refused(tmp_path):
         build_data("imagenet", tmp_path, image_size=16, batch_size=4, workers=0)
     with pytest.raises(UserError, match="train"):
         build_data("folder", tmp_path / "val", image_size=16, batch_size=4, workers=0)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("cifar10", "cifar-10-batches-py/data_batch_1"), ("cifar100", "cifar-100-python/train"),
+    ("svhn", "train_32x32.mat"), ("folder", "train/<class>/<image> and val/<class>/<image>"),
+    ("imagenet", "ILSVRC2012"),
+])
+def test_missing_data_folder_names_what_it_should_hold(tmp_path, name, expected):
+    for root, problem in ((tmp_path / "nowhere", "does not exist"), (None, "read from local files")):
+        with pytest.raises(UserError) as info:
+            build_data(name, root, batch_size=4, workers=0)
+        message = str(info.value)
+        assert problem in message and expected in message and "--data" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_test_image_is_one_line_before_training(tmp_path, workers):
+    write_image_folder(tmp_path)
+    bad = tmp_path / "val" / "bee" / "bee_9.jpg"
+    write_truncated_jpeg(bad)
+    with pytest.raises(UserError) as info:
+        build_data("folder", tmp_path, image_size=16, batch_size=4, workers=workers)
+    message = str(info.value)
+    assert str(bad) in message and "truncated" in message and message.startswith("test image")
+    assert "\n" not in message and "Traceback" not in message
+    write_truncated_jpeg(tmp_path / "val" / "ant" / "ant_9.jpg")
+    with pytest.raises(UserError, match="1 more test images fail too"):
+        build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0)
+
+
+def test_corrupt_image_held_out_for_validation_is_found_before_training(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    write_image_folder(tmp_path, n_train=3, n_val=1)
+    held_out = int(np.random.default_rng(dataset.FOLDER_SPLIT_SEED).permutation(9)[-1])  # val_size 1
+    bad = Path(ImageFolder(str(tmp_path / "train")).samples[held_out][0])
+    write_truncated_jpeg(bad)  # PIL reads the content, whatever the file's suffix says
+    with pytest.raises(UserError) as info:
+        build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0, val_size=1)
+    assert str(info.value).startswith(f"validation image {bad} cannot be decoded")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_training_image_stops_the_first_epoch_with_one_line(tmp_path, workers):
+    write_image_folder(tmp_path)
+    bad = tmp_path / "train" / "cat" / "cat_9.jpg"
+    write_truncated_jpeg(bad)
+    d = build_data("folder", tmp_path, image_size=16, batch_size=4, workers=workers, val_size=0)
+    d.train.set_epoch(0)
+    with pytest.raises(UserError) as info:
+        list(d.train)
+    message = str(info.value)
+    assert str(bad) in message and message.startswith("training image") and "\n" not in message
+    with pytest.raises(UserError, match="cat_9.jpg"):  # the loader stays usable after stopping its workers
+        list(d.train)
+
+
+@pytest.mark.parametrize("limit", [1000, 700])  # 1,600 pixels: above the warning limit / above twice it
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch, limit):
+    from PIL import Image
+
+    write_image_folder(tmp_path)  # 12x10 px images stay under either limit
+    big = tmp_path / "val" / "ant" / "ant_9.png"
+    Image.new("RGB", (40, 40)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(UserError) as info:
+        build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0)
+    message = str(info.value)
+    assert str(big) in message and "DecompressionBomb" in message and "\n" not in message
+    big.unlink()
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "ant" / "ant_9.png")
+    d = build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0, val_size=0)
+    d.train.set_epoch(0)
+    with pytest.raises(UserError, match="ant_9.png.*DecompressionBomb"):
+        list(d.train)
 
 
 def test_folder_datasets_are_not_array_datasets(tmp_path):

@@ -102,7 +102,7 @@ def test_pruned_weights_stay_zero_with_momentum_and_weight_decay(tmp_path):
     ticket, init, meta = make_ticket(tmp_path, sparsity=80.0)
     out = tmp_path / "run"
     run(["--dataset", "digits", "--init", init, "--ticket", ticket, "--regime", "st", "--epochs", "2",
-         "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "5e-3", "--save-dir", out, *TINY])
+         "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "5e-3", "--keep-checkpoint", "--save-dir", out, *TINY])
     ckpt = safe_load(out / "checkpoint.pt")
     start = safe_load(init)["state_dict"]
     changed = 0
@@ -135,9 +135,10 @@ def test_dense_baseline_and_rerun_of_finished_run(tmp_path, capsys):
 def test_paper_defaults_and_seed_spellings_parse():
     base = ["--dataset", "cifar10", "--init", "x.pt", "--save-dir", "out"]
     args = main_downstream.parse_args(base)
-    assert (args.data_rate, args.test_steps, args.train_steps, args.eval_from) == (1.0, 20, 10, 0)
+    assert (args.data_rate, args.test_steps, args.train_steps, args.eval_from) == (1.0, 20, 10, None)
     assert args.eps == pytest.approx(8 / 255) and args.test_eps is None
     main_downstream.resolve_defaults(args)
+    assert args.eval_from == 0  # st selects from epoch 0 (CIFAR at/fat: 45, tests/test_fidelity.py)
     assert (args.alpha, args.test_eps, args.test_alpha) == pytest.approx((2 / 255, 8 / 255, 2 / 255))
     seed = main_downstream.parse_args(base + [
         "--data_number", "0.1", "--decreasing_lr", "50,75", "--regime", "at", "--train_eps", "0.0313",
@@ -168,7 +169,7 @@ def test_fat_guard_stops_keeps_the_previous_epoch_and_a_rerun_does_not_train_pas
     guard = iter([60.0, 55.0, 5.0, 50.0, 50.0])  # epoch 3 collapses: 55% -> 5% PGD accuracy
     monkeypatch.setattr(main_downstream, "guard_accuracy", lambda *a, **k: next(guard))
     args = ["--dataset", "digits", "--init", init, "--ticket", ticket, "--pretrain", "at", "--regime", "fat",
-            "--epochs", "5", "--lr", "0.05", "--test-steps", "1", "--save-dir", out, *TINY]
+            "--epochs", "5", "--lr", "0.05", "--test-steps", "1", "--keep-checkpoint", "--save-dir", out, *TINY]
     run(args)
     res = json.loads((out / "results.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
@@ -301,7 +302,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(REPO / "main_downstream.py"), "--dataset", "digits", "--classes", "5-9", "--init", str(init),
            "--ticket", str(ticket), "--regime", "at", "--epochs", "2", "--lr", "0.05", "--train-steps", "1",
-           "--test-steps", "1", "--device", "cpu", "--save-dir", str(out), *TINY]
+           "--test-steps", "1", "--device", "cpu", "--keep-checkpoint", "--save-dir", str(out), *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

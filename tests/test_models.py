@@ -678,3 +678,48 @@ def test_public_names():
     for name in ("build_model", "load_pretrained", "save_model_checkpoint", "set_normalization", "ARCHS",
                  "HEAD_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD"):
         assert hasattr(models, name)
+
+
+# --------------------------------------------------------------------------- damaged θ_p (issue 15)
+
+def _damaged(tmp_path, key, value):
+    state = _source().state_dict()
+    state[key].view(-1)[3] = value
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("layer1.0.bn1.running_var", float("nan"), "non-finite"),
+    ("bn1.running_mean", float("inf"), "non-finite"),
+    ("layer2.0.bn2.running_var", -0.5, "negative"),
+    ("conv1.weight", float("nan"), "non-finite"),
+    ("layer1.0.conv2.weight", float("-inf"), "non-finite"),
+])
+def test_non_finite_weights_or_bn_statistics_are_refused_and_leave_the_model_alone(tmp_path, key, value, words):
+    path = _damaged(tmp_path, key, value)
+    target = build_model("resnet_tiny", 10, cifar_stem=True)
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(UserError, match=words) as err:
+        load_pretrained(target, path)
+    assert f"'{key}'" in str(err.value) and str(path) in str(err.value)
+    _assert_same_tensors(target.state_dict(), before)
+
+
+def test_first_damaged_tensor_is_named_in_any_format(tmp_path):
+    source = _source()
+    state = {f"module.model.{k}": v.clone() for k, v in source.state_dict().items()}  # robustness layout
+    state["module.model.layer1.0.conv1.weight"].view(-1)[0] = float("nan")
+    state["module.model.layer3.0.bn1.running_var"].view(-1)[0] = float("nan")
+    torch.save({"model": state, "epoch": 3}, tmp_path / "robust.pt")
+    with pytest.raises(UserError, match=r"'layer1\.0\.conv1\.weight'"):
+        load_pretrained(build_model("resnet_tiny", 10, cifar_stem=True), tmp_path / "robust.pt")
+
+
+def test_a_damaged_head_that_is_not_loaded_does_not_matter(tmp_path):
+    path = _damaged(tmp_path, "fc.weight", float("nan"))
+    info = load_pretrained(build_model("resnet_tiny", 10, cifar_stem=True), path, load_head=False)
+    assert info["dropped_head"] is True
+    with pytest.raises(UserError, match="'fc.weight'"):
+        load_pretrained(build_model("resnet_tiny", 10, cifar_stem=True), path, load_head=True)

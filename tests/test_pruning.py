@@ -420,7 +420,8 @@ def test_ticket_round_trip(tmp_path):
     _, mask = _ticket_mask()
     ticket = pu.make_ticket(mask, round=1, method="imp", retrain="at", arch="resnet50",
                             pretrain="fat", init="/weights/fat.pth", source_dataset="imagenet")
-    assert ticket["format"] == "double-win-ticket" and ticket["version"] == 1
+    assert ticket["format"] == "double-win-ticket" and ticket["version"] == 2
+    assert ticket["pattern"] == "unstructured" and ticket["rewind"] == "theta_p" and "nm" not in ticket
     assert isinstance(ticket["sparsity"], float) and ticket["sparsity"] == 20.0
     path = tmp_path / "tickets" / "round_01.pt"
     pu.save_ticket(path, ticket)
@@ -428,7 +429,7 @@ def test_ticket_round_trip(tmp_path):
 
     loaded = pu.load_ticket(path)
     assert set(loaded) == {"format", "version", "masks", "sparsity", "round", "method", "retrain",
-                           "arch", "pretrain", "init", "source_dataset"}
+                           "arch", "pretrain", "init", "source_dataset", "pattern", "rewind"}
     assert list(loaded["masks"]) == list(mask)
     assert all(torch.equal(loaded["masks"][n], mask[n]) and loaded["masks"][n].dtype == torch.bool
                for n in mask)
@@ -472,7 +473,7 @@ def test_load_ticket_validation_errors(tmp_path):
         pu.save_ticket(tmp_path / "never.pt", float_masks)
     assert not (tmp_path / "never.pt").exists()
     with pytest.raises(UserError, match="version"):
-        pu.load_ticket(_write_raw(tmp_path / "v2.pt", dict(ticket, version=2)))
+        pu.load_ticket(_write_raw(tmp_path / "v3.pt", dict(ticket, version=3)))
     with pytest.raises(UserError, match="format"):
         pu.load_ticket(_write_raw(tmp_path / "fmt.pt", dict(ticket, format="other")))
     missing = dict(ticket)
@@ -539,3 +540,250 @@ def test_seed_mask_with_non_binary_values_is_refused(tmp_path):
                       {"state_dict": {"conv1.weight_mask": torch.full((2, 3, 1, 1), 0.5)}})
     with pytest.raises(UserError, match="other than 0 and 1"):
         pu.load_ticket(path)
+
+
+# --------------------------------------------------------------------------- ticket format v2 and validate_ticket
+
+_META = dict(round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="std", init="x.pt",
+             source_dataset="digits")
+
+
+def test_version_1_file_reads_as_unstructured_rewound_to_theta_p(tmp_path):
+    _, mask = _ticket_mask()
+    v1 = pu.make_ticket(mask, **_META)
+    v1 = {k: v for k, v in v1.items() if k not in ("pattern", "rewind")}
+    v1["version"] = 1
+    loaded = pu.load_ticket(_write_raw(tmp_path / "v1.pt", v1))
+    assert loaded["pattern"] == "unstructured" and loaded["rewind"] == "theta_p" and loaded["version"] == 1
+    pu.save_ticket(tmp_path / "again.pt", loaded)  # a filled-in v1 ticket still saves
+    # a v2 file must say its pattern and rewind
+    v2 = pu.make_ticket(mask, **_META)
+    del v2["pattern"]
+    with pytest.raises(UserError, match="pattern"):
+        pu.load_ticket(_write_raw(tmp_path / "v2.pt", v2))
+    with pytest.raises(UserError, match="version-1"):
+        pu.validate_ticket(dict(v1, pattern="channel"))
+
+
+def test_v2_keys_lmp_and_rewind_none():
+    _, mask = _ticket_mask()
+    t = pu.make_ticket(mask, **dict(_META, method="lmp", retrain="st"), rewind="none")
+    assert t["method"] == "lmp" and t["rewind"] == "none" and t["version"] == 2
+    with pytest.raises(UserError, match="rewind"):
+        pu.make_ticket(mask, **_META, rewind="epoch_3")
+    with pytest.raises(UserError, match="pattern"):
+        pu.make_ticket(mask, **_META, pattern="block")
+    with pytest.raises(UserError, match="'nm'"):
+        pu.make_ticket(mask, **_META, pattern="nm")  # N:M without [N, M]
+    with pytest.raises(UserError, match="nm pattern only"):
+        pu.make_ticket(mask, **_META, nm=[2, 4])
+
+
+def test_lying_ticket_sparsity_is_refused(tmp_path):
+    model = SmallNet()
+    full = pu.full_mask(model)
+    honest = pu.make_ticket(full, **_META)
+    assert honest["sparsity"] == 0.0
+    with pytest.raises(UserError, match="claims 64.00% sparsity but its masks prune 0.00%"):
+        pu.load_ticket(_write_raw(tmp_path / "lie.pt", dict(honest, sparsity=64.0)))
+    # the 2-decimal rounding of an honest ticket is within the tolerance, a 0.02-point slip is not
+    mask = pu.prune_to_sparsity(model.state_dict(), 33.333, base_mask=full)
+    t = pu.make_ticket(mask, **_META)
+    assert abs(t["sparsity"] - pu.sparsity(mask)) > 0.0  # it really was rounded
+    pu.validate_ticket(t)
+    with pytest.raises(UserError, match="claims"):
+        pu.validate_ticket(dict(t, sparsity=t["sparsity"] + 0.02))
+
+
+@pytest.mark.parametrize("key,shape", [("fc.weight", (4, 128)), ("bn1.weight", (16,)), ("block.2.bias", (64,)),
+                                       ("fc.conv_like.weight", (4, 4, 1, 1))])
+def test_ticket_masking_anything_but_conv_weights_is_refused(tmp_path, key, shape):
+    _, mask = _ticket_mask()
+    t = pu.make_ticket(mask, **_META)
+    masks = dict(t["masks"], **{key: torch.zeros(shape, dtype=torch.bool)})
+    bad = dict(t, masks=masks, sparsity=round(pu.sparsity(masks), 2))
+    with pytest.raises(UserError, match=f"masks '{key}', which is not a convolution weight"):
+        pu.load_ticket(_write_raw(tmp_path / "bad.pt", bad))
+    with pytest.raises(UserError, match=key):
+        pu.make_ticket(masks, **_META)
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_sparse_layout_ticket_is_refused_in_one_line(tmp_path):
+    _, mask = _ticket_mask()
+    t = pu.make_ticket(mask, **_META)
+    sparse = dict(t, masks={n: m.to_sparse() for n, m in t["masks"].items()})
+    with pytest.raises(UserError, match="sparse_coo tensor; tickets hold dense bool masks") as info:
+        pu.load_ticket(_write_raw(tmp_path / "sparse.pt", sparse))
+    assert "\n" not in str(info.value)
+
+
+def test_check_mask_fits_refuses_non_conv_and_warns_once_about_missing_layers(capsys):
+    model = SmallNet()
+    with pytest.raises(UserError, match="'fc.weight' is not a convolution weight"):
+        pu.check_mask_fits(model, {"fc.weight": torch.ones(4, 128, dtype=torch.bool)})
+    conv1_only = {"conv1.weight": torch.ones(16, 3, 3, 3, dtype=torch.bool)}
+    pu._COVERAGE_WARNED.clear()
+    pu.check_mask_fits(model, conv1_only)
+    pu.apply_mask(model, conv1_only)
+    pu.MaskEnforcer(model, conv1_only)
+    err = capsys.readouterr().err
+    assert err.count("warning: the mask covers 1 of the model's 5 prunable conv layers") == 1
+    # a ticket without only the stem (--exclude-stem) is complete
+    pu.check_mask_fits(model, pu.full_mask(model, include_stem=False))
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- structured patterns
+
+def _resnet(arch="resnet_tiny"):
+    import models
+    torch.manual_seed(0)
+    return models.build_model(arch, 5, cifar_stem=True)
+
+
+def test_channel_groups_are_the_block_internal_convs():
+    import models
+    groups = pu.channel_groups(pu.prunable_names(_resnet()))
+    assert [g.conv for g in groups] == [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
+    assert groups[0] == ("layer1.0.conv1.weight", "layer1.0.bn1", "layer1.0.conv2.weight")
+    bottleneck = pu.channel_groups(pu.prunable_names(models.build_model("resnet50", 3)))
+    assert len(bottleneck) == 32 and ("layer1.0.conv2.weight", "layer1.0.bn2", "layer1.0.conv3.weight") in bottleneck
+    assert not any("downsample" in g.conv or g.conv == "conv1.weight" for g in bottleneck)
+
+
+def test_channel_masks_remove_whole_filters_and_never_a_whole_layer():
+    model = _resnet()
+    weights = model.state_dict()
+    mask = pu.full_mask(model)
+    groups = pu.channel_groups(list(mask))
+    total = sum(mask[g.conv].shape[0] for g in groups)
+    mask1 = pu.channel_prune(weights, mask, 0.2)
+    assert pu.filter_sparsity(mask1) == pytest.approx(100 * round(0.2 * total) / total)
+    for _ in range(30):  # far past the point where layers would empty out
+        mask = pu.channel_prune(weights, mask, 0.5)
+    for g in groups:
+        alive = pu.alive_filters(mask[g.conv])
+        assert int(alive.sum()) == 1  # capped: exactly one filter left per layer
+        m = mask[g.conv]
+        assert torch.equal(m, alive.view(-1, 1, 1, 1).expand_as(m))  # whole filters, input side untouched
+        assert torch.equal(pu.alive_inputs(mask[g.next]), alive)  # the next conv's inputs follow
+    for name in set(mask) - {g.conv for g in groups}:  # residual-stream convs keep every filter
+        assert bool(pu.alive_filters(mask[name]).all())
+    t = pu.make_ticket(mask, **_META, pattern="channel")
+    assert t["pattern"] == "channel" and "nm" not in t
+
+
+def test_channel_ranking_is_normalised_per_layer():
+    model = _resnet()
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    # a layer scaled up 100x must not escape pruning: scores are relative to the layer's mean
+    weights["layer4.0.conv1.weight"] *= 100
+    plain = pu.channel_prune(model.state_dict(), pu.full_mask(model), 0.3)
+    scaled = pu.channel_prune(weights, pu.full_mask(model), 0.3)
+    assert all(torch.equal(plain[n], scaled[n]) for n in plain)
+    # the weakest filter (relative to its layer) goes first
+    w = {n: t.clone() for n, t in weights.items()}
+    w["layer2.0.conv1.weight"][7] *= 1e-3
+    one = pu.channel_prune(w, pu.full_mask(model), 1 / 240)  # 240 internal filters -> 1 removed
+    assert not bool(pu.alive_filters(one["layer2.0.conv1.weight"])[7])
+    assert pu.filter_sparsity(one) == pytest.approx(100 / 240)
+
+
+def test_random_channel_prune_seeded():
+    model = _resnet()
+    a = pu.random_channel_prune(pu.full_mask(model), 0.5, torch.Generator().manual_seed(1))
+    b = pu.random_channel_prune(pu.full_mask(model), 0.5, torch.Generator().manual_seed(1))
+    c = pu.random_channel_prune(pu.full_mask(model), 0.5, torch.Generator().manual_seed(2))
+    assert all(torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], c[n]) for n in a)
+    assert pu.filter_sparsity(a) == pytest.approx(50.0)
+    pu.make_ticket(a, **dict(_META, method="rp"), pattern="channel")
+
+
+def test_channel_ticket_that_is_not_whole_filters_is_refused():
+    model = _resnet()
+    mask = pu.channel_prune(model.state_dict(), pu.full_mask(model), 0.3)
+    single = {n: m.clone() for n, m in mask.items()}
+    keep = int(pu.alive_filters(mask["layer1.0.conv1.weight"]).nonzero()[0])
+    single["layer1.0.conv1.weight"][keep, 0, 0, 0] = False
+    with pytest.raises(UserError, match="removes single weights"):
+        pu.make_ticket(single, **_META, pattern="channel")
+    stream = {n: m.clone() for n, m in mask.items()}
+    stream["layer1.0.conv2.weight"][3] = False  # conv2 of a basic block adds into the residual stream
+    with pytest.raises(UserError, match="residual stream"):
+        pu.make_ticket(stream, **_META, pattern="channel")
+    loose = {n: m.clone() for n, m in mask.items()}
+    loose["layer1.0.conv2.weight"][:] = True
+    with pytest.raises(UserError, match="complete_channel_mask"):
+        pu.make_ticket(loose, **_META, pattern="channel")
+    with pytest.raises(UserError, match="no convolution inside a residual block"):
+        pu.channel_prune(SmallNet().state_dict(), pu.full_mask(SmallNet()), 0.2)
+
+
+def test_nm_masks_keep_exactly_n_of_every_m():
+    model = _resnet()
+    weights = model.state_dict()
+    mask = pu.nm_prune(weights, pu.full_mask(model), 2, 4)
+    assert pu.nm_dense_layers(mask, 4) == ["conv1.weight"]  # the CIFAR stem has 3*3*3 = 27 inputs
+    assert bool(mask.pop("conv1.weight").all())
+    for name, m in mask.items():
+        kept = m.reshape(m.shape[0], -1, 4).sum(-1)
+        assert bool((kept == 2).all()), name
+        w = weights[name].abs().reshape(m.shape[0], -1, 4)
+        groups = m.reshape(m.shape[0], -1, 4)
+        # the kept two are the largest two of their group
+        assert bool((w.masked_fill(~groups, float("inf")).amin(-1) >= w.masked_fill(groups, -1).amax(-1)).all())
+    t = pu.make_ticket(mask, **_META, pattern="nm", nm=(2, 4))
+    assert t["nm"] == [2, 4] and t["sparsity"] == 50.0
+    too_many = dict(mask, **{"layer1.0.conv1.weight": torch.ones_like(mask["layer1.0.conv1.weight"])})
+    with pytest.raises(UserError, match="keeps more than 2"):
+        pu.make_ticket(too_many, **_META, pattern="nm", nm=[2, 4])
+
+
+def test_nm_leaves_layers_whose_input_is_not_a_multiple_of_m_dense():
+    import models
+    model = models.build_model("resnet_tiny", 5)  # ImageNet stem: 3*7*7 = 147 inputs per filter
+    mask = pu.nm_prune(model.state_dict(), pu.full_mask(model), 2, 4)
+    assert pu.nm_dense_layers(mask, 4) == ["conv1.weight"] and bool(mask["conv1.weight"].all())
+    random = pu.random_nm_prune(pu.full_mask(model), 1, 4, torch.Generator().manual_seed(0))
+    assert all(bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 1).all()) for n, m in random.items() if n != "conv1.weight")
+    assert pu.parse_nm("2:4") == [2, 4]
+    for bad in ("4:2", "2-4", "0:4", "a:b"):
+        with pytest.raises(UserError, match="N:M"):
+            pu.parse_nm(bad)
+
+
+def test_channel_enforcer_keeps_removed_filters_and_their_batchnorm_zero():
+    model = _resnet()
+    mask = pu.channel_prune(model.state_dict(), pu.full_mask(model), 0.5)
+    with torch.no_grad():  # BatchNorm starts at 1/0; make it non-trivial so zeroing is visible
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+    pu.apply_mask(model, mask, pattern="channel")
+    enforcer = pu.MaskEnforcer(model, mask, pattern="channel")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(0)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(torch.rand(8, 3, 16, 16)), torch.randint(0, 5, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        enforcer.after_backward()
+        opt.step()
+        enforcer.after_step()
+    params = dict(model.named_parameters())
+    for g in pu.channel_groups(list(mask)):
+        dead = ~pu.alive_filters(mask[g.conv])
+        assert bool(dead.any())
+        assert int(params[g.conv].detach()[dead].count_nonzero()) == 0
+        assert int(params[g.bn + ".weight"].detach()[dead].count_nonzero()) == 0
+        assert int(params[g.bn + ".bias"].detach()[dead].count_nonzero()) == 0
+        assert int(params[g.bn + ".weight"].detach()[~dead].count_nonzero()) > 0
+    # the removed channels output exactly zero after their BatchNorm
+    model.eval()
+    out = {}
+    model.layer1[0].bn1.register_forward_hook(lambda m, i, o: out.setdefault("bn", o))
+    model(torch.rand(2, 3, 16, 16))
+    dead = ~pu.alive_filters(mask["layer1.0.conv1.weight"])
+    assert int(out["bn"][:, dead].count_nonzero()) == 0

@@ -3,7 +3,13 @@
 import pytest
 
 from utils.errors import UserError
-from utils.rundir import config_differences, prepare_run_dir
+from utils.rundir import config_differences, lock_holder, prepare_run_dir, release_locks
+
+
+@pytest.fixture(autouse=True)
+def _free_locks():
+    yield
+    release_locks()
 
 
 def test_config_differences_lists_changes_but_not_unset_flags_of_another_version():
@@ -21,3 +27,17 @@ def test_prepare_run_dir_resumes_across_a_removed_unset_flag(tmp_path):
     assert prepare_run_dir(tmp_path / "run", {"lr": 0.1}) is True
     with pytest.raises(UserError, match="lr: 0.1 -> 0.2"):
         prepare_run_dir(tmp_path / "run", {"lr": 0.2})
+
+
+def test_a_changed_config_points_to_restart_only_while_the_run_is_unfinished(tmp_path):
+    run = tmp_path / "run"
+    prepare_run_dir(run, {"lr": 0.1})
+    assert lock_holder(run) is not None
+    with pytest.raises(UserError, match="add --restart to discard this unfinished run"):
+        prepare_run_dir(run, {"lr": 0.2})
+    (run / "results.json").write_text("{}")
+    with pytest.raises(UserError) as err:
+        prepare_run_dir(run, {"lr": 0.2})
+    assert "--restart" not in str(err.value) and "another --save-dir" in str(err.value)
+    release_locks()
+    assert lock_holder(run) is None

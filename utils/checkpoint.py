@@ -34,27 +34,60 @@ def _numpy_safe_globals():
     return names
 
 
+# torch's boilerplate around the one line that says what is wrong with a file
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running",
+                "In PyTorch 2.6", "return Unpickler(")
+
+
+def _reason(exc):
+    """The informative line of a loader exception (some have none: EOFError() is empty)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_BOILERPLATE)]
+    text = (useful or lines or [""])[0]
+    text = text.replace("WeightsUnpickler error:", "").strip()
+    name = type(exc).__name__
+    return f"{name}: {text[:200]}" if text else name
+
+
 def safe_load(path, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with clear errors.
 
-    Raises :class:`UserError` when the file is missing, is not a torch checkpoint, or needs
-    arbitrary unpickling (which is refused, never executed).
+    Every way ``path`` can fail to be a checkpoint raises one :class:`UserError` naming the file:
+    missing, a directory or other non-file, unreadable, empty, not a torch file (text, random
+    bytes, a foreign zip, a truncated download), or a file that needs arbitrary unpickling (which
+    is refused, never executed).
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UserError(f"'{path}' is a directory, not a checkpoint file; pass the path of a .pt/.pth/.tar file.")
+    if not path.exists():
         raise UserError(f"checkpoint file '{path}' does not exist; pass the path of an existing .pt/.pth/.tar file.")
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise UserError(f"'{path}' is not a regular file; pass the path of a .pt/.pth/.tar checkpoint file.")
+    try:
+        with open(path, "rb") as fh:
+            empty = fh.read(1) == b""
+    except OSError as exc:
+        raise UserError(f"checkpoint file '{path}' cannot be read ({exc.strerror or _reason(exc)}); "
+                        "fix its permissions or pass another file.") from None
+    if empty:
+        raise UserError(f"checkpoint file '{path}' is empty (0 bytes), e.g. from an interrupted copy; "
+                        "copy or download it again.")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(
-            f"refusing to load '{path}': it needs arbitrary unpickling ({str(exc).splitlines()[0][:200]}), "
-            "which could run code; re-save it as a plain state dict of tensors "
-            "(torch.save(model.state_dict(), path))."
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise UserError(f"'{path}' is not a readable torch checkpoint ({str(exc).splitlines()[0][:200]}); "
-                        "check the path and that the file was fully copied.") from None
+        if "GLOBAL" in str(exc) or "global" in str(exc):
+            raise UserError(
+                f"refusing to load '{path}': it needs arbitrary unpickling ({_reason(exc)}), "
+                "which could run code; re-save it as a plain state dict of tensors "
+                "(torch.save(model.state_dict(), path))."
+            ) from None
+        raise UserError(f"'{path}' is not a torch checkpoint ({_reason(exc)}); check the path and that the file "
+                        "was fully copied.") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch raise is one bad-file error
+        raise UserError(f"'{path}' is not a readable torch checkpoint ({_reason(exc)}); check the path and that "
+                        "the file was fully copied.") from None
 
 
 def _current_umask():
@@ -68,18 +101,22 @@ _UMASK = _current_umask()
 
 def _atomic_write(path, write_fn, binary):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb" if binary else "w") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
             write_fn(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename != str(path):
+            # name the file the user knows, not the temporary (nor none: a full disk fails in write)
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
 
 

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by the entry points: value parsers and the error boundary."""
 
 import argparse
+import errno
 import sys
 import traceback
 
@@ -47,6 +48,29 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors also exit with status 2 and one clear line (argparse's default)."""
 
 
+_ENVIRONMENT_FIXES = {
+    errno.ENOSPC: "free space on that file system (or choose another --save-dir)",
+    errno.EDQUOT: "free space within your disk quota (or choose another --save-dir)",
+    errno.EROFS: "the file system is read-only; choose a writable --save-dir",
+    errno.EACCES: "fix the permissions of that path (or choose another --save-dir)",
+    errno.EPERM: "fix the permissions of that path (or choose another --save-dir)",
+}
+
+
+def environment_error_message(exc):
+    """One line for a full disk, an exceeded quota, a read-only file system or a permission
+    problem (None for any other OSError). Every file is written atomically, so what was saved
+    before the failure is intact and the same command resumes once the cause is fixed."""
+    fix = _ENVIRONMENT_FIXES.get(getattr(exc, "errno", None))
+    if fix is None:
+        return None
+    reason = exc.strerror or errno.errorcode.get(exc.errno, str(exc.errno))
+    where = f"cannot write '{exc.filename}'" if exc.filename else "a file could not be written"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        where = f"cannot write or read '{exc.filename}'" if exc.filename else "a file could not be written or read"
+    return f"{where}: {reason}; {fix}, then rerun the same command (files written before this are intact)."
+
+
 def run_main(main, argv=None):
     """Call ``main(argv)``; turn a UserError into one line on stderr and exit status 2."""
     try:
@@ -57,6 +81,19 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
         sys.exit(130)
-    except Exception:
+    except OSError as exc:
+        message = environment_error_message(exc)
+        if message is None:
+            traceback.print_exc()
+            sys.exit(1)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as exc:
+        from utils.engine import Preempted
+        from utils.preemption import EXIT_PREEMPTED
+        if isinstance(exc, Preempted):  # a requested stop, not a failure: the scheduler requeues on this status
+            print(f"{exc}; the state is saved: rerun the same command to resume from this step.", file=sys.stderr,
+                  flush=True)
+            sys.exit(EXIT_PREEMPTED)
         traceback.print_exc()
         sys.exit(1)

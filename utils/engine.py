@@ -26,6 +26,66 @@ class NonFiniteLoss(UserError):
     """Training diverged; the caller names where and keeps the last good checkpoint."""
 
 
+class NonFiniteOutput(UserError):
+    """The model produced NaN/inf logits in evaluation: a broken model must not be scored."""
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGTERM/SIGUSR1) and the state at a step boundary has been saved."""
+
+
+def uniform_loss(num_classes):
+    """Cross-entropy of a uniform prediction: the scale against which a training loss is judged."""
+    return math.log(max(2, int(num_classes)))
+
+
+class LossGuard:
+    """Stops training whose loss stays above ``bound`` for ``patience`` consecutive steps.
+
+    A loss can stay finite and still be garbage (lr 30 gave 9e13 and a 'finished' run at chance),
+    so a non-finite check alone is not enough. The count lives on the device and is read only at
+    the engine's sync points, so the check costs no extra host synchronisation; it carries across
+    epochs, because a tiny epoch may have fewer steps than ``patience``.
+    """
+
+    def __init__(self, bound, patience=10):
+        self.bound = float(bound)
+        self.patience = int(patience)
+        self.consecutive = None
+        self.longest = None
+
+    def update(self, loss):
+        if self.consecutive is None:
+            self.consecutive = torch.zeros((), device=loss.device, dtype=torch.int64)
+            self.longest = torch.zeros((), device=loss.device, dtype=torch.int64)
+        over = loss.detach() > self.bound
+        self.consecutive = torch.where(over, self.consecutive + 1, torch.zeros_like(self.consecutive))
+        self.longest = torch.maximum(self.longest, self.consecutive)
+
+    def check(self):
+        """Raise NonFiniteLoss (divergence) when the bound held for ``patience`` steps on any rank."""
+        if self.longest is None:
+            return
+        hit = du.all_reduce_sum((self.longest >= self.patience).to(torch.float32).reshape(1))
+        if hit.item() > 0:
+            raise NonFiniteLoss(f"training loss stayed above {self.bound:.4g} (--max-loss) for {self.patience} "
+                                "consecutive steps")
+
+    def state_dict(self):
+        return {"consecutive": None if self.consecutive is None else int(self.consecutive.item())}
+
+    def load_state_dict(self, state):
+        if state and state.get("consecutive") is not None:
+            self.consecutive = torch.tensor(int(state["consecutive"]))
+            self.longest = torch.zeros((), dtype=torch.int64)
+
+    def to(self, device):
+        if self.consecutive is not None:
+            self.consecutive = self.consecutive.to(device)
+            self.longest = self.longest.to(device)
+        return self
+
+
 @dataclass
 class Precision:
     """Autocast settings; ``dtype`` None means full fp32."""
@@ -127,53 +187,75 @@ def _bar(loader, desc, enabled):
 
 def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=None, enforcer=None,
                 precision=None, scaler=None, channels_last=False, progress=True, desc="train",
-                max_steps=None, train_mode=True):
+                max_steps=None, train_mode=True, loss_guard=None, start_step=0, carry=None, step_hook=None):
     """One pass over ``loader``. Returns {"train_loss", "train_acc", "seconds", "images"}.
 
     ``attack`` turns each clean batch into the training batch (None: standard training);
     ``attack_model`` is what the attack queries (the unwrapped model under DDP);
     ``enforcer`` (pruning_utils.MaskEnforcer) keeps pruned weights at exactly zero.
     ``train_mode=False`` leaves the modes the caller set (e.g. frozen BatchNorm for linear evaluation).
+    ``loss_guard`` (LossGuard) stops a loss that stays finite but absurd.
+    Mid-epoch resume: the loader was positioned at batch ``start_step`` (``set_epoch(e, start_batch=)``)
+    and ``carry`` holds the sums of the steps already taken (:func:`epoch_carry`).
+    ``step_hook(step, carry_fn)`` runs after every step (``carry_fn()`` gives the sums so far); it may
+    save a checkpoint and raise :class:`Preempted`.
     Raises NonFiniteLoss as soon as the loss stops being finite.
     """
     precision = precision or Precision(torch.device(device).type)
     attack_model = attack_model if attack_model is not None else model
     if train_mode:
         model.train()
-    start = time.perf_counter()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    carry = carry or {}
+    start = time.perf_counter() - float(carry.get("seconds", 0.0))
+    loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
+    correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.int64)
+    seen = int(carry.get("seen", 0))
+    world_size = du.get_world_size()
+    if loss_guard is not None:
+        loss_guard.to(device)
     bar = _bar(loader, desc, progress)
-    for step, (images, labels) in enumerate(bar):
+    for step, (images, labels) in enumerate(bar, start=start_step):
         if max_steps is not None and step >= max_steps:
             break
         images, labels = _to_device(images, labels, device, channels_last)
-        if attack is not None:
+        n = labels.shape[0]
+        if attack is not None and n:
             with precision.autocast():
                 images = attack(attack_model, images, labels)
         with precision.autocast():
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            # a rank left without images in an epoch's last step (dataset.train_step_bounds) still
+            # joins the step with a zero loss that reaches every parameter, so DDP's all-reduce completes
+            loss = F.cross_entropy(logits.float(), labels) if n else logits.float().sum()
+        objective = loss
+        if world_size > 1:
+            # DDP averages gradients over ranks whose batches differ in size in an epoch's last step;
+            # weighting each rank's mean loss by n * world / global n makes that average the gradient
+            # of the mean loss over the whole global batch
+            global_n = du.all_reduce_sum(torch.full((1,), float(n), device=logits.device))
+            objective = loss * (n * world_size / global_n)[0]
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             if enforcer is not None:
                 enforcer.after_backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             if enforcer is not None:
                 enforcer.after_backward()
             optimizer.step()
         if enforcer is not None:
             enforcer.after_step()
-        n = labels.shape[0]
         seen += n
         loss_sum += loss.detach().double() * n
         correct += (logits.detach().argmax(1) == labels).sum()
+        if loss_guard is not None and n:
+            loss_guard.update(loss)
         if (step + 1) % SYNC_EVERY == 0:
+            if loss_guard is not None:
+                loss_guard.check()
             # every rank learns that some rank diverged, so all stop together instead of the healthy
             # ones waiting in the next gradient all-reduce for a rank that has already left
             diverged = du.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.float32).reshape(1))
@@ -183,6 +265,10 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
                 raise NonFiniteLoss(f"training loss became {value} at step {step + 1}")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running:.3f}", acc=f"{100.0 * correct.item() / max(seen, 1):.1f}")
+        if step_hook is not None:
+            step_hook(step + 1, lambda ls=loss_sum, c=correct, n=seen: epoch_carry(ls, c, n, start))
+    if loss_guard is not None:
+        loss_guard.check()
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
     du.all_reduce_sum(totals)
     loss_total, correct_total, n_total = totals.tolist()
@@ -193,6 +279,12 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
         raise NonFiniteLoss(f"training loss became {train_loss}")
     return {"train_loss": train_loss, "train_acc": 100.0 * correct_total / n_total,
             "seconds": time.perf_counter() - start, "images": int(n_total)}
+
+
+def epoch_carry(loss_sum, correct, seen, start):
+    """The sums of a partial epoch in plain types, for a mid-epoch checkpoint (host sync)."""
+    return {"loss_sum": float(loss_sum.item()), "correct": int(correct.item()), "seen": int(seen),
+            "seconds": time.perf_counter() - start}
 
 
 def evaluate(model, loader, *, device, attack=None, precision=None, channels_last=False, progress=True,
@@ -206,12 +298,15 @@ def evaluate(model, loader, *, device, attack=None, precision=None, channels_las
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.int64)
     robust = torch.zeros((), device=device, dtype=torch.int64)
+    broken = torch.zeros((), device=device, dtype=torch.int64)  # images with a non-finite logit
     seen = 0
     try:
         for images, labels in _bar(loader, desc, progress):
             images, labels = _to_device(images, labels, device, channels_last)
             with torch.no_grad(), precision.autocast():
-                correct += (model(images).argmax(1) == labels).sum()
+                logits = model(images)
+                correct += (logits.argmax(1) == labels).sum()
+                broken += (~torch.isfinite(logits).all(1)).sum()
             if attack is not None:
                 with precision.autocast():
                     adv = attack(model, images, labels)
@@ -220,11 +315,14 @@ def evaluate(model, loader, *, device, attack=None, precision=None, channels_las
             seen += labels.shape[0]
     finally:
         model.train(was_training)
-    totals = torch.stack([correct, robust, torch.tensor(seen, device=device, dtype=torch.int64)]).double()
+    totals = torch.stack([correct, robust, torch.tensor(seen, device=device, dtype=torch.int64), broken]).double()
     du.all_reduce_sum(totals)
-    c, r, n = totals.tolist()
+    c, r, n, bad = totals.tolist()
     if n == 0:
         raise UserError("the evaluation loader produced no images; check the dataset split sizes.")
+    if bad:
+        # argmax of NaN logits is an arbitrary class, so the 'accuracy' would be noise, not a result
+        raise NonFiniteOutput(f"the model gave non-finite logits for {int(bad)} of {int(n)} images in {desc}")
     out = {"sa": 100.0 * c / n, "n": int(n)}
     out["ra"] = 100.0 * r / n if attack is not None else None
     return out

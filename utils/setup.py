@@ -4,6 +4,8 @@ Keeping this in one place means stage 1 and stage 2 build data and models the sa
 ticket found in stage 1 always fits the model stage 2 builds from the same flags.
 """
 
+import math
+
 import torch
 
 import dataset
@@ -53,23 +55,43 @@ def add_common_args(p, datasets):
                    help="turn off cuDNN autotuning (on by default on CUDA; off makes the kernel choice repeatable)")
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     p.add_argument("--save-dir", "--save_dir", dest="save_dir", required=True)
+    p.add_argument("--restart", action="store_true",
+                   help="discard the unfinished run in --save-dir (checkpoint, config, log, tickets; each is "
+                        "printed) and start afresh, e.g. after a divergence; a finished run is never discarded")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
 
 
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def check_common_args(args):
-    for name in ("lr", "weight_decay"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a non-negative number, not {value}.")
+    """Refuse values that would crash deep inside training or silently compute nonsense.
+
+    Optional stage-specific attributes (``test_eps``, ``test_alpha``) are checked when present."""
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive finite number, not {args.lr}.")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be a non-negative finite number, not {args.weight_decay}.")
+    if not 0 <= args.momentum < 1:  # also refuses NaN; momentum 1 never forgets a gradient and diverges
+        raise UserError(f"--momentum must lie in [0, 1), not {args.momentum}; the paper uses 0.9.")
+    if not 0 <= args.seed < 2 ** 32:  # numpy's seed range
+        raise UserError(f"--seed must lie in [0, 2**32), not {args.seed}.")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, not {args.workers}.")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
     if args.image_size is not None and args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 pixels, not {args.image_size}.")
-    if not 0 <= args.eps <= 1:
-        raise UserError(f"--eps must lie in [0, 1] (pixel scale), not {args.eps}.")
-    if args.alpha is not None and not 0 < args.alpha <= 1:
-        raise UserError(f"--alpha must lie in (0, 1] (pixel scale), not {args.alpha}.")
+    for name in ("eps", "test_eps"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"{_flag(name)} must lie in [0, 1] (pixel scale, e.g. 8/255), not {value}.")
+    for name in ("alpha", "test_alpha"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value <= 1:
+            raise UserError(f"{_flag(name)} must lie in (0, 1] (pixel scale, e.g. 2/255), not {value}.")
 
 
 def default_image_size(name):
@@ -87,7 +109,8 @@ def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None):
         args.dataset, args.data, image_size=image_size, batch_size=per_rank, eval_batch_size=max(per_rank, 64),
         val_size=val_size, data_rate=data_rate, seed=args.seed, device=dist_info.device, workers=args.workers,
         augment=args.augment, classes=args.classes, rank=dist_info.rank, world_size=dist_info.world_size,
-        channels_last=bool(args.channels_last))
+        channels_last=bool(args.channels_last), subset=getattr(args, "subset", "random"),
+        subset_seed=getattr(args, "subset_seed", 0))
 
 
 def build_model(args, data, device, load_head):
@@ -125,10 +148,19 @@ def log(msg):
         print(msg, flush=True)
 
 
-def prepare_dir(save_dir, config, dist_info):
-    """The primary rank creates or checks the run directory first; the others then check it."""
+def prepare_dir(save_dir, config, dist_info, *, restart=None, finished=None):
+    """The primary rank locks, creates or checks the run directory first; the others then check it.
+
+    The primary's lock on the directory (utils.rundir.RunDirLock) is held until
+    ``utils.rundir.release_locks()``. ``restart`` (default: ``config["restart"]``, i.e. --restart)
+    discards an unfinished run there first; ``finished`` overrides whether the directory's run
+    counts as finished (default: ``utils.rundir.run_finished``: results.json, or every round's ticket).
+    """
     from utils.rundir import prepare_run_dir
-    resumed = prepare_run_dir(save_dir, config, primary=True) if dist_info.primary else None
+    if restart is None:
+        restart = bool(config.get("restart", False))
+    resumed = (prepare_run_dir(save_dir, config, primary=True, restart=restart, finished=finished)
+               if dist_info.primary else None)
     du.barrier()
     if not dist_info.primary:
         resumed = prepare_run_dir(save_dir, config, primary=False)
@@ -149,3 +181,23 @@ class DataStub:
 
 def data_stub(args):
     return DataStub(args)
+
+
+def run_stoppable(run, args, stop):
+    """``run(args, stop)`` with the stop signals turned into ``stop``'s flag for its duration, and
+    every run-directory lock released afterwards, however it ends."""
+    stop.install()
+    try:
+        return run(args, stop)
+    finally:
+        stop.uninstall()
+        release_run_locks()
+
+
+def release_run_locks():
+    """Release the run-directory locks this process holds (entry points call it when they return, so
+    a worker that runs many runs in one process does not keep finished runs locked)."""
+    from utils import rundir
+    release = getattr(rundir, "release_locks", None)
+    if release is not None:
+        release()

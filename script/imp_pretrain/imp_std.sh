@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Stage 1, the paper's IMP with standard re-training on ImageNet (ResNet-50, 19 rounds of 20%,
 # 30 epochs per round, SGD lr 5e-4, global batch 2048), on every local GPU through torchrun.
-# usage: bash script/imp_pretrain/imp_std.sh INIT SAVE_DIR DATA_DIR [extra flags, e.g. --pretrain fat]
+# usage: bash script/imp_pretrain/imp_std.sh INIT SAVE_DIR DATA_DIR [flags]   (PRETRAIN=std|fat|at required)
 set -euo pipefail
 source "$(dirname "$0")/../_launch.sh"
 usage_if_short 3 $# "bash script/imp_pretrain/imp_std.sh INIT SAVE_DIR DATA_DIR [flags]"
 INIT=$1 SAVE_DIR=$2 DATA_DIR=$3
 shift 3
+case " $* " in *" --pretrain "*|*" --pretrain="*) PRETRAIN_FLAG=1 ;; *) PRETRAIN_FLAG= ;; esac
+if [ -z "${PRETRAIN:-}" ] && [ -z "$PRETRAIN_FLAG" ]; then
+  echo "error: set PRETRAIN to the label of INIT (std, fat or at), e.g. PRETRAIN=at bash $0 ...; tickets are paired with the dense baseline of the same label, so a wrong default would compare them with the wrong one." >&2
+  exit 2
+fi
 launch main_imp_pretrain.py --data "$DATA_DIR" --dataset imagenet --arch resnet50 --init "$INIT" \
-  --pretrain "${PRETRAIN:-std}" --method imp --retrain st --rate 0.2 --rounds 19 --epochs-per-round 30 \
+  ${PRETRAIN:+--pretrain "$PRETRAIN"} --method imp --retrain st --rate 0.2 --rounds 19 --epochs-per-round 30 \
   --lr 5e-4 --momentum 0.9 --weight-decay 1e-4 --batch-size 2048 --image-size 224 --workers "${WORKERS:-8}" \
   --save-dir "$SAVE_DIR" "$@"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stage 2, the paper's PGD-10 adversarial fine-tuning on CIFAR-10/100 (100 epochs, lr 0.1 x0.1 at
-# 50 and 75, batch 128, wd 5e-4, eps 8/255, alpha 2/255, PGD-20 evaluation from epoch 45).
+# 50 and 75, batch 128, wd 5e-4, eps 8/255, alpha 2/255, PGD-20 evaluation, selection from epoch 45).
+# Those values are main_downstream.py's defaults for --regime at (one source of truth, printed by
+# `python main_downstream.py --help`); flags given after TICKET override them.
 # usage: bash script/train_downstream/adv_cifar.sh DATASET INIT SAVE_DIR TICKET [flags]
 #   DATASET cifar10|cifar100; TICKET a ticket .pt, or 'none' for the dense baseline;
 #   DATA_DIR (env, default ./data) holds cifar-10-batches-py / cifar-100-python.
@@ -10,6 +12,5 @@ usage_if_short 4 $# "bash script/train_downstream/adv_cifar.sh DATASET INIT SAVE
 DATASET=$1 INIT=$2 SAVE_DIR=$3 TICKET=$4
 shift 4
 NGPU=${NGPU:-1} launch main_downstream.py --data "${DATA_DIR:-data}" --dataset "$DATASET" --arch resnet50 \
-  --init "$INIT" ${PRETRAIN:+--pretrain "$PRETRAIN"} --ticket "$TICKET" --regime at --epochs 100 --lr 0.1 \
-  --milestones 50,75 --batch-size 128 --weight-decay 5e-4 --momentum 0.9 --eps 8/255 --alpha 2/255 \
-  --train-steps 10 --test-steps 20 --eval-from 45 --image-size 224 --save-dir "$SAVE_DIR" "$@"
+  --init "$INIT" ${PRETRAIN:+--pretrain "$PRETRAIN"} --ticket "$TICKET" --regime at \
+  --image-size 224 --save-dir "$SAVE_DIR" "$@"

@@ -1,0 +1,188 @@
+"""Structured tickets end to end: stage 1 with --pattern channel / nm, stage 2 keeping them structured,
+and stage 2 refusing tickets whose masks contradict their claims (issue 14 item 1, issue 15 finding 3)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_downstream
+import main_imp_pretrain
+import models
+import pruning_utils as pu
+from tests.fixtures import write_image_folder
+from utils.checkpoint import safe_load
+from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet_tiny", "--cifar-stem", "--no-progress"]
+
+
+def tiny_init(tmp_path, num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    model = models.build_model("resnet_tiny", num_classes, cifar_stem=True)
+    path = tmp_path / "theta_p.pt"
+    models.save_model_checkpoint(path, model)
+    return path, model
+
+
+def stage1(tmp_path, out, *extra):
+    init, _ = tiny_init(tmp_path)
+    main_imp_pretrain.main(["--dataset", "digits", "--init", str(init), "--pretrain", "std", "--save-dir", str(out),
+                            *TINY, *map(str, extra)])
+    return init
+
+
+def test_omp_channel_tickets_remove_whole_filters_round_by_round(tmp_path):
+    out = tmp_path / "omp"
+    stage1(tmp_path, out, "--method", "omp", "--pattern", "channel", "--rounds", "4")
+    previous = None
+    for k in range(1, 5):
+        t = pu.load_ticket(out / "tickets" / f"round_{k:02d}.pt")
+        assert t["pattern"] == "channel" and t["method"] == "omp" and t["version"] == 2
+        groups = pu.channel_groups(list(t["masks"]))
+        # 240 internal filters of resnet_tiny; each round removes 20% of those left
+        alive = sum(int(pu.alive_filters(t["masks"][g.conv]).sum()) for g in groups)
+        expected = 240
+        for _ in range(k):
+            expected -= round(0.2 * expected)
+        assert alive == expected
+        assert all(int(pu.alive_filters(t["masks"][g.conv]).sum()) >= 1 for g in groups)
+        if previous is not None:  # nested
+            assert all(not bool((t["masks"][n] & ~previous[n]).any()) for n in t["masks"])
+        previous = t["masks"]
+    levels = json.loads((out / "sparsity.json").read_text())
+    assert levels["4"] == pu.load_ticket(out / "tickets" / "round_04.pt")["sparsity"]
+
+
+def test_nm_pattern_is_one_level_and_rp_picks_random_groups(tmp_path):
+    with pytest.raises(UserError, match="--rounds 1"):
+        main_imp_pretrain.parse_args(["--dataset", "digits", "--init", "x", "--save-dir", "o", "--method", "omp",
+                                      "--pattern", "nm"])
+    with pytest.raises(UserError, match="--nm applies to --pattern nm only"):
+        main_imp_pretrain.parse_args(["--dataset", "digits", "--init", "x", "--save-dir", "o", "--nm", "2:4"])
+    with pytest.raises(UserError, match="--layerwise"):
+        main_imp_pretrain.parse_args(["--dataset", "digits", "--init", "x", "--save-dir", "o", "--pattern", "channel",
+                                      "--layerwise"])
+    out = tmp_path / "rp"
+    stage1(tmp_path, out, "--method", "rp", "--pattern", "nm", "--nm", "1:4", "--rounds", "1")
+    t = pu.load_ticket(out / "tickets" / "round_01.pt")
+    assert t["pattern"] == "nm" and t["nm"] == [1, 4] and t["method"] == "rp"
+    omp_out = tmp_path / "omp"
+    stage1(tmp_path, omp_out, "--method", "omp", "--pattern", "nm", "--rounds", "1")
+    o = pu.load_ticket(omp_out / "tickets" / "round_01.pt")
+    assert o["nm"] == [2, 4]
+    for name, m in t["masks"].items():
+        if name == "conv1.weight":  # CIFAR stem: 27 inputs per filter, not a multiple of 4 -> dense
+            assert bool(m.all()) and bool(o["masks"][name].all())
+            continue
+        assert bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 1).all())
+        assert bool((o["masks"][name].reshape(m.shape[0], -1, 4).sum(-1) == 2).all())
+    assert any(not torch.equal(t["masks"][n] & o["masks"][n], t["masks"][n]) for n in t["masks"])
+
+
+def test_imp_channel_retrains_and_keeps_filters_removed(tmp_path):
+    init, _ = tiny_init(tmp_path, num_classes=3)
+    data = tmp_path / "folder"
+    write_image_folder(data, classes=("ant", "bee", "cat"), n_train=8, n_val=2, size=(12, 12))
+    out = tmp_path / "imp"
+    main_imp_pretrain.main(["--data", str(data), "--dataset", "folder", *TINY, "--init", str(init), "--pretrain", "std",
+                            "--image-size", "12", "--batch-size", "8", "--rounds", "2", "--epochs-per-round", "1",
+                            "--lr", "0.05", "--workers", "0", "--pattern", "channel", "--save-dir", str(out)])
+    a = pu.load_ticket(out / "tickets" / "round_01.pt")
+    b = pu.load_ticket(out / "tickets" / "round_02.pt")
+    assert a["pattern"] == b["pattern"] == "channel" and b["method"] == "imp"
+    assert pu.filter_sparsity(b["masks"]) > pu.filter_sparsity(a["masks"]) > 0
+
+
+def _downstream(ticket, init, out, *extra):
+    return main_downstream.main(["--dataset", "digits", "--init", str(init), "--ticket", str(ticket), "--regime", "st",
+                                 "--epochs", "1", "--lr", "0.05", "--batch-size", "32", "--save-dir", str(out),
+                                 *TINY, *map(str, extra)])
+
+
+@pytest.mark.parametrize("pattern", ["channel", "nm"])
+def test_stage2_keeps_a_structured_ticket_structured(tmp_path, pattern):
+    init, model = tiny_init(tmp_path, num_classes=10)
+    weights = model.state_dict()
+    if pattern == "channel":
+        mask = pu.channel_prune(weights, pu.full_mask(model), 0.5)
+        ticket = pu.make_ticket(mask, round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="std",
+                                init=str(init), source_dataset="digits", pattern="channel")
+    else:
+        mask = pu.nm_prune(weights, pu.full_mask(model), 2, 4)
+        ticket = pu.make_ticket(mask, round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="std",
+                                init=str(init), source_dataset="digits", pattern="nm", nm=[2, 4])
+    path = tmp_path / "ticket.pt"
+    pu.save_ticket(path, ticket)
+    out = tmp_path / "run"
+    _downstream(path, init, out)
+    assert json.loads((out / "results.json").read_text())["sparsity"] == ticket["sparsity"]
+    best = safe_load(out / "model_best.pt")["state_dict"]
+    for name, m in mask.items():
+        assert int(best[name][~m].count_nonzero()) == 0, name
+        assert int(best[name][m].count_nonzero()) == int(m.sum()), name  # the kept weights did train
+    if pattern == "channel":
+        for g in pu.channel_groups(list(mask)):
+            dead = ~pu.alive_filters(mask[g.conv])
+            for key in ("weight", "bias"):
+                assert int(best[f"{g.bn}.{key}"][dead].count_nonzero()) == 0
+    else:
+        for name, m in mask.items():
+            if name != "conv1.weight":
+                w = best[name].reshape(m.shape[0], -1, 4)
+                assert bool(((w != 0).sum(-1) <= 2).all())
+
+
+def _cli(argv):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "main_downstream.py"), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow  # one subprocess: ~3 s alone, 15 s on the shared 2-core machine
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_stage2_refuses_tickets_that_contradict_their_claims_before_training(tmp_path):
+    init, model = tiny_init(tmp_path, num_classes=10)
+    honest = pu.make_ticket(pu.full_mask(model), round=4, method="imp", retrain="st", arch="resnet_tiny",
+                            pretrain="std", init=str(init), source_dataset="digits")
+    masks = honest["masks"]
+    with_head = dict(masks, **{"fc.weight": torch.zeros(10, 128, dtype=torch.bool)})
+    with_bn = dict(masks, **{"bn1.weight": torch.zeros(16, dtype=torch.bool)})
+    cases = {
+        "claims 64.00% sparsity but its masks prune 0.00%": dict(honest, sparsity=64.0),
+        "masks 'fc.weight'": dict(honest, masks=with_head, sparsity=round(pu.sparsity(with_head), 2)),
+        "masks 'bn1.weight'": dict(honest, masks=with_bn, sparsity=round(pu.sparsity(with_bn), 2)),
+        "sparse_coo tensor": dict(honest, masks={n: m.to_sparse() for n, m in masks.items()}),
+    }
+    for i, (needle, bad) in enumerate(cases.items()):
+        torch.save(bad, tmp_path / f"bad_{i}.pt")
+        out = tmp_path / f"run_{i}"
+        argv = ["--dataset", "digits", "--init", init, "--ticket", tmp_path / f"bad_{i}.pt", "--epochs", "1",
+                "--save-dir", out, *TINY]
+        if i == 0:  # through the entry point once: exit 2, one line, nothing written
+            proc = _cli(argv)
+            assert proc.returncode == 2, (needle, proc.stderr)
+            assert needle in proc.stderr and "Traceback" not in proc.stderr, (needle, proc.stderr)
+        else:
+            with pytest.raises(UserError, match=needle.replace("'", ".")):
+                main_downstream.main([str(a) for a in argv])
+        assert not (out / "results.json").exists() and not (out / "log.csv").exists()
+
+
+def test_stage2_warns_about_a_ticket_covering_only_conv1(tmp_path, capsys):
+    init, model = tiny_init(tmp_path, num_classes=10)
+    only = {"conv1.weight": pu.full_mask(model)["conv1.weight"].clone()}
+    only["conv1.weight"][:4] = False
+    t = pu.make_ticket(only, round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="std",
+                       init=str(init), source_dataset="digits")
+    pu.save_ticket(tmp_path / "conv1.pt", t)
+    pu._COVERAGE_WARNED.clear()
+    _downstream(tmp_path / "conv1.pt", init, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert err.count("warning: the mask covers 1 of the model's") == 1, err
+    assert (tmp_path / "run" / "results.json").exists()  # a warning, not a refusal
