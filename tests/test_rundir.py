@@ -41,3 +41,11 @@ def test_a_changed_config_points_to_restart_only_while_the_run_is_unfinished(tmp
     assert "--restart" not in str(err.value) and "another --save-dir" in str(err.value)
     release_locks()
     assert lock_holder(run) is None
+
+
+def test_flags_added_later_with_their_old_behaviour_are_no_difference():
+    from utils.rundir import config_differences
+    old = {"lr": 0.1}
+    assert config_differences(old, {"lr": 0.1, "pattern": "unstructured"}) == []
+    assert config_differences(old, {"lr": 0.1, "subset": "random"}) == [("subset", "<absent>", "random")]
+    assert config_differences(old, {"lr": 0.1, "pattern": "channel"}) == [("pattern", "<absent>", "channel")]

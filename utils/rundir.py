@@ -28,15 +28,23 @@ NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "cha
                                "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss"})
 
 
+# Flags added after run directories already existed, with the default that reproduces what those
+# runs did: a config written before the flag existed resumes under that default. (Not --subset:
+# older data-limited runs drew their subset per training seed, so resuming one under the shared
+# subset would change its data mid-run; such a directory is refused with the difference listed.)
+INTRODUCED_DEFAULTS = {"pattern": "unstructured"}
+
+
 def config_differences(old, new, ignore=NON_SEMANTIC_KEYS):
     """(key, old, new) for every setting that differs. A key one side lacks while the other holds
-    None is no difference: a flag added or removed between versions with its default unset must
-    not strand a sweep's run directories."""
+    None (or the default that reproduces the older behaviour, INTRODUCED_DEFAULTS) is no difference:
+    a flag added or removed between versions must not strand a sweep's run directories."""
     keys = sorted((set(old) | set(new)) - set(ignore))
     diffs = []
     for k in keys:
         a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-        if a != b and not ((a is None and b == "<absent>") or (a == "<absent>" and b is None)):
+        neutral = (None, INTRODUCED_DEFAULTS.get(k))
+        if a != b and not ((a in neutral and b == "<absent>") or (a == "<absent>" and b in neutral)):
             diffs.append((k, a, b))
     return diffs
 
