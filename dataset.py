@@ -607,6 +607,11 @@ def train_step_bounds(n: int, batch_size: int, world_size: int = 1) -> list[int]
     return bounds
 
 
+def _step_sizes(n: int, batch_size: int, world_size: int) -> list:
+    bounds = train_step_bounds(n, batch_size, world_size)
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
 def _rank_share(start: int, stop: int, rank: int, world_size: int) -> tuple[int, int]:
     """``rank``'s contiguous part of positions [start, stop): sizes differ by at most one, the
     first ranks take the extra images, and a rank's part is empty only when the step has fewer
@@ -737,6 +742,10 @@ class TensorLoader:
         if self.train:
             return len(train_step_bounds(n, self.batch_size, self.world_size)) - 1
         return len(_eval_spans(n, self.batch_size, self.rank, self.world_size))
+
+    def step_sizes(self) -> list:
+        """The global batch size of each training step (all ranks together), known on every rank."""
+        return _step_sizes(len(self.images), self.batch_size, self.world_size)
 
     def _transform(self, x_u8: torch.Tensor, generator) -> torch.Tensor:
         size = self.image_size
@@ -946,6 +955,10 @@ class FolderLoader:
                       pin_memory=self.device.type == "cuda", collate_fn=_collate_checked)
         if workers > 0:
             kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        # its own generator: every new iterator draws a base seed, and drawing it from the global RNG
+        # (which the training attacks use) would make a resumed run, which makes one iterator more,
+        # differ from an uninterrupted one; items are seeded per position, so the base seed is unused
+        kwargs["generator"] = torch.Generator()
         self.loader = DataLoader(_FolderItems(dataset), **kwargs)
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
@@ -964,6 +977,10 @@ class FolderLoader:
 
     def __len__(self) -> int:
         return len(self.plan.spans())
+
+    def step_sizes(self) -> list:
+        """The global batch size of each training step (all ranks together), known on every rank."""
+        return _step_sizes(self.plan.n, self.plan.batch_size, self.plan.world_size)
 
     def close(self):
         """Stop the worker processes now; the next iteration starts new ones.  Left to the

@@ -7,6 +7,7 @@ parse -> build -> for each epoch: train_epoch, evaluate on held-out validation, 
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -323,6 +324,8 @@ def run(args, stop):
         du.barrier()
 
     def save_mid_epoch(step, carry):
+        if not math.isfinite(carry["loss_sum"]):  # never replace the last good checkpoint with a diverged one
+            raise NonFiniteLoss(f"training loss became non-finite by step {step}")
         save_checkpoint({"epoch": state["epoch"], "step": step, "carry": carry})
         setup.log(f"checkpoint inside epoch {state['epoch'] + 1} after step {step} -> {ckpt_path}")
 
@@ -351,7 +354,7 @@ def run(args, stop):
     elif resumed:
         setup.log(f"{save_dir} holds this configuration but no checkpoint yet; starting at epoch 0")
 
-    if args.save_trajectory and dist_info.primary and state["epoch"] == 0:
+    if args.save_trajectory and dist_info.primary and state["epoch"] == 0 and not state["partial"]:
         save_weights(model, save_dir / "trajectory" / "start.pt")
 
     guard_batch = None

@@ -12,6 +12,7 @@ Rerunning the same command resumes from the last per-epoch checkpoint and skips 
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -374,6 +375,8 @@ def run(args, stop):
         du.barrier()
 
     def save_mid_epoch(step, carry):
+        if not math.isfinite(carry["loss_sum"]):  # never replace the last good checkpoint with a diverged one
+            raise NonFiniteLoss(f"training loss became non-finite by step {step}")
         save_checkpoint({"step": step, "carry": carry})
         setup.log(f"checkpoint inside round {k}, epoch {done_epochs + 1}, after step {step} -> {ckpt_path}")
 

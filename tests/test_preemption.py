@@ -198,3 +198,36 @@ def test_a_foreign_torch_file_as_checkpoint_is_one_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
     with pytest.raises(UserError, match="not a checkpoint of this stage"):
         main_downstream.main([*argv, "--lr", "1e9"])
+
+
+@pytest.mark.slow
+def test_launcher_maps_a_stopped_torchrun_group_to_status_75(tmp_path):
+    """torchrun reports a stopped worker as a failure (1); the launcher reads rank 0's marker."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1", "PRETRAIN": "std", "SHUTDOWN_TIMEOUT": "60"}
+    cmd = ["bash", "script/train_downstream/std.sh", "digits", "none", str(out), "none", "--classes", "5-9",
+           "--arch", "resnet_tiny", "--cifar-stem", "--image-size", "8", "--batch-size", "8", "--epochs", "4",
+           "--lr", "0.05", "--test-steps", "0", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not (out / "log.csv").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launcher's shell, as SLURM's --signal does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert (out / ".preempted").exists() and not (out / "results.json").exists()
+    # the same command resumes and finishes; the marker goes
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "results.json").exists() and not (out / ".preempted").exists()
+
+
+def test_restart_never_discards_a_run_of_the_other_stage(tmp_path):
+    out = tmp_path / "imp"
+    with pytest.raises(UserError):
+        main_imp_pretrain.main([*STAGE1[:-len(TINY)], *TINY, "--lr", "30", "--save-dir", str(out)])
+    assert (out / "tickets" / "round_01.pt").exists()
+    with pytest.raises(UserError, match="stage-1 run"):
+        main_downstream.main([*STAGE2[:-len(TINY)], *TINY, "--restart", "--save-dir", str(out)])
+    assert (out / "tickets" / "round_01.pt").exists() and (out / "checkpoint.pt").exists()

@@ -47,5 +47,10 @@ def test_flags_added_later_with_their_old_behaviour_are_no_difference():
     from utils.rundir import config_differences
     old = {"lr": 0.1}
     assert config_differences(old, {"lr": 0.1, "pattern": "unstructured"}) == []
-    assert config_differences(old, {"lr": 0.1, "subset": "random"}) == [("subset", "<absent>", "random")]
+    # the subset rule matters only where a subset is drawn; fp32 testing only where training was fp32
+    assert config_differences({"data_rate": 1.0}, {"data_rate": 1.0, "subset": "random", "subset_seed": 0}) == []
+    assert config_differences({"data_rate": 0.1}, {"data_rate": 0.1, "subset": "random"}) == [
+        ("subset", "<absent>", "random")]
+    assert config_differences({"amp": "off"}, {"amp": "off", "eval_amp": "off"}) == []
+    assert config_differences({"amp": "auto"}, {"amp": "auto", "eval_amp": "off"}) == [("eval_amp", "<absent>", "off")]
     assert config_differences(old, {"lr": 0.1, "pattern": "channel"}) == [("pattern", "<absent>", "channel")]

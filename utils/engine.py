@@ -53,6 +53,7 @@ class LossGuard:
         self.patience = int(patience)
         self.consecutive = None
         self.longest = None
+        self.device = torch.device("cpu")
 
     def update(self, loss):
         if self.consecutive is None:
@@ -63,10 +64,13 @@ class LossGuard:
         self.longest = torch.maximum(self.longest, self.consecutive)
 
     def check(self):
-        """Raise NonFiniteLoss (divergence) when the bound held for ``patience`` steps on any rank."""
+        """Raise NonFiniteLoss (divergence) when the bound held for ``patience`` steps on any rank.
+        A collective: every rank calls it at the same points, also one that has seen no images yet."""
         if self.longest is None:
-            return
-        hit = du.all_reduce_sum((self.longest >= self.patience).to(torch.float32).reshape(1))
+            flag = torch.zeros(1, device=self.device)
+        else:
+            flag = (self.longest >= self.patience).to(torch.float32).reshape(1)
+        hit = du.all_reduce_sum(flag)
         if hit.item() > 0:
             raise NonFiniteLoss(f"training loss stayed above {self.bound:.4g} (--max-loss) for {self.patience} "
                                 "consecutive steps")
@@ -80,6 +84,7 @@ class LossGuard:
             self.longest = torch.zeros((), dtype=torch.int64)
 
     def to(self, device):
+        self.device = torch.device(device)
         if self.consecutive is not None:
             self.consecutive = self.consecutive.to(device)
             self.longest = self.longest.to(device)
@@ -211,6 +216,12 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
     correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.int64)
     seen = int(carry.get("seen", 0))
     world_size = du.get_world_size()
+    if world_size > 1 and du.get_rank() != 0:
+        # the carried sums are the global ones of the steps already taken: counted once, on rank 0
+        loss_sum.zero_()
+        correct.zero_()
+        seen = 0
+    step_sizes = loader.step_sizes() if world_size > 1 and hasattr(loader, "step_sizes") else None
     if loss_guard is not None:
         loss_guard.to(device)
     bar = _bar(loader, desc, progress)
@@ -232,8 +243,11 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
             # DDP averages gradients over ranks whose batches differ in size in an epoch's last step;
             # weighting each rank's mean loss by n * world / global n makes that average the gradient
             # of the mean loss over the whole global batch
-            global_n = du.all_reduce_sum(torch.full((1,), float(n), device=logits.device))
-            objective = loss * (n * world_size / global_n)[0]
+            if step_sizes is not None:
+                objective = loss * (n * world_size / step_sizes[step])
+            else:  # a loader without a known step plan: ask the other ranks
+                global_n = du.all_reduce_sum(torch.full((1,), float(n), device=logits.device))
+                objective = loss * (n * world_size / global_n)[0]
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(objective).backward()
@@ -282,8 +296,14 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
 
 
 def epoch_carry(loss_sum, correct, seen, start):
-    """The sums of a partial epoch in plain types, for a mid-epoch checkpoint (host sync)."""
-    return {"loss_sum": float(loss_sum.item()), "correct": int(correct.item()), "seen": int(seen),
+    """The sums of a partial epoch over all ranks, in plain types, for a mid-epoch checkpoint (a
+    collective and a host sync; every rank calls it at the same step). A resume puts them back on
+    rank 0 only, so each image of the epoch is counted once."""
+    totals = torch.stack([loss_sum.double(), correct.double(),
+                          torch.tensor(float(seen), device=loss_sum.device, dtype=torch.float64)])
+    du.all_reduce_sum(totals)
+    loss_total, correct_total, n_total = totals.tolist()
+    return {"loss_sum": loss_total, "correct": int(round(correct_total)), "seen": int(round(n_total)),
             "seconds": time.perf_counter() - start}
 
 

@@ -45,8 +45,20 @@ def config_differences(old, new, ignore=NON_SEMANTIC_KEYS):
         a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
         neutral = (None, INTRODUCED_DEFAULTS.get(k))
         if a != b and not ((a in neutral and b == "<absent>") or (a == "<absent>" and b in neutral)):
-            diffs.append((k, a, b))
+            if not _same_behaviour(k, a, b, old, new):
+                diffs.append((k, a, b))
     return diffs
+
+
+def _same_behaviour(key, a, b, old, new):
+    """Flags added later whose new default computes what a run made before them did: the subset
+    rule when no subset is drawn (data rate 1), the fp32 test precision when training ran in fp32."""
+    present = b if a == "<absent>" else a if b == "<absent>" else None
+    if present is None:
+        return False
+    if key in ("subset", "subset_seed") and old.get("data_rate", 1.0) == new.get("data_rate", 1.0) == 1.0:
+        return True
+    return key == "eval_amp" and present == "off" and old.get("amp") == new.get("amp") == "off"
 
 
 # ----------------------------------------------------------------------------- one writer per directory
@@ -299,6 +311,28 @@ def prepare_run_dir(save_dir, config, primary=True, *, restart=False, finished=N
         raise
 
 
+def config_stage(config):
+    """1 for a stage-1 (ticket finding) config, 2 for a stage-2 (transfer) one, None if neither."""
+    if "rounds" in config:
+        return 1
+    if "regime" in config:
+        return 2
+    return None
+
+
+def _refuse_other_stage(path, config):
+    """--restart discards a run of the *same* stage only: a stage-2 command pointed at an IMP directory
+    (swapped arguments) must never delete days of ticket finding."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # the config check below reports it
+    a, b = config_stage(old), config_stage(json.loads(json.dumps(config)))
+    if a is not None and b is not None and a != b:
+        raise UserError(f"--restart refuses to discard '{path.parent}': it holds a stage-{a} run and this is a stage-{b} "
+                        "command; check --save-dir (a swapped argument?) or choose another directory.")
+
+
 def _refuse_foreign(save_dir):
     if save_dir.is_dir() and any(p.name != "config.json" and not p.name.startswith(".") for p in save_dir.iterdir()):
         raise UserError(f"--save-dir '{save_dir}' is not empty and holds no config.json, so it is not a run of this tool; "
@@ -313,6 +347,7 @@ def _prepare_locked(save_dir, config, primary, restart, finished):
         for p in remove_stale_temporaries(save_dir):
             print(f"removed {p}, left by a write that was killed", flush=True)
         if restart and (path.exists() or path.is_symlink()):
+            _refuse_other_stage(path, config)
             _discard_unfinished_run(save_dir, run_finished(save_dir) if finished is None else finished)
             discarded = True  # the directory was this tool's run; files the user added there may stay
     if path.exists():

@@ -6,6 +6,8 @@ ticket found in stage 1 always fits the model stage 2 builds from the same flags
 
 import math
 
+from pathlib import Path
+
 import torch
 
 import dataset
@@ -183,12 +185,26 @@ def data_stub(args):
     return DataStub(args)
 
 
+PREEMPTED_MARKER = ".preempted"
+
+
 def run_stoppable(run, args, stop):
     """``run(args, stop)`` with the stop signals turned into ``stop``'s flag for its duration, and
-    every run-directory lock released afterwards, however it ends."""
+    every run-directory lock released afterwards, however it ends.
+
+    A stopped run leaves ``SAVE_DIR/.preempted``: torchrun reports any failed worker as status 1,
+    so the launcher (script/_launch.sh) reads the marker to tell a requeueable stop (75) from a crash.
+    """
+    from utils.engine import Preempted
+    marker = Path(args.save_dir) / PREEMPTED_MARKER
+    marker.unlink(missing_ok=True)
     stop.install()
     try:
         return run(args, stop)
+    except Preempted:
+        if du.is_primary():
+            marker.write_text("stopped on request; rerun the same command to resume\n")
+        raise
     finally:
         stop.uninstall()
         release_run_locks()
