@@ -221,6 +221,14 @@ def test_launcher_maps_a_stopped_torchrun_group_to_status_75(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "results.json").exists() and not (out / ".preempted").exists()
+    # ... with the numbers of an uninterrupted two-process run, logged sums included (each rank's
+    # share of the interrupted epoch counted once)
+    ref = tmp_path / "ref"
+    ref_cmd = [str(ref) if a == str(out) else a for a in cmd]
+    subprocess.run(ref_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+    got, expected = (json.loads((d / "results.json").read_text()) for d in (out, ref))
+    assert got["sa"] == expected["sa"]
+    _same_history(got["history"], expected["history"])
 
 
 def test_restart_never_discards_a_run_of_the_other_stage(tmp_path):
