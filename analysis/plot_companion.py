@@ -142,7 +142,7 @@ def _image_size(obj):
 
 def load_runs(dirs):
     """(companion runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
-    base, warnings = plot_curves.load_runs(dirs)
+    base, warnings = plot_curves.load_runs(dirs, linear_eval=True)
     cache, runs = {}, []
     for r in base:
         obj = json.loads(r.path.read_text(encoding="utf-8"))

@@ -218,13 +218,22 @@ def _attack_settings(obj):
     return out
 
 
-def load_runs(dirs):
-    """(runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
+def load_runs(dirs, linear_eval=False):
+    """(runs, warnings) from every results.json under ``dirs``; UserError when none is usable.
+
+    The double-win verdict is about fine-tuning, so runs made with ``--linear-eval`` are left out
+    (counted in a warning) unless ``linear_eval`` is True (plot_companion.py draws them apart)."""
     paths = common.find_result_files(dirs)
     good, warnings = common.read_results(paths)
     if not good:
         raise UserError(f"none of the {len(paths)} results.json files found is usable ({warnings[0]}); "
                         "pass directories of finished main_downstream.py runs.")
+    if not linear_eval:
+        linear = [path for path, obj in good if (obj.get("config") or {}).get("linear_eval")]
+        if linear:
+            warnings.append(f"left out {len(linear)} linear-evaluation runs (--linear-eval, e.g. '{linear[0]}'): the "
+                            "double-win verdict compares fine-tuned runs; analysis/plot_companion.py draws them.")
+            good = [(path, obj) for path, obj in good if not (obj.get("config") or {}).get("linear_eval")]
     cache, runs = {}, []
     for path, obj in good:
         method = DENSE if common.is_dense(obj) else obj["method"]

@@ -718,3 +718,18 @@ def test_grid_of_the_real_sweep(tmp_path, capsys):
     assert (row["extreme_sparsity"], row["double_win_levels"], row["verdict"]) == ("", "20.00;48.80", "incomplete")
     assert row["extreme_sparsity_contiguous"] == "20.00"
     assert "level 36.00% has no result for regime at seed(s) 2." in capsys.readouterr().err
+
+
+def test_linear_evaluation_runs_stay_out_of_the_double_win_verdict(tmp_path):
+    write_level(tmp_path, sparsity=0.0, **DENSE)
+    write_level(tmp_path, sparsity=20.0, st_sa=95.0, at_sa=85.0, at_ra=55.0)
+    # a linear-evaluation run far below the dense band would flip the level if it were averaged in
+    run = write_result(tmp_path, method="imp", sparsity=20.0, regime="st", seed=9, sa=10.0, name="linear")
+    obj = json.loads((run / "results.json").read_text())
+    obj["config"]["linear_eval"] = True
+    (run / "results.json").write_text(json.dumps(obj))
+    runs, warnings = plot_curves.load_runs([tmp_path])
+    assert all(r.path.parent.name != "linear" for r in runs)
+    assert any("linear-evaluation" in w for w in warnings)
+    runs, _ = plot_curves.load_runs([tmp_path], linear_eval=True)
+    assert any(r.path.parent.name == "linear" for r in runs)
