@@ -697,6 +697,17 @@ def _cpu_masks(mask):
     return {str(n): m.detach().to("cpu").contiguous().clone() for n, m in mask.items()}
 
 
+def ticket_family(method, pattern="unstructured", nm=None):
+    """The name under which analysis and sweeps group a ticket's runs: its method, with the sparsity
+    pattern appended when it is structured ("omp_channel", "imp_nm2of4"), so that channel and
+    unstructured tickets of one method never share a curve or a verdict row."""
+    if pattern in (None, "unstructured"):
+        return method
+    if pattern == "nm":
+        return f"{method}_nm{nm[0]}of{nm[1]}" if nm else f"{method}_nm"
+    return f"{method}_{pattern}"
+
+
 def make_ticket(mask, *, round, method, retrain, arch, pretrain, init, source_dataset,
                 pattern="unstructured", nm=None, rewind="theta_p"):
     """The ticket dict of DESIGN §5.1, version 2 (masks copied to CPU; sparsity in percent, 2 decimals).

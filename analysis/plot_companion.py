@@ -143,6 +143,10 @@ def _image_size(obj):
 def load_runs(dirs):
     """(companion runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
     base, warnings = plot_curves.load_runs(dirs, linear_eval=True)
+    # the pattern is a dimension of its own here, so labels are the method's alone (no "_channel")
+    for r in base:
+        r.family = r.method
+    plot_curves.assign_labels(base)
     cache, runs = {}, []
     for r in base:
         obj = json.loads(r.path.read_text(encoding="utf-8"))

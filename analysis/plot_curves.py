@@ -87,6 +87,7 @@ class Run:
     ra: Optional[float]
     arch: str
     retrain: Optional[str] = None
+    family: str = ""  # the method, plus the sparsity pattern of a structured ticket (pruning_utils.ticket_family)
     label: str = ""
     attack: dict = field(default_factory=dict)
     stage1: Optional[Path] = None
@@ -151,6 +152,32 @@ def _ticket_retrain(ticket_path, method, cache):
     key = str(ticket_path.resolve())
     if key not in cache:
         cache[key] = _read_retrain(ticket_path, method)
+    return cache[key]
+
+
+def _ticket_family(ticket_path, method, cache):
+    """The ticket's family (pruning_utils.ticket_family): from the stage-1 config.json beside its
+    tickets/ when there is one (an older config without 'pattern' is unstructured), else from the file."""
+    import pruning_utils
+
+    if ticket_path is None or not ticket_path.exists():
+        return method
+    key = ("family", str(ticket_path.resolve()))
+    if key not in cache:
+        family = None
+        try:
+            cfg = json.loads((ticket_path.parent.parent / "config.json").read_text(encoding="utf-8"))
+            if isinstance(cfg, dict) and cfg.get("method") == method:
+                family = pruning_utils.ticket_family(method, cfg.get("pattern"), cfg.get("nm"))
+        except (OSError, ValueError):
+            pass
+        if family is None:
+            try:
+                t = pruning_utils.load_ticket(ticket_path)
+                family = pruning_utils.ticket_family(method, t.get("pattern"), t.get("nm"))
+            except Exception:  # noqa: BLE001 - _ticket_retrain already reported an unreadable file
+                family = method
+        cache[key] = family
     return cache[key]
 
 
@@ -240,6 +267,7 @@ def load_runs(dirs, linear_eval=False):
         candidates = [] if method == DENSE else _ticket_candidates(obj, path)
         ticket = next((c for c in candidates if c.exists()), None)
         retrain, problem = _ticket_retrain(ticket, method, cache)
+        family = method if method == DENSE or problem else _ticket_family(ticket, method, cache)
         if problem:
             warnings.append(f"skipped '{path}': its ticket '{ticket}' {problem.rstrip('.')} "
                             "(restore the ticket file or remove the run).")
@@ -249,7 +277,8 @@ def load_runs(dirs, linear_eval=False):
                         sparsity=0.0 if method == DENSE else round(float(obj["sparsity"]), 2),
                         seed=str(obj["seed"]), sa=float(obj["sa"]),
                         ra=None if obj["ra"] is None else float(obj["ra"]), arch=obj["arch"],
-                        retrain=retrain, attack=_attack_settings(obj), stage1=_stage1_dir(candidates)))
+                        retrain=retrain, family=family, attack=_attack_settings(obj),
+                        stage1=_stage1_dir(candidates)))
     if not runs:
         raise UserError(f"none of the {len(paths)} results.json files found is usable ({warnings[0]}); "
                         "pass directories of finished main_downstream.py runs.")
@@ -258,14 +287,16 @@ def load_runs(dirs, linear_eval=False):
 
 
 def assign_labels(runs):
-    """Method label per run: the method, plus the re-training kind where one method has several."""
+    """Method label per run: the method (with a structured ticket's pattern), plus the re-training
+    kind where one such family has several."""
     kinds = defaultdict(set)
     for r in runs:
+        r.family = r.family or r.method
         if r.retrain is not None:
-            kinds[r.method].add(r.retrain)
+            kinds[r.family].add(r.retrain)
     for r in runs:
-        split = len(kinds[r.method]) > 1 and r.retrain is not None
-        r.label = f"{r.method}-{r.retrain}" if split else r.method
+        split = len(kinds[r.family]) > 1 and r.retrain is not None
+        r.label = f"{r.family}-{r.retrain}" if split else r.family
 
 
 # --------------------------------------------------------------------------- aggregation

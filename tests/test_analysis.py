@@ -733,3 +733,29 @@ def test_linear_evaluation_runs_stay_out_of_the_double_win_verdict(tmp_path):
     assert any("linear-evaluation" in w for w in warnings)
     runs, _ = plot_curves.load_runs([tmp_path], linear_eval=True)
     assert any(r.path.parent.name == "linear" for r in runs)
+
+
+def test_structured_tickets_get_their_own_verdict_row(tmp_path):
+    """Channel and unstructured OMP tickets of one pre-training are two rows, never one curve."""
+    import models
+    model = models.build_model("resnet_tiny", 5, cifar_stem=True)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    full = pu.full_mask(model)
+    tickets = {}
+    for pattern, mask in (("unstructured", pu.global_magnitude_prune(weights, full, 0.2)),
+                          ("channel", pu.channel_prune(weights, full, 0.2))):
+        t = pu.make_ticket(mask, round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="at",
+                           init="θ_p.pt", source_dataset="digits", pattern=pattern)
+        path = tmp_path / "tickets" / pattern / "round_01.pt"
+        pu.save_ticket(path, t)
+        tickets[pattern] = (path, round(float(t["sparsity"]), 2))
+    runs_dir = tmp_path / "runs"
+    write_level(runs_dir, sparsity=0.0, **DENSE)
+    for pattern, (path, s) in tickets.items():
+        for seed in SEEDS:
+            write_result(runs_dir, method="omp", sparsity=s, regime="st", seed=seed, sa=93.0, ticket=str(path),
+                         name=f"{pattern}_st_{seed}")
+            write_result(runs_dir, method="omp", sparsity=s, regime="at", seed=seed, sa=83.0, ra=51.0,
+                         ticket=str(path), name=f"{pattern}_at_{seed}")
+    rows = plot_curves.verdict_rows([runs_dir])
+    assert sorted(r["method"] for r in rows) == ["omp", "omp_channel"]
