@@ -4,8 +4,9 @@ Source task: digits 0-4. Target task: digits 5-9 (new classes, so the head is re
 the backbone must transfer). Every step goes through the real entry points and files:
 
 1. pre-train three dense source models (STD, FAT, AT) with main_downstream.py (--init none);
-2. find tickets with main_imp_pretrain.py: IMP (standard re-training) from each, and OMP and
-   random pruning from the AT model;
+2. find tickets with main_imp_pretrain.py: IMP (standard re-training) from each, OMP and
+   random pruning from the AT model, and structured tickets — channel OMP (whole filters) from
+   the AT and the STD model;
 3. transfer every ticket and the dense models to the target task under ST and AT, at 100% and
    10% of the data, 3 seeds each, with main_downstream.py: a grid run by script/sweep.py's local
    backend (the same runner as the paper's grid; every run's log is the .sweep.log in its directory);
@@ -39,11 +40,13 @@ SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
 def settings(quick):
     if quick:
         return {"source_epochs": 4, "rounds": 2, "rate": 0.5, "epochs_per_round": 1, "epochs": 3,
-                "scarce_epochs": 3, "seeds": [1], "rates": [1.0, 0.1], "omp_rp": True}
+                "scarce_epochs": 3, "seeds": [1], "rates": [1.0, 0.1], "omp_rp": True, "channel_rounds": 1}
     # With 10% of ~800 target images an epoch is two SGD steps; 6 epochs would stop the runs while
     # they are still climbing and leave the verdict to chance, so reduced-data runs train longer.
+    # Channel tickets get three levels (40, 64, 78% of the prunable filters): enough for a curve,
+    # within the demo's time budget.
     return {"source_epochs": 15, "rounds": 4, "rate": 0.4, "epochs_per_round": 3, "epochs": 6,
-            "scarce_epochs": 24, "seeds": [1, 2, 3], "rates": [1.0, 0.1], "omp_rp": True}
+            "scarce_epochs": 24, "seeds": [1, 2, 3], "rates": [1.0, 0.1], "omp_rp": True, "channel_rounds": 3}
 
 
 def run_tasks(tasks, workers, title):
@@ -64,62 +67,80 @@ def main(argv=None):
     p.add_argument("out", nargs="?", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the shortened demo (fewer rounds, one seed) CI runs")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: 1 on a GPU, else CPU cores)")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="every run in NCHW memory format: changes nothing but float rounding (a stability check)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     s = settings(args.quick)
+    common = COMMON + (["--no-channels-last"] if args.no_channels_last else [])
     import torch
     on_gpu = torch.cuda.is_available()
     # on a GPU the sweep's default: one worker per visible GPU
     workers = args.workers or (None if on_gpu else max(1, min(4, os.cpu_count() or 1)))
     t0 = time.perf_counter()
+    stage_start = [t0]
+
+    def stage_done(name):
+        now = time.perf_counter()
+        print(f"{name}: {(now - stage_start[0]) / 60:.1f} min", flush=True)
+        stage_start[0] = now
+
     print(f"demo -> {out}  ({'GPU' if on_gpu else f'CPU, {workers} parallel runs'}; "
           f"{'quick' if args.quick else 'full'} settings)", flush=True)
 
     # 1. dense source models on digits 0-4
     source = {label: out / "source" / label for label in PRETRAINS}
-    run_tasks([sweep.Task("main_downstream", COMMON + [
+    run_tasks([sweep.Task("main_downstream", common + [
         "--classes", SOURCE_CLASSES, "--init", "none", "--pretrain", label, "--regime", regime,
         "--epochs", str(s["source_epochs"]), "--lr", "0.1", "--milestones", str(int(s["source_epochs"] * 0.7)),
         "--train-steps", "3", "--test-steps", "5", "--seed", "0", "--save-dir", str(source[label])],
         source[label]) for label, regime in PRETRAINS.items()], workers and min(workers, 3), "1/4 pre-train sources")
+    stage_done("1/4 pre-train sources")
 
     # 2. tickets (stage 1 skips finished rounds by itself; it is finished when its last ticket exists)
-    ticket_jobs = []
+    ticket_jobs = []  # (pretrain label, method, save dir, extra flags, rounds)
     for label in PRETRAINS:
-        ticket_jobs.append((label, "imp", out / "tickets" / f"{label}_imp"))
+        ticket_jobs.append((label, "imp", out / "tickets" / f"{label}_imp", [], s["rounds"]))
     if s["omp_rp"]:
-        ticket_jobs += [("at", "omp", out / "tickets" / "at_omp"), ("at", "rp", out / "tickets" / "at_rp")]
-    run_tasks([sweep.Task("main_imp_pretrain", COMMON + [
+        ticket_jobs += [("at", "omp", out / "tickets" / "at_omp", [], s["rounds"]),
+                        ("at", "rp", out / "tickets" / "at_rp", [], s["rounds"])]
+    ticket_jobs += [(label, "omp", out / "tickets" / f"{label}_omp_channel", ["--pattern", "channel"],
+                     s["channel_rounds"]) for label in ("at", "std")]
+    run_tasks([sweep.Task("main_imp_pretrain", common + [
         "--classes", SOURCE_CLASSES, "--init", str(source[label] / "model_best.pt"), "--pretrain", label,
-        "--method", method, "--retrain", "st", "--rate", str(s["rate"]), "--rounds", str(s["rounds"]),
-        "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01", "--seed", "0",
-        "--save-dir", str(save_dir)], save_dir, f"tickets/round_{s['rounds']:02d}.pt")
-        for label, method, save_dir in ticket_jobs], workers, "2/4 find tickets")
+        "--method", method, "--retrain", "st", "--rate", str(s["rate"]), "--rounds", str(rounds),
+        "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01", "--seed", "0", *extra,
+        "--save-dir", str(save_dir)], save_dir, f"tickets/round_{rounds:02d}.pt")
+        for label, method, save_dir, extra, rounds in ticket_jobs], workers, "2/4 find tickets")
+    stage_done("2/4 find tickets")
 
     # 3. transfer to digits 5-9: a sweep grid (script/sweep.py) built in code
-    grid = sweep.build_grid(transfer_grid(s, ticket_jobs), out, out / "demo-transfer-grid")
+    grid = sweep.build_grid(transfer_grid(s, ticket_jobs, args.no_channels_last), out, out / "demo-transfer-grid")
     runs = sweep.expand(grid, flags_for=lambda run: demo_schedule(s, run))
     run_tasks(runs, workers, "3/4 transfer runs")
+    stage_done(f"3/4 transfer runs ({len(runs)})")
 
     # 4. analysis
     from analysis import mask_stats, plot_curves
     analysis_dir = out / "analysis"
     print("4/4 analysis", flush=True)
     plot_curves.main([str(out / "transfer"), "--out", str(analysis_dir)])
-    mask_stats.main([*(str(d / "tickets") for label, m, d in ticket_jobs if m == "imp"),
+    mask_stats.main([*(str(d / "tickets") for label, m, d, _, _ in ticket_jobs if m == "imp"),
                      "--out", str(analysis_dir / "masks"),
                      "--heatmap", str(out / "tickets" / "at_imp" / "tickets" / f"round_{s['rounds']:02d}.pt")])
+    stage_done("4/4 analysis")
     print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; results under {out}")
     return 0
 
 
-def transfer_grid(s, ticket_jobs):
+def transfer_grid(s, ticket_jobs, no_channels_last=False):
     """Every ticket and dense model of each pre-training, to digits 5-9 under ST and AT (DESIGN.md §5.7)."""
     pretrain = {label: {"init": f"source/{label}/model_best.pt",
-                        "tickets": [f"tickets/{d.name}" for lab, _, d in ticket_jobs if lab == label]}
+                        "tickets": [f"tickets/{d.name}" for lab, _, d, _, _ in ticket_jobs if lab == label]}
                 for label in PRETRAINS}
     flags = {"arch": "resnet_tiny", "cifar_stem": True, "batch_size": 64, "eps": EPS, "alpha": ALPHA,
-             "no_progress": True, "classes": TARGET_CLASSES, "train_steps": 2, "test_steps": 5}
+             "no_progress": True, "classes": TARGET_CLASSES, "train_steps": 2, "test_steps": 5,
+             "no_channels_last": no_channels_last}
     return {"out": "transfer", "pretrain": pretrain,
             "axes": {"dataset": ["digits"], "regime": ["st", "at"], "data_rate": s["rates"], "seed": s["seeds"],
                      "rounds": "all", "dense": True},

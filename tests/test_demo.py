@@ -23,14 +23,17 @@ def test_quick_demo_produces_table_and_figures(tmp_path):
     assert rows and list(rows[0])[:6] == ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity",
                                           "double_win_levels"]
     assert {r["pretrain"] for r in rows} == {"std", "fat", "at"}
-    assert {r["method"] for r in rows} >= {"imp", "omp", "rp"}
+    assert {r["method"] for r in rows} >= {"imp", "omp", "rp", "omp_channel"}
+    assert {r["pretrain"] for r in rows if r["method"] == "omp_channel"} == {"at", "std"}
     assert {float(r["data_rate"]) for r in rows} == {1.0, 0.1}
     levels = {"50.00", "75.00"}
     for r in rows:
+        if r["method"] == "omp_channel":  # filter levels: weight sparsity depends on the layer widths
+            continue
         assert r["extreme_sparsity"] == "" or r["extreme_sparsity"] in levels
         listed = [v for v in r["double_win_levels"].split(";") if v]
         assert set(listed) <= levels
-        if listed:
+        if listed and r.get("verdict") == "complete":  # an incomplete row may withhold its extreme
             assert r["extreme_sparsity"] == max(listed, key=float)
     assert "|" in (analysis / "double_win.md").read_text()
     pngs = list(analysis.rglob("*.png"))
