@@ -1,0 +1,118 @@
+"""Do two double-win tables agree? Cell by cell, with the support of each verdict.
+
+    python analysis/compare_verdicts.py REFERENCE_OUT OTHER_OUT [OTHER_OUT ...]
+
+Each argument is an ``--out`` directory of ``analysis/plot_curves.py`` (it holds
+``double_win_details.csv``). A *cell* is one sparsity level of one row (dataset, data rate,
+pretrain, method). For every other table the report counts, by the reference's support label of
+the cell (supported: double-win support >= 0.9; contradicted: <= 0.1; uncertain: between), how
+many cells changed their double-win verdict, and how many rows changed any of their extreme
+sparsities. The question it answers: when the same runs are repeated on another machine or with
+other float rounding, do the cells the support calls settled stay settled? (README, "How sure is
+the demo's table".)
+"""
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from analysis.verdict import support_label  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+LABELS = ("supported", "contradicted", "uncertain")
+ROW_KEY = ("dataset", "data_rate", "pretrain", "method")
+EXTREMES = ("extreme_sparsity", "extreme_sparsity_contiguous", "extreme_sparsity_supported")
+
+
+def _read_csv(path):
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist; pass --out directories of analysis/plot_curves.py.")
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read_cells(out_dir):
+    """{(dataset, rate, pretrain, method, sparsity): (double_win, support)} of the judged levels."""
+    rows = _read_csv(Path(out_dir) / "double_win_details.csv")
+    cells = {}
+    for r in rows:
+        if r.get("judged") != "True":
+            continue
+        try:
+            support = float(r["double_win_support"])
+        except (KeyError, ValueError):
+            raise UserError(f"'{out_dir}/double_win_details.csv' has no double_win_support column; rerun "
+                            "analysis/plot_curves.py with this version.") from None
+        key = tuple(r[k] for k in ROW_KEY) + (r["sparsity"],)
+        cells[key] = (r["double_win"] == "True", support)
+    return cells
+
+
+def read_rows(out_dir):
+    return {tuple(r[k] for k in ROW_KEY): r for r in _read_csv(Path(out_dir) / "double_win.csv")}
+
+
+def compare(reference, other):
+    """Counts of the comparison of two analysis outputs (see the module docstring)."""
+    ref, oth = read_cells(reference), read_cells(other)
+    out = {"cells": Counter(), "changed": Counter(), "label_changed": Counter(), "missing": 0}
+    changed_cells = []
+    for key, (win, support) in ref.items():
+        label = support_label(support)
+        out["cells"][label] += 1
+        if key not in oth:
+            out["missing"] += 1
+            continue
+        other_win, other_support = oth[key]
+        if other_win != win:
+            out["changed"][label] += 1
+            changed_cells.append((key, label, win, support, other_win, other_support))
+        if support_label(other_support) != label:
+            out["label_changed"][label] += 1
+    ref_rows, oth_rows = read_rows(reference), read_rows(other)
+    out["rows"] = len(ref_rows)
+    out["rows_changed"] = {e: sum(1 for k, r in ref_rows.items() if k in oth_rows and oth_rows[k].get(e) != r.get(e))
+                           for e in EXTREMES}
+    out["changed_cells"] = changed_cells
+    return out
+
+
+def report(reference, others):
+    lines = []
+    for other in others:
+        res = compare(reference, other)
+        lines.append(f"{other} vs {reference}:")
+        for label in LABELS:
+            n = res["cells"][label]
+            lines.append(f"  {label:12s} cells {n:3d}: verdict changed in {res['changed'][label]}, "
+                         f"support label changed in {res['label_changed'][label]}")
+        rows = res["rows_changed"]
+        lines.append(f"  rows {res['rows']}: extreme sparsity changed in {rows['extreme_sparsity']}, contiguous in "
+                     f"{rows['extreme_sparsity_contiguous']}, supported in {rows['extreme_sparsity_supported']}")
+        if res["missing"]:
+            lines.append(f"  {res['missing']} reference cells have no counterpart")
+        for key, label, win, support, other_win, other_support in res["changed_cells"]:
+            lines.append(f"    changed: {' '.join(key[:4])} {key[4]}%: {'win' if win else 'no'} ({support:.2f}, "
+                         f"{label}) -> {'win' if other_win else 'no'} ({other_support:.2f})")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("reference", help="--out directory of plot_curves.py (the reference table)")
+    p.add_argument("others", nargs="+", help="--out directories to compare with it")
+    args = p.parse_args(argv)
+    lines = report(args.reference, args.others)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,46 @@
+"""analysis/compare_verdicts.py: two double-win tables compared cell by cell, by support label."""
+
+import csv
+
+import pytest
+
+from analysis import compare_verdicts
+from utils.errors import UserError
+
+DETAIL_FIELDS = ["dataset", "data_rate", "pretrain", "method", "sparsity", "judged", "double_win",
+                 "double_win_support"]
+ROW_FIELDS = ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels",
+              "extreme_sparsity_contiguous", "verdict", "extreme_sparsity_supported"]
+
+
+def write_out(path, cells, extreme):
+    path.mkdir()
+    with open(path / "double_win_details.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, DETAIL_FIELDS)
+        w.writeheader()
+        for s, (win, support) in cells.items():
+            w.writerow({"dataset": "digits", "data_rate": "1.0", "pretrain": "at", "method": "imp", "sparsity": s,
+                        "judged": "True", "double_win": str(win), "double_win_support": support})
+    with open(path / "double_win.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ROW_FIELDS)
+        w.writeheader()
+        w.writerow({"dataset": "digits", "data_rate": "1.0", "pretrain": "at", "method": "imp",
+                    "extreme_sparsity": extreme, "double_win_levels": "", "extreme_sparsity_contiguous": extreme,
+                    "verdict": "complete", "extreme_sparsity_supported": ""})
+
+
+def test_changes_are_counted_by_the_reference_support(tmp_path):
+    write_out(tmp_path / "a", {"40.00": (True, 0.97), "64.00": (True, 0.5), "78.40": (False, 0.02)}, "64.00")
+    write_out(tmp_path / "b", {"40.00": (True, 0.93), "64.00": (False, 0.4), "78.40": (False, 0.2)}, "40.00")
+    res = compare_verdicts.compare(tmp_path / "a", tmp_path / "b")
+    assert res["cells"] == {"supported": 1, "uncertain": 1, "contradicted": 1}
+    assert res["changed"] == {"uncertain": 1}  # only the uncertain cell flipped
+    assert res["label_changed"] == {"contradicted": 1}  # 0.02 -> 0.2 is uncertain now, its verdict the same
+    assert res["rows_changed"]["extreme_sparsity"] == 1
+    text = "\n".join(compare_verdicts.report(tmp_path / "a", [tmp_path / "b"]))
+    assert "changed: digits 1.0 at imp 64.00%: win (0.50, uncertain) -> no (0.40)" in text
+
+
+def test_a_directory_without_the_table_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="double_win_details.csv"):
+        compare_verdicts.compare(tmp_path, tmp_path)
