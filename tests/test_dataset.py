@@ -423,9 +423,11 @@ def test_step_plan_keeps_the_partial_step_and_never_leaves_a_lone_image():
     assert dataset.train_step_bounds(450, 64, 2) == [0, 128, 256, 384, 450]
     assert dataset.train_step_bounds(512, 128) == [0, 128, 256, 384, 512]
     assert dataset.train_step_bounds(7, 16) == [0, 7]
-    # one image left for the last step: BatchNorm cannot train on it, so it borrows from the step before
-    assert dataset.train_step_bounds(129, 128) == [0, 127, 129]
-    assert dataset.train_step_bounds(385, 64, 2) == [0, 128, 256, 381, 385]  # 2 images per rank
+    # less than half a batch left for the last step: the last two steps share their images evenly
+    assert dataset.train_step_bounds(129, 128) == [0, 65, 129]
+    assert dataset.train_step_bounds(65, 64) == [0, 33, 65]
+    assert dataset.train_step_bounds(385, 64, 2) == [0, 128, 256, 321, 385]
+    assert dataset.train_step_bounds(448, 128) == [0, 128, 256, 384, 448]  # exactly half a batch: kept
     # too small a batch to lend from: the last step leaves rank 1 empty (the engine runs a zero-size step)
     assert dataset.train_step_bounds(5, 1, 2) == [0, 2, 4, 5]
     assert [dataset._rank_share(4, 5, r, 2) for r in (0, 1)] == [(4, 5), (5, 5)]
@@ -673,14 +675,14 @@ def test_folder_training_shards_use_every_image_once(tmp_path):
     write_image_folder(tmp_path, n_train=3, n_val=1)
     steps = []
     for rank in range(2):
-        d = build_data("folder", tmp_path, image_size=16, batch_size=2, workers=0, val_size=0, rank=rank,
+        d = build_data("folder", tmp_path, image_size=16, batch_size=1, workers=0, val_size=0, rank=rank,
                        world_size=2, augment="none")
         d.train.set_epoch(0)
         steps.append([(x.shape, y.tolist()) for x, y in d.train])
-        assert len(steps[-1]) == len(d.train) == 3
-    assert [s for s, _ in steps[0]] == [(2, 3, 16, 16)] * 2 + [(1, 3, 16, 16)]
-    # 9 images in steps of 4: the last step has one image, for rank 0; rank 1 gets a zero-size batch
-    assert [s for s, _ in steps[1]] == [(2, 3, 16, 16)] * 2 + [(0, 3, 16, 16)]
+        assert len(steps[-1]) == len(d.train) == 5
+    assert [s for s, _ in steps[0]] == [(1, 3, 16, 16)] * 5
+    # 9 images in steps of 2: the last step has one image, for rank 0; rank 1 gets a zero-size batch
+    assert [s for s, _ in steps[1]] == [(1, 3, 16, 16)] * 4 + [(0, 3, 16, 16)]
     labels = sum((y for s in steps for _, y in s), [])
     assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
