@@ -587,25 +587,30 @@ def _check_positive_int(value, what: str, flag: str):
 # Loaders
 # --------------------------------------------------------------------------------------------
 
+# the fewest images per rank a training step may end an epoch with (see train_step_bounds)
+MIN_LAST_STEP = 16
+
+
 def train_step_bounds(n: int, batch_size: int, world_size: int = 1) -> list[int]:
     """Where each optimizer step of a training epoch begins in the epoch's order, then ``n``.
 
     ``batch_size`` is per rank.  A step takes the next ``batch_size * world_size`` images (the
     global batch) and the last step the rest, so an epoch has ceil(n / global batch) steps and
     uses every image exactly once: none dropped, none repeated to pad (the seed code's behaviour:
-    CIFAR-10 at 1%, 450 images at batch 128, makes 4 updates).  One exception keeps BatchNorm
-    healthy: when the rest is less than half a global batch, the last two steps share their images
-    evenly instead (65 images at batch 64: 33 + 32, not 64 + 1).  A step of a few images gives
-    BatchNorm statistics of a few samples, and its running statistics, which evaluation uses, then
-    take a 10% step towards them at the end of every epoch: on the digits demo's 10% runs that cost
-    about 30 points of accuracy; one image with a 1x1 feature map cannot be normalised at all.  The
-    step count never changes.
+    CIFAR-10 at 1%, 450 images at batch 128, makes 4 updates; SVHN at 1%, 683 images, ends on 43).
+    One exception keeps BatchNorm healthy: when fewer than ``MIN_LAST_STEP`` images per rank (and
+    less than half a global batch) are left, the last two steps share their images evenly instead
+    (65 images at batch 64: 33 + 32, not 64 + 1).  A step of a few images gives BatchNorm
+    statistics of a few samples, and its running statistics, which evaluation uses, then take a 10%
+    step towards them at the end of every epoch: on the digits demo's 10% runs that cost about 30
+    points of accuracy; one image with a 1x1 feature map cannot be normalised at all.  The step
+    count never changes.
     """
     global_batch = batch_size * world_size
     steps = max(1, math.ceil(n / global_batch))
     bounds = [s * global_batch for s in range(steps)] + [n]
     rest = n - bounds[-2]
-    if steps > 1 and 2 * rest < global_batch:
+    if steps > 1 and 2 * rest < global_batch and rest < MIN_LAST_STEP * world_size:
         bounds[-2] = n - (global_batch + rest) // 2
     return bounds
 

@@ -428,6 +428,8 @@ def test_step_plan_keeps_the_partial_step_and_never_leaves_a_lone_image():
     assert dataset.train_step_bounds(65, 64) == [0, 33, 65]
     assert dataset.train_step_bounds(385, 64, 2) == [0, 128, 256, 321, 385]
     assert dataset.train_step_bounds(448, 128) == [0, 128, 256, 384, 448]  # exactly half a batch: kept
+    assert dataset.train_step_bounds(683, 128)[-2:] == [640, 683]  # SVHN 1%: 43 images are plenty, kept
+    assert dataset.train_step_bounds(450, 64)[-3:] == [384, 417, 450]  # CIFAR 1% under ST: 33 + 33, not 64 + 2
     # too small a batch to lend from: the last step leaves rank 1 empty (the engine runs a zero-size step)
     assert dataset.train_step_bounds(5, 1, 2) == [0, 2, 4, 5]
     assert [dataset._rank_share(4, 5, r, 2) for r in (0, 1)] == [(4, 5), (5, 5)]
