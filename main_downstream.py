@@ -36,8 +36,9 @@ PAPER_DEFAULTS = {
 }
 PAPER_DEFAULTS["fat"] = dict(PAPER_DEFAULTS["at"])
 SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones": []}
-# First validated epoch (the seed code's scripts): CIFAR adversarial runs select among epochs >= 45,
-# SVHN adversarial runs and every standard run from epoch 0. FAT follows AT.
+# First validated epoch (the seed code's scripts; DESIGN.md §5.4: "45 for CIFAR AT, 0 otherwise"):
+# CIFAR PGD-adversarial runs select among epochs >= 45; SVHN AT, FAT (which the seed code did not
+# have) and every standard run from epoch 0.
 EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
 MAX_LOSS_FACTOR = 100  # a loss 100x that of a uniform prediction is divergence, not learning
 MAX_LOSS_PATIENCE = 10  # ... when it lasts this many consecutive steps
@@ -52,7 +53,7 @@ def _regime_defaults_text():
         d = PAPER_DEFAULTS[regime]
         lines.append(f"  {regime}: --lr {d['lr']} --batch-size {d['batch_size']} --epochs {d['epochs']} "
                      f"--milestones {','.join(map(str, d['milestones']))} --weight-decay {d['weight_decay']}"
-                     + (" --eval-from 45 on CIFAR, 0 elsewhere" if regime != "st" else " --eval-from 0"))
+                     + (" --eval-from 45 on CIFAR, 0 elsewhere" if regime == "at" else " --eval-from 0"))
     s = SVHN_ADVERSARIAL
     lines.append(f"  svhn at/fat: --lr {s['lr']} --epochs {s['epochs']} --schedule cosine --eval-from 0")
     lines.append("  --alpha: eps/4 (at), 1.25 eps (fat); --test-eps: --eps; --test-alpha: test eps / 4")
@@ -94,8 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--test-alpha", "--test_alpha", "--test_gamma", dest="test_alpha", type=fraction, default=None,
                    help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default: the test radius / 4, 2/255 at 8/255)")
     p.add_argument("--eval-from", "--eval_from", type=int, default=None,
-                   help="validate (and select) from this epoch on; default per protocol: 45 for CIFAR at/fat, "
-                        "0 for SVHN at/fat and for st")
+                   help="validate (and select) from this epoch on; default per protocol: 45 for CIFAR at, "
+                        "0 otherwise (SVHN at, fat, st)")
     p.add_argument("--eval-amp", "--eval_amp", choices=["off", "bf16", "fp16"], default="off",
                    help="precision of the reported test SA/RA (default off = fp32; validation uses --amp)")
     p.add_argument("--max-loss", "--max_loss", type=float, default=None,
@@ -148,7 +149,7 @@ def resolve_defaults(args, n_train_full=None):
     if args.ticket is not None and str(args.ticket).lower() == "none":
         args.ticket = None
     if args.eval_from is None:
-        args.eval_from = EVAL_FROM_ADVERSARIAL.get(args.dataset, 0) if args.regime in ("at", "fat") else 0
+        args.eval_from = EVAL_FROM_ADVERSARIAL.get(args.dataset, 0) if args.regime == "at" else 0
     if args.eval_from < 0:
         raise UserError(f"--eval-from must be 0 or more, not {args.eval_from}.")
     if args.max_loss is not None and not args.max_loss > 0:

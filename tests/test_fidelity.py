@@ -22,7 +22,7 @@ def resolved(argv):
     return args
 
 
-EXPECTED_EVAL_FROM = [("cifar10", "at", 45), ("cifar100", "at", 45), ("cifar10", "fat", 45), ("svhn", "at", 0),
+EXPECTED_EVAL_FROM = [("cifar10", "at", 45), ("cifar100", "at", 45), ("cifar10", "fat", 0), ("svhn", "at", 0),
                       ("svhn", "fat", 0), ("cifar10", "st", 0), ("cifar100", "st", 0), ("svhn", "st", 0),
                       ("digits", "at", 0)]
 EXPECTED_EVAL_FROM_MAP = [((d, r), e) for d, r, e in EXPECTED_EVAL_FROM]
