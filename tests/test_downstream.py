@@ -138,7 +138,7 @@ def test_paper_defaults_and_seed_spellings_parse():
     assert (args.data_rate, args.test_steps, args.train_steps, args.eval_from) == (1.0, 20, 10, None)
     assert args.eps == pytest.approx(8 / 255) and args.test_eps is None
     main_downstream.resolve_defaults(args)
-    assert args.eval_from == 0  # st selects from epoch 0 (CIFAR at/fat: 45, tests/test_fidelity.py)
+    assert args.eval_from == 0  # st selects from epoch 0 (CIFAR at: 45, tests/test_fidelity.py)
     assert (args.alpha, args.test_eps, args.test_alpha) == pytest.approx((2 / 255, 8 / 255, 2 / 255))
     seed = main_downstream.parse_args(base + [
         "--data_number", "0.1", "--decreasing_lr", "50,75", "--regime", "at", "--train_eps", "0.0313",
