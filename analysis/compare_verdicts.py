@@ -39,9 +39,11 @@ def _read_csv(path):
 
 
 def read_cells(out_dir):
-    """{(dataset, rate, pretrain, method, sparsity): (double_win, support)} of the judged levels."""
+    """{(dataset, rate, pretrain, method, k): (double_win, support, sparsity)} of the judged levels,
+    k the level's rank in its row (round k of stage 1): a channel ticket's weight sparsity depends
+    on which filters its source model lets go, so the same round has another level in another run."""
     rows = _read_csv(Path(out_dir) / "double_win_details.csv")
-    cells = {}
+    by_row = {}
     for r in rows:
         if r.get("judged") != "True":
             continue
@@ -50,8 +52,12 @@ def read_cells(out_dir):
         except (KeyError, ValueError):
             raise UserError(f"'{out_dir}/double_win_details.csv' has no double_win_support column; rerun "
                             "analysis/plot_curves.py with this version.") from None
-        key = tuple(r[k] for k in ROW_KEY) + (r["sparsity"],)
-        cells[key] = (r["double_win"] == "True", support)
+        by_row.setdefault(tuple(r[k] for k in ROW_KEY), []).append((float(r["sparsity"]), r["double_win"] == "True",
+                                                                      support, r["sparsity"]))
+    cells = {}
+    for row, levels in by_row.items():
+        for k, (_, win, support, text) in enumerate(sorted(levels), start=1):
+            cells[row + (k,)] = (win, support, text)
     return cells
 
 
@@ -64,16 +70,16 @@ def compare(reference, other):
     ref, oth = read_cells(reference), read_cells(other)
     out = {"cells": Counter(), "changed": Counter(), "label_changed": Counter(), "missing": 0}
     changed_cells = []
-    for key, (win, support) in ref.items():
+    for key, (win, support, text) in ref.items():
         label = support_label(support)
-        out["cells"][label] += 1
         if key not in oth:
             out["missing"] += 1
             continue
-        other_win, other_support = oth[key]
+        out["cells"][label] += 1  # cells compared
+        other_win, other_support, _ = oth[key]
         if other_win != win:
             out["changed"][label] += 1
-            changed_cells.append((key, label, win, support, other_win, other_support))
+            changed_cells.append((key[:4] + (text,), label, win, support, other_win, other_support))
         if support_label(other_support) != label:
             out["label_changed"][label] += 1
     ref_rows, oth_rows = read_rows(reference), read_rows(other)
@@ -91,7 +97,7 @@ def report(reference, others):
         lines.append(f"{other} vs {reference}:")
         for label in LABELS:
             n = res["cells"][label]
-            lines.append(f"  {label:12s} cells {n:3d}: verdict changed in {res['changed'][label]}, "
+            lines.append(f"  {label:12s} cells compared {n:3d}: verdict changed in {res['changed'][label]}, "
                          f"support label changed in {res['label_changed'][label]}")
         rows = res["rows_changed"]
         lines.append(f"  rows {res['rows']}: extreme sparsity changed in {rows['extreme_sparsity']}, contiguous in "

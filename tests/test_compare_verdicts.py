@@ -41,6 +41,16 @@ def test_changes_are_counted_by_the_reference_support(tmp_path):
     assert "changed: digits 1.0 at imp 64.00%: win (0.50, uncertain) -> no (0.40)" in text
 
 
+def test_levels_are_matched_by_their_rank_in_the_row(tmp_path):
+    """Channel tickets of another source model reach other weight sparsities at the same round."""
+    write_out(tmp_path / "a", {"38.15": (True, 0.95), "61.91": (True, 0.91)}, "61.91")
+    write_out(tmp_path / "b", {"37.40": (True, 0.92), "61.11": (False, 0.05)}, "37.40")
+    res = compare_verdicts.compare(tmp_path / "a", tmp_path / "b")
+    assert res["cells"] == {"supported": 2} and res["missing"] == 0
+    assert res["changed"] == {"supported": 1}
+    assert res["changed_cells"][0][0][-1] == "61.91"
+
+
 def test_a_directory_without_the_table_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="double_win_details.csv"):
         compare_verdicts.compare(tmp_path, tmp_path)
