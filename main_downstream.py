@@ -225,7 +225,11 @@ def subset_record(args, data):
 def kept_state_text(save_dir, state):
     """What a stopped run leaves behind and how to go on, stated truthfully."""
     ckpt = Path(save_dir) / "checkpoint.pt"
-    if ckpt.exists() and state["epoch"] > 0:
+    partial = state.get("partial")
+    if ckpt.exists() and partial:
+        kept = (f"the checkpoint inside epoch {partial['epoch'] + 1} (after step {partial['step']}) is kept in '{ckpt}' "
+                "and no results.json was written")
+    elif ckpt.exists() and state["epoch"] > 0:
         kept = f"the checkpoint of epoch {state['epoch']} is kept in '{ckpt}' and no results.json was written"
     else:
         kept = "no checkpoint was written and no results.json either"
