@@ -7,7 +7,6 @@ parse -> build -> for each epoch: train_epoch, evaluate on held-out validation, 
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import models
 import pruning_utils
 from utils import distributed as du
 from utils import setup
-from utils.checkpoint import atomic_save, atomic_write_json, safe_load
+from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint, safe_load
 from utils.cli import ArgumentParser, fraction, int_list, run_main
 from utils.engine import (AttackSpec, LossGuard, NonFiniteLoss, NonFiniteOutput, Precision, evaluate, lr_for_epoch,
                           make_sgd, set_lr, train_epoch, training_attack, uniform_loss)
@@ -329,19 +328,13 @@ def run(args, stop):
         du.barrier()
 
     def save_mid_epoch(step, carry):
-        if not math.isfinite(carry["loss_sum"]):  # never replace the last good checkpoint with a diverged one
-            raise NonFiniteLoss(f"training loss became non-finite by step {step}")
         save_checkpoint({"epoch": state["epoch"], "step": step, "carry": carry})
         setup.log(f"checkpoint inside epoch {state['epoch'] + 1} after step {step} -> {ckpt_path}")
 
     checkpointer = StepCheckpointer(save_mid_epoch, stop, args.checkpoint_minutes)
 
     if ckpt_path.exists():
-        ckpt = safe_load(ckpt_path, map_location=dist_info.device)
-        missing = [k for k in ("model", "optimizer", "state", "rng") if not isinstance(ckpt, dict) or k not in ckpt]
-        if missing:
-            raise UserError(f"'{ckpt_path}' is not a checkpoint of this stage (it lacks {missing}); rerun with "
-                            "--restart to discard it, or choose another --save-dir.")
+        ckpt = read_resume_checkpoint(ckpt_path, dist_info.device, ("model", "optimizer", "state", "rng"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):

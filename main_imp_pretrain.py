@@ -12,7 +12,6 @@ Rerunning the same command resumes from the last per-epoch checkpoint and skips 
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 import pruning_utils
 from utils import distributed as du
 from utils import lmp, setup
-from utils.checkpoint import atomic_save, atomic_write_json, safe_load
+from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint
 from utils.cli import ArgumentParser, run_main
 from utils.engine import LossGuard, NonFiniteLoss, make_sgd, set_lr, train_epoch, training_attack, uniform_loss
 from utils.errors import UserError
@@ -252,16 +251,6 @@ def listed_ticket_problem(writer, save_dir):
     return None
 
 
-def read_checkpoint(path, device, keys):
-    """A checkpoint of this tool, or one clear error: a torch file of another shape is not a resume point."""
-    ckpt = safe_load(path, map_location=device)
-    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"'{path}' is not a checkpoint of this stage (it lacks {missing}); rerun with --restart to "
-                        "discard it, or choose another --save-dir.")
-    return ckpt
-
-
 def check_finite_weights(model, where):
     """Pruning by magnitude over NaN weights gives a meaningless mask: refuse to write such a ticket."""
     for name, p in model.named_parameters():
@@ -345,7 +334,7 @@ def run(args, stop):
     partial = None  # position inside the epoch in progress, from a mid-epoch checkpoint
     loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
     if ckpt_path.exists():
-        ckpt = read_checkpoint(ckpt_path, dist_info.device, ("round", "epoch", "log", "mask", "model", "optimizer", "rng"))
+        ckpt = read_resume_checkpoint(ckpt_path, dist_info.device, ("round", "epoch", "log", "mask", "model", "optimizer", "rng"))
         k, done_epochs, log_rows = ckpt["round"], ckpt["epoch"], ckpt["log"]
         partial = ckpt.get("partial")
         loss_guard.load_state_dict(ckpt.get("loss_guard"))
@@ -375,8 +364,6 @@ def run(args, stop):
         du.barrier()
 
     def save_mid_epoch(step, carry):
-        if not math.isfinite(carry["loss_sum"]):  # never replace the last good checkpoint with a diverged one
-            raise NonFiniteLoss(f"training loss became non-finite by step {step}")
         save_checkpoint({"step": step, "carry": carry})
         setup.log(f"checkpoint inside round {k}, epoch {done_epochs + 1}, after step {step} -> {ckpt_path}")
 

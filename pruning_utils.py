@@ -92,19 +92,25 @@ def _check_mask_type(mask, what="mask"):
                             "convert it with (m != 0).")
 
 
+def _weight_for(weights, name, m):
+    """``weights[name]`` (detached) checked against its mask ``m``: present, same shape, floating point."""
+    if name not in weights:
+        raise UserError(f"no weight named '{name}' to prune; pass weights from the same "
+                        "architecture as the mask (e.g. model.state_dict()).")
+    w = weights[name].detach()
+    if w.shape != m.shape:
+        raise UserError(f"weight '{name}' has shape {tuple(w.shape)} but its mask has "
+                        f"{tuple(m.shape)}; use a mask made for this architecture.")
+    if not w.is_floating_point():
+        raise UserError(f"weight '{name}' is {w.dtype}, not floating point; pass the model's weights.")
+    return w
+
+
 def _flat_scores(weights, mask):
     """(|w|, kept) as flat vectors concatenated in mask order, on the weights' device."""
     scores, kept = [], []
     for name, m in mask.items():
-        if name not in weights:
-            raise UserError(f"no weight named '{name}' to prune; pass weights from the same "
-                            "architecture as the mask (e.g. model.state_dict()).")
-        w = weights[name].detach()
-        if w.shape != m.shape:
-            raise UserError(f"weight '{name}' has shape {tuple(w.shape)} but its mask has "
-                            f"{tuple(m.shape)}; use a mask made for this architecture.")
-        if not w.is_floating_point():
-            raise UserError(f"weight '{name}' is {w.dtype}, not floating point; pass the model's weights.")
+        w = _weight_for(weights, name, m)
         scores.append(w.reshape(-1).abs())
         kept.append(m.reshape(-1).to(w.device))
     return torch.cat(scores), torch.cat(kept)
@@ -340,13 +346,7 @@ def _filter_scores(weights, mask, groups, generator):
             device = generator.device
             score = torch.rand(m.shape[0], generator=generator, device=device, dtype=torch.float64).cpu()
         else:
-            if g.conv not in weights:
-                raise UserError(f"no weight named '{g.conv}' to prune; pass weights from the same "
-                                "architecture as the mask (e.g. model.state_dict()).")
-            w = weights[g.conv].detach()
-            if w.shape != m.shape:
-                raise UserError(f"weight '{g.conv}' has shape {tuple(w.shape)} but its mask has "
-                                f"{tuple(m.shape)}; use a mask made for this architecture.")
+            w = _weight_for(weights, g.conv, m)
             l1 = (w.double().abs() * m.to(w.device)).reshape(m.shape[0], -1).sum(dim=1).cpu()
             mean = l1[alive].mean() if bool(alive.any()) else torch.tensor(0.0, dtype=torch.float64)
             score = l1 / mean if float(mean) > 0 else torch.ones_like(l1)
@@ -463,13 +463,7 @@ def nm_prune(weights, mask, n, m, generator=None):
             scores = torch.rand(msk.numel(), generator=generator, device=generator.device,
                                 dtype=torch.float64).to(msk.device).reshape(msk.shape)
         else:
-            if name not in weights:
-                raise UserError(f"no weight named '{name}' to prune; pass weights from the same "
-                                "architecture as the mask (e.g. model.state_dict()).")
-            w = weights[name].detach()
-            if w.shape != msk.shape:
-                raise UserError(f"weight '{name}' has shape {tuple(w.shape)} but its mask has "
-                                f"{tuple(msk.shape)}; use a mask made for this architecture.")
+            w = _weight_for(weights, name, msk)
             scores = w.double().abs().to(msk.device)
         grouped = scores.masked_fill(~msk, -float("inf")).reshape(rows, -1, m)
         order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices

@@ -82,6 +82,20 @@ def use_agg():
     return plt
 
 
+def figure_legend(fig, axes, ncol=6, y=-0.02):
+    """One legend below the figure with every label of ``axes`` once, in first-seen order."""
+    handles, labels, seen = [], [], set()
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in seen:
+                seen.add(lab)
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), ncol), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, y))
+
+
 def save_figure(fig, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -372,21 +372,8 @@ def _panels(ticket_series, modes):
     return panels
 
 
-def _legend(fig, axes):
-    handles, labels, seen = [], [], set()
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False,
-                   bbox_to_anchor=(0.5, -0.01))
-
-
 def _finish(fig, axes, title):
-    _legend(fig, axes)
+    common.figure_legend(fig, axes, ncol=5, y=-0.01)
     fig.suptitle(title, fontsize=11)
     height = fig.get_size_inches()[1]
     legend_rows = math.ceil(len({lab for ax in axes for lab in ax.get_legend_handles_labels()[1]}) / 5)

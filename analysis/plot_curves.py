@@ -787,19 +787,6 @@ def _levels(series_list):
     return sorted({s for ser in series_list if ser.kind != "dense" for c in ser.cells.values() for s in c})
 
 
-def _legend(fig, axes):
-    handles, labels, seen = [], [], set()
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False,
-                   bbox_to_anchor=(0.5, -0.02))
-
-
 def _has_incomplete(series_list):
     return any(not c.complete for ser in series_list for by_s in ser.cells.values() for c in by_s.values())
 
@@ -847,7 +834,7 @@ def draw_figure(out_dir, name, title, columns, supports=None):
 
         flat[0].add_line(Line2D([], [], ls="none", marker="o", ms=5, mfc="white", mec="black",
                                 label=f"uncertain double-win (support {verdict.CONTRADICTED}–{verdict.SUPPORTED})"))
-    _legend(fig, flat)
+    common.figure_legend(fig, flat)
     fig.suptitle(title, fontsize=11)
     height = fig.get_size_inches()[1]
     fig.tight_layout(rect=(0, 0.4 / height, 1, 1 - 0.3 / height))

@@ -239,3 +239,16 @@ def test_restart_never_discards_a_run_of_the_other_stage(tmp_path):
     with pytest.raises(UserError, match="stage-1 run"):
         main_downstream.main([*STAGE2[:-len(TINY)], *TINY, "--restart", "--save-dir", str(out)])
     assert (out / "tickets" / "round_01.pt").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_a_diverged_carry_is_never_saved_over_the_last_good_checkpoint():
+    from utils.engine import NonFiniteLoss
+    from utils.preemption import StepCheckpointer
+    saved = []
+    hook = StepCheckpointer(lambda step, carry: saved.append(step), StopAfter(0))
+    with pytest.raises(NonFiniteLoss):
+        hook(3, lambda: {"loss_sum": float("nan"), "correct": 0, "seen": 8, "seconds": 1.0})
+    assert saved == []
+    with pytest.raises(Preempted):
+        hook(4, lambda: {"loss_sum": 1.5, "correct": 2, "seen": 8, "seconds": 1.0})
+    assert saved == [4]

@@ -90,6 +90,17 @@ def safe_load(path, map_location="cpu"):
                         "the file was fully copied.") from None
 
 
+def read_resume_checkpoint(path, device, keys):
+    """A run's own resume checkpoint, or one clear error: a torch file of another shape (a foreign
+    file copied over it, another stage's checkpoint) is not a resume point."""
+    ckpt = safe_load(path, map_location=device)
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"'{path}' is not a checkpoint of this stage (it lacks {missing}); rerun with --restart to "
+                        "discard it, or choose another --save-dir.")
+    return ckpt
+
+
 def _current_umask():
     mask = os.umask(0)
     os.umask(mask)

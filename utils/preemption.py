@@ -8,6 +8,7 @@ an uninterrupted one would. An ImageNet epoch of stage 1 is hours: without this 
 loses all of it.
 """
 
+import math
 import signal
 import threading
 import time
@@ -60,7 +61,9 @@ class StepCheckpointer:
     ``minutes`` have passed since the last checkpoint, then raises ``Preempted`` for a stop.
 
     ``save(step, carry)`` writes the mid-epoch checkpoint; it is called on every rank together
-    (it gathers RNG states), which is why under DDP the decision is agreed by an all-reduce.
+    (it gathers RNG states), which is why under DDP the decision is agreed by an all-reduce. A
+    carry whose loss is no longer finite is never saved: the last good checkpoint must survive a
+    divergence that the engine's own check (every few dozen steps) has not caught yet.
     """
 
     def __init__(self, save, stop, minutes=0.0):
@@ -74,7 +77,7 @@ class StepCheckpointer:
         self.last = time.monotonic()
 
     def __call__(self, step, carry_fn):
-        from utils.engine import Preempted
+        from utils.engine import NonFiniteLoss, Preempted
         distributed = du.is_distributed()
         if distributed and step % SYNC_EVERY:
             return
@@ -88,7 +91,10 @@ class StepCheckpointer:
             stop, due = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
         if not (stop or due):
             return
-        self.save(step, carry_fn())
+        carry = carry_fn()  # global sums: every rank sees the same value
+        if not math.isfinite(carry["loss_sum"]):
+            raise NonFiniteLoss(f"training loss became non-finite by step {step}")
+        self.save(step, carry)
         self.last = time.monotonic()
         if stop:
             raise Preempted(f"stopped after step {step} of the epoch on request (signal {self.stop.signal})")
