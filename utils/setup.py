@@ -5,7 +5,6 @@ ticket found in stage 1 always fits the model stage 2 builds from the same flags
 """
 
 import math
-
 from pathlib import Path
 
 import torch
