@@ -10,49 +10,23 @@ parameter gradients, and the model's train/eval mode is restored module by modul
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from utils.cli import parse_fraction  # noqa: F401  (the attacks' ε and α readers)
+from utils.distributed import unwrap_model
 from utils.errors import UserError
 
 NORMS = ("linf", "l2")
 BN_MODES = (None, "eval", "train")
 
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_FRACTION = re.compile(rf"\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?")
-_FRACTION_FORMS = "a non-negative number such as 0.0314 or a fraction such as 8/255"
-
 # Guards the divisions by per-example ℓ2 norms against an all-zero gradient or perturbation.
 _TINY = 1e-12
-
-
-def parse_fraction(text, name: str = "value") -> float:
-    """Read ε or α written as ``8/255``, ``0.0314`` or given as a number; no ``eval``."""
-    if isinstance(text, bool):
-        value = math.nan  # a flag passed by mistake must not read as 0 or 1
-    elif isinstance(text, numbers.Real):
-        value = float(text)
-    elif isinstance(text, str):
-        match = _FRACTION.fullmatch(text)
-        if match is None:
-            value = math.nan
-        else:
-            numerator = float(match.group(1))
-            denominator = 1.0 if match.group(2) is None else float(match.group(2))
-            value = numerator / denominator if denominator != 0 else math.nan
-    else:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"{name} {text!r} is not valid; write {_FRACTION_FORMS}.")
-    return value
 
 
 def _check_norm(norm) -> str:
@@ -66,12 +40,6 @@ def _check_steps(steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise UserError(f"attack steps {steps!r} is not valid; give a non-negative integer.")
     return int(steps)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP's forward registers gradient-reduction hooks and may sync buffers; attacking the
-    # wrapped module keeps the attack local to this process.
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @contextlib.contextmanager
@@ -181,7 +149,7 @@ def pgd_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
                         "in [0, 1] first.")
     loss_fn = _sum_cross_entropy if loss_fn is None else loss_fn
     run = _pgd_linf if norm == "linf" else _pgd_l2
-    net = _unwrap(model)
+    net = unwrap_model(model, compiled=False)
     with attack_mode(net, bn_mode):
         x = images.detach()
         # Tensors made under inference_mode cannot enter autograd; plain copies can.
@@ -245,7 +213,7 @@ def _percent(correct, total: int) -> float:
 
 def attack_accuracy(model: nn.Module, batches: Iterable, attack_fn=None, device=None) -> float:
     """Accuracy (percent) in eval mode on ``attack_fn(model, images, labels)``, or clean."""
-    net = _unwrap(model)
+    net = unwrap_model(model, compiled=False)
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = 0
     with _eval_mode(net):
@@ -272,8 +240,8 @@ def transfer_attack(source_model: nn.Module, target_models: Mapping[str, nn.Modu
     if "source" in target_models:
         raise UserError("a transfer target is named 'source', which is the key reserved for the "
                         "source model's own accuracy; rename that target.")
-    source = _unwrap(source_model)
-    targets = {name: _unwrap(m) for name, m in target_models.items()}
+    source = unwrap_model(source_model, compiled=False)
+    targets = {name: unwrap_model(m, compiled=False) for name, m in target_models.items()}
     correct = {name: 0 for name in ["source", *targets]}
     total = 0
     with contextlib.ExitStack() as stack:
@@ -352,7 +320,7 @@ def autoattack_eval(model: nn.Module, loader_or_batches: Iterable, eps, norm: st
     norm = {"linf": "Linf", "l2": "L2"}[_check_norm(norm)]
     steps = _check_steps(steps)
     suite = _autoattack_suite(version, attacks)
-    net = _unwrap(model)
+    net = unwrap_model(model, compiled=False)
     if device is None:
         param = next(net.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")

@@ -19,8 +19,20 @@ from utils import distributed as du
 from utils import setup
 from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint, safe_load
 from utils.cli import ArgumentParser, fraction, int_list, run_main
-from utils.engine import (AttackSpec, LossGuard, NonFiniteLoss, NonFiniteOutput, Precision, evaluate, lr_for_epoch,
-                          make_sgd, set_lr, train_epoch, training_attack, uniform_loss)
+from utils.engine import (
+    AttackSpec,
+    LossGuard,
+    NonFiniteLoss,
+    NonFiniteOutput,
+    Precision,
+    evaluate,
+    lr_for_epoch,
+    make_sgd,
+    set_lr,
+    train_epoch,
+    training_attack,
+    uniform_loss,
+)
 from utils.errors import UserError
 from utils.preemption import StepCheckpointer, StopRequest
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit, write_csv

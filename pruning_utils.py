@@ -15,7 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from models.resnet import HEAD_PREFIX
 from utils.checkpoint import atomic_save, safe_load
+from utils.distributed import unwrap_model
 from utils.errors import UserError
 
 TICKET_FORMAT = "double-win-ticket"
@@ -25,7 +27,6 @@ TICKET_METHODS = ("imp", "omp", "rp", "lmp")
 TICKET_RETRAIN = ("st", "at", None)
 PATTERNS = ("unstructured", "channel", "nm")
 REWINDS = ("theta_p", "none")
-HEAD_PREFIX = "fc."
 # the ticket stores sparsity rounded to 2 decimals (make_ticket), so a recount may differ by 0.005
 SPARSITY_TOLERANCE = 0.01
 _TICKET_KEYS = ("format", "version", "masks", "sparsity", "round", "method", "retrain",
@@ -35,23 +36,12 @@ _SEED_MASK_SUFFIX = ".weight_mask"
 
 # --------------------------------------------------------------------------- which weights
 
-def _unwrap(model):
-    """The module whose parameter names are torchvision's (DDP/DataParallel/compile add prefixes)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def prunable_names(model, include_stem=True):
     """Names of every ``nn.Conv2d`` weight, in module order; the head (Linear layers) never.
 
     ``include_stem=False`` leaves out the first convolution (``conv1.weight`` of a ResNet).
     """
-    names = [f"{name}.weight" for name, module in _unwrap(model).named_modules()
+    names = [f"{name}.weight" for name, module in unwrap_model(model).named_modules()
              if isinstance(module, nn.Conv2d)]
     if not include_stem:
         names = names[1:]
@@ -60,14 +50,14 @@ def prunable_names(model, include_stem=True):
 
 def full_mask(model, include_stem=True, device="cpu"):
     """A mask keeping every prunable weight."""
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     return {n: torch.ones(params[n].shape, dtype=torch.bool, device=device)
             for n in prunable_names(model, include_stem)}
 
 
 def mask_from_weights_nonzero(model, include_stem=True, device="cpu"):
     """The mask a model's current zeros describe, e.g. for an already pruned dense checkpoint."""
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     return {n: (params[n].detach() != 0).to(device) for n in prunable_names(model, include_stem)}
 
 
@@ -539,7 +529,7 @@ def check_mask_fits(model, mask):
     """Raise :class:`UserError` unless every mask entry is a bool tensor shaped like a conv weight
     of the model; warn (stderr, once per process) when the mask leaves prunable layers out."""
     _check_mask_type(mask)
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     prunable = prunable_names(model)
     prunable_set = set(prunable)
     for name, m in mask.items():
@@ -555,7 +545,7 @@ def check_mask_fits(model, mask):
                             "and stem (--image-size / CIFAR stem must match).")
     # leaving out the stem is the documented --exclude-stem / --reinit-stem choice, not a gap
     missing = [n for n in prunable[1:] if n not in mask]
-    key = (type(_unwrap(model)).__name__, tuple(missing))
+    key = (type(unwrap_model(model)).__name__, tuple(missing))
     if missing and key not in _COVERAGE_WARNED and _is_primary():
         _COVERAGE_WARNED.add(key)
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -566,7 +556,7 @@ def check_mask_fits(model, mask):
 
 def _derived_params(model, mask, pattern):
     """(parameter, bool mask) pairs of the pattern's derived masks (channel: BatchNorm of removed filters)."""
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     pairs = []
     for name, m in derived_masks(mask, pattern).items():
         if name not in params or tuple(params[name].shape) != tuple(m.shape):
@@ -580,7 +570,7 @@ def apply_mask(model, mask, pattern=None):
     """Zero the pruned weights of ``model`` in place; ``pattern="channel"`` also zeroes the BatchNorm
     weight and bias of removed filters (:func:`derived_masks`), so those channels output exactly 0."""
     check_mask_fits(model, mask)
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     with torch.no_grad():
         for name, m in mask.items():
             p = params[name]
@@ -592,7 +582,7 @@ def apply_mask(model, mask, pattern=None):
 def mask_gradients(model, mask):
     """Zero the gradients of pruned weights in place (parameters without a gradient are skipped)."""
     check_mask_fits(model, mask)
-    params = dict(_unwrap(model).named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     for name, m in mask.items():
         p = params[name]
         if p.grad is not None:
@@ -610,7 +600,7 @@ class MaskEnforcer:
 
     def __init__(self, model, mask, pattern=None):
         check_mask_fits(model, mask)
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(unwrap_model(model).named_parameters())
         self._masks = dict(mask)
         self._names = list(mask)
         for name, _, m in _derived_params(model, mask, pattern):
@@ -942,7 +932,7 @@ def export_channel_model(model, mask):
     _check_mask_type(mask)
     check_mask_fits(model, mask)
     _check_pattern_masks(mask, "channel", None, "the mask")
-    src = _unwrap(model)
+    src = unwrap_model(model)
     groups = [g for g in channel_groups(list(mask)) if g.next in mask]
     if not groups:
         _channel_groups_of({})  # the one error message for "nothing to slice"
@@ -1041,7 +1031,7 @@ def to_semi_structured(model, mask, convert=None):
     check_mask_fits(model, mask)
     if convert is None:
         convert = torch.sparse.to_sparse_semi_structured
-    src = _unwrap(model)
+    src = unwrap_model(model)
     converted, dense = [], []
     for name, m in mask.items():
         conv = src.get_submodule(_conv_module_name(name))

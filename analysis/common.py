@@ -1,8 +1,6 @@
 """Shared by the analysis scripts: finding and reading run outputs, rebuilding a trained run's
 model and test images, colours that stay fixed for a label in every figure, table writers."""
 
-import csv
-import io
 import json
 import math
 import numbers
@@ -10,8 +8,8 @@ import zlib
 from pathlib import Path
 
 from analysis import verdict
-from utils.checkpoint import atomic_write_text
 from utils.errors import UserError
+from utils.rundir import csv_text, write_csv  # noqa: F401  (the tables the analysis writes)
 
 REGIMES = ("st", "fat", "at")
 # Every key analysis reads from a results.json (DESIGN §5.3); "ra" may be null.
@@ -104,20 +102,6 @@ def save_figure(fig, path):
 
     plt.close(fig)
     return path
-
-
-def csv_text(rows, fields):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    return buf.getvalue()
-
-
-def write_csv(rows, path, fields):
-    atomic_write_text(csv_text(rows, fields), path)
-    return Path(path)
 
 
 def markdown_table(rows, fields):
@@ -228,17 +212,6 @@ def read_json_file(path, what):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} '{path}' is not valid JSON ({exc}); the run directory is damaged.") from None
-
-
-def resolve_device(device):
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
-    return device
 
 
 def run_image_size(config):

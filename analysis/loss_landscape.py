@@ -273,7 +273,7 @@ def plot(out_path, coords, grid, trajectory, title, axis_labels=("direction 1 (f
 
 
 def parse_args(argv=None):
-    from attacks import parse_fraction
+    from utils.cli import parse_fraction
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", metavar="RUN_DIR", help="a --save-dir of main_downstream.py")
@@ -320,7 +320,9 @@ def main(argv=None):
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         raise UserError(f"run directory '{run_dir}' does not exist; pass a --save-dir of main_downstream.py.")
-    device = common.resolve_device(args.device)
+    from utils.distributed import resolve_device
+
+    device = resolve_device(args.device)
     config = common.read_json_file(run_dir / "config.json", "run config")
     data = common.build_run_data(config, args.data, batch_size=args.batch_size, device=device)
     clean = common.take_images(data.test, args.num_images)

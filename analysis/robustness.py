@@ -161,7 +161,7 @@ def _score(row, model, batches, key, data, eps, alpha, args, device, source_cach
 
 
 def parse_args(argv=None):
-    from attacks import parse_fraction
+    from utils.cli import parse_fraction
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -204,7 +204,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    from utils.distributed import resolve_device
+
+    device = resolve_device(args.device)
     from utils.engine import Precision
 
     Precision.resolve(args.eval_amp, device)  # fp16 on a CPU is refused before any model is loaded

@@ -9,23 +9,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
-
-
-def resolve_device(text):
-    """'auto' -> cuda when present, else cpu; an explicit cuda without a GPU is refused."""
-    text = str(text)
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"--device '{text}' is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {text} asks for a GPU but torch sees none; use --device cpu.")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {text} is not supported by the benchmarks; use cpu or cuda.")
-    return device
+from utils.distributed import resolve_device  # noqa: F401  (the benchmarks' device choice)
 
 
 def device_name(device):

@@ -21,10 +21,10 @@ with the statistics of the dataset it is used on.  They are reported in the retu
 """
 
 import torch
-from torch import nn
 
 from models.resnet import ARCHS, HEAD_PREFIX, Bottleneck, NormalizedResNet
 from utils.checkpoint import atomic_save, safe_load
+from utils.distributed import unwrap_model
 from utils.errors import UserError
 
 MODEL_FORMAT = "double-win-model"
@@ -34,19 +34,13 @@ STEM_PREFIX = "conv1."
 _SHOWN = 4  # names listed per kind of mismatch; the rest are counted
 
 
-def _unwrap(model):
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
-
-
 def save_model_checkpoint(path, model, **extra):
     """Write ``model``'s weights in the ``double-win-model`` format, atomically.
 
     ``extra`` entries (plain Python values or tensors, so the file stays loadable with
     ``weights_only=True``) are stored beside the weights, e.g. ``epoch=3``.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     payload = {
         "format": MODEL_FORMAT,
         "version": MODEL_FORMAT_VERSION,
@@ -295,7 +289,7 @@ def load_pretrained(model, path, *, load_head="auto", load_stem=True):
         raise ValueError(f"load_head must be True, False or 'auto', got {load_head!r}")
     if load_stem not in (True, False):
         raise ValueError(f"load_stem must be True or False, got {load_stem!r}")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not isinstance(model, NormalizedResNet):
         raise TypeError("load_pretrained expects a model made by models.build_model")
     raw = safe_load(path)

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.errors import EXIT_USER_ERROR, UserError  # noqa: E402  (light: no torch at import)
+from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402  (light: no torch at import)
 
 try:
     import tomllib
@@ -45,7 +45,6 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-EXIT_PREEMPTED = 75  # what main_downstream.py exits with after saving on SIGTERM/SIGUSR1 (EX_TEMPFAIL)
 ENTRY = REPO / "main_downstream.py"
 LOG_NAME, FAILED_NAME, LOCK_NAME = ".sweep.log", ".sweep-failed.json", ".sweep.lock"
 

@@ -10,15 +10,19 @@ import torch
 import torch.nn.functional as F
 
 import dataset
-from dataset import (DATASET_STATS, TensorLoader, build_data, data_rate_subset, default_val_size,
-                     load_arrays)
-from utils.errors import UserError
-
+from dataset import DATASET_STATS, TensorLoader, build_data, data_rate_subset, default_val_size, load_arrays
 
 # ---------------------------------------------------------------------------- fixtures
-
-from tests.fixtures import (_dump, _undump, write_cifar10, write_cifar100, write_image_folder,  # noqa: E402
-                            write_svhn, write_truncated_jpeg)
+from tests.fixtures import (  # noqa: E402
+    _dump,
+    _undump,
+    write_cifar10,
+    write_cifar100,
+    write_image_folder,
+    write_svhn,
+    write_truncated_jpeg,
+)
+from utils.errors import UserError
 
 
 def _collect(loader):

@@ -18,6 +18,7 @@ from torch.nn.utils import prune
 from torchvision.models.resnet import BasicBlock, ResNet
 
 import models
+from dataset import DATASET_STATS  # noqa: E402
 from models import (
     ARCHS,
     HEAD_PREFIX,
@@ -29,8 +30,6 @@ from models import (
     set_normalization,
 )
 from utils.errors import UserError
-
-from dataset import DATASET_STATS  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = DATASET_STATS["cifar10"]
 

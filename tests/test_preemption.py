@@ -16,8 +16,8 @@ import main_downstream
 import main_imp_pretrain
 from utils.checkpoint import safe_load
 from utils.engine import Preempted
-from utils.errors import UserError
-from utils.preemption import EXIT_PREEMPTED, StopRequest
+from utils.errors import EXIT_PREEMPTED, UserError
+from utils.preemption import StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
 # a small batch makes many steps per epoch, so a stop lands inside an epoch

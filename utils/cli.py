@@ -2,15 +2,42 @@
 
 import argparse
 import errno
+import math
+import numbers
+import re
 import sys
 import traceback
 
-from utils.errors import EXIT_USER_ERROR, UserError
+from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_FRACTION = re.compile(rf"\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?")
+_FRACTION_FORMS = "a non-negative number such as 0.0314 or a fraction such as 8/255"
+
+
+def parse_fraction(text, name: str = "value") -> float:
+    """Read ε or α written as ``8/255``, ``0.0314`` or given as a number; no ``eval``."""
+    if isinstance(text, bool):
+        value = math.nan  # a flag passed by mistake must not read as 0 or 1
+    elif isinstance(text, numbers.Real):
+        value = float(text)
+    elif isinstance(text, str):
+        match = _FRACTION.fullmatch(text)
+        if match is None:
+            value = math.nan
+        else:
+            numerator = float(match.group(1))
+            denominator = 1.0 if match.group(2) is None else float(match.group(2))
+            value = numerator / denominator if denominator != 0 else math.nan
+    else:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{name} {text!r} is not valid; write {_FRACTION_FORMS}.")
+    return value
 
 
 def fraction(text):
     """argparse type for ε and α: '8/255' or '0.0314'."""
-    from attacks import parse_fraction
     try:
         return parse_fraction(text)
     except UserError as exc:
@@ -89,8 +116,6 @@ def run_main(main, argv=None):
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except Exception as exc:
-        from utils.engine import Preempted
-        from utils.preemption import EXIT_PREEMPTED
         if isinstance(exc, Preempted):  # a requested stop, not a failure: the scheduler requeues on this status
             print(f"{exc}; the state is saved: rerun the same command to resume from this step.", file=sys.stderr,
                   flush=True)

@@ -6,6 +6,7 @@ obvious single-process answer, so the engine never branches on "am I distributed
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +27,27 @@ class DistInfo:
         return self.rank == 0
 
 
+def unwrap_model(model, compiled=True):
+    """The module inside DDP / DataParallel (and, with ``compiled``, torch.compile) wrappers: the one
+    whose parameter names are torchvision's. Attacks pass ``compiled=False``: they run on the DDP-free
+    module so that no gradient-reduction hook or buffer sync fires, and keep the compiled graph."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif compiled and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def resolve_device(name):
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error, not a fallback."""
-    if name in (None, "auto"):
+    name = "auto" if name is None else str(name)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or run on a GPU node.")
-    if name not in ("cpu",) and not name.startswith("cuda"):
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise UserError(f"--device must be auto, cpu or cuda[:N], not '{name}'.")
     return torch.device(name)
 

@@ -16,22 +16,10 @@ from tqdm import tqdm
 
 import attacks
 from utils import distributed as du
-from utils.errors import UserError
+from utils.errors import NonFiniteLoss, NonFiniteOutput, Preempted, UserError  # noqa: F401  (raised here)
 
 REGIMES = ("st", "fat", "at")
 SYNC_EVERY = 25  # steps between host syncs: progress display and the non-finite-loss check
-
-
-class NonFiniteLoss(UserError):
-    """Training diverged; the caller names where and keeps the last good checkpoint."""
-
-
-class NonFiniteOutput(UserError):
-    """The model produced NaN/inf logits in evaluation: a broken model must not be scored."""
-
-
-class Preempted(Exception):
-    """A stop was requested (SIGTERM/SIGUSR1) and the state at a step boundary has been saved."""
 
 
 def uniform_loss(num_classes):
@@ -168,13 +156,6 @@ def lr_for_epoch(epoch, base_lr, epochs, milestones=None, schedule="step", gamma
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def unwrap(model):
-    """The module inside DDP / torch.compile wrappers (where parameters and masks live)."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def _to_device(images, labels, device, channels_last):

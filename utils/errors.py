@@ -14,3 +14,16 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; what a requeued job exits with after saving its state
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged; the caller names where and keeps the last good checkpoint."""
+
+
+class NonFiniteOutput(UserError):
+    """The model produced NaN/inf logits in evaluation: a broken model must not be scored."""
+
+
+class Preempted(Exception):
+    """A stop was requested (SIGTERM/SIGUSR1) and the state at a step boundary has been saved."""

@@ -16,8 +16,8 @@ import time
 import torch
 
 from utils import distributed as du
+from utils.errors import NonFiniteLoss, Preempted
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", what a requeued job does
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 SYNC_EVERY = 25  # under DDP ranks agree on stopping only every few steps (an agreement is a collective)
 
@@ -77,7 +77,6 @@ class StepCheckpointer:
         self.last = time.monotonic()
 
     def __call__(self, step, carry_fn):
-        from utils.engine import NonFiniteLoss, Preempted
         distributed = du.is_distributed()
         if distributed and step % SYNC_EVERY:
             return

@@ -373,14 +373,19 @@ def _prepare_locked(save_dir, config, primary, restart, finished):
     return False
 
 
-def write_csv(rows, path, fieldnames):
-    """Rewrite a whole CSV atomically (cheap: logs are per epoch), so it always matches the checkpoint."""
+def csv_text(rows, fields):
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    atomic_write_text(buf.getvalue(), path)
+    return buf.getvalue()
+
+
+def write_csv(rows, path, fields):
+    """Rewrite a whole CSV atomically (cheap: logs are per epoch), so it always matches the checkpoint."""
+    atomic_write_text(csv_text(rows, fields), path)
+    return Path(path)
 
 
 def git_commit():

@@ -14,7 +14,7 @@ import models
 from utils import distributed as du
 from utils.cli import class_list, fraction
 from utils.engine import Precision
-from utils.errors import UserError
+from utils.errors import Preempted, UserError
 
 
 def add_common_args(p, datasets):
@@ -194,7 +194,6 @@ def run_stoppable(run, args, stop):
     A stopped run leaves ``SAVE_DIR/.preempted``: torchrun reports any failed worker as status 1,
     so the launcher (script/_launch.sh) reads the marker to tell a requeueable stop (75) from a crash.
     """
-    from utils.engine import Preempted
     marker = Path(args.save_dir) / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
     stop.install()
