@@ -1,19 +1,15 @@
 """Shared by the analysis scripts: finding and reading run outputs, rebuilding a trained run's
 model and test images, colours that stay fixed for a label in every figure, table writers."""
 
-import json
-import math
-import numbers
 import zlib
 from pathlib import Path
 
 from analysis import verdict
+from utils import records
 from utils.errors import UserError
 from utils.rundir import csv_text, write_csv  # noqa: F401  (the tables the analysis writes)
 
-REGIMES = ("st", "fat", "at")
-# Every key analysis reads from a results.json (DESIGN §5.3); "ra" may be null.
-RESULT_KEYS = ("dataset", "arch", "pretrain", "method", "sparsity", "regime", "data_rate", "seed", "sa", "ra")
+REGIMES = records.REGIMES
 
 # One colour per pre-training label in every figure; other labels take a palette colour chosen
 # from a hash of the label, so a label keeps its colour across figures and invocations.
@@ -143,43 +139,9 @@ def find_result_files(dirs):
     return sorted(found)
 
 
-def _is_number(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
 def is_dense(obj):
     """A dense (unpruned) run: method "dense" or sparsity 0 (DESIGN.md §5.5)."""
-    return obj.get("method") == "dense" or (_is_number(obj.get("sparsity")) and float(obj["sparsity"]) == 0.0)
-
-
-def check_result(obj):
-    """The reason ``obj`` is not a usable results.json, or None when it is."""
-    if not isinstance(obj, dict):
-        return f"it holds a JSON {type(obj).__name__}, not an object"
-    missing = [k for k in RESULT_KEYS if k not in obj]
-    if missing:
-        return f"it lacks the keys {missing}"
-    for key in ("dataset", "arch", "pretrain", "method"):
-        if key == "method" and obj[key] is None and is_dense(obj):
-            continue  # a dense run needs no method name
-        if not isinstance(obj[key], str) or not obj[key]:
-            return f"'{key}' is {obj[key]!r}, not a non-empty string"
-    if obj["regime"] not in REGIMES:
-        return f"'regime' is {obj['regime']!r}, not one of {list(REGIMES)}"
-    if not _is_number(obj["sparsity"]) or not 0.0 <= float(obj["sparsity"]) <= 100.0:
-        return f"'sparsity' is {obj['sparsity']!r}, not a percentage"
-    if not _is_number(obj["data_rate"]) or not 0.0 < float(obj["data_rate"]) <= 1.0:
-        return f"'data_rate' is {obj['data_rate']!r}, not a number in (0, 1]"
-    if isinstance(obj["seed"], bool) or not isinstance(obj["seed"], (int, str)):
-        return f"'seed' is {obj['seed']!r}, not an integer"
-    if not _is_number(obj["sa"]):
-        return f"'sa' is {obj['sa']!r}, not a number"
-    if obj["ra"] is not None and not _is_number(obj["ra"]):
-        return f"'ra' is {obj['ra']!r}, not a number or null"
-    for key in ("sa", "ra"):  # accuracies in percent: a fraction or a count here is a broken writer
-        if obj[key] is not None and not 0.0 <= float(obj[key]) <= 100.0:
-            return f"'{key}' is {obj[key]!r}, outside [0, 100] percent"
-    return None
+    return records.is_dense_result(obj)
 
 
 def read_results(paths):
@@ -187,14 +149,11 @@ def read_results(paths):
     good, warnings = [], []
     for path in paths:
         try:
-            obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            warnings.append(f"skipped '{path}': cannot be read ({exc.__class__.__name__}: {exc}).")
+            obj = records.read_json(path, "results file", expect=object)
+        except UserError as exc:
+            warnings.append(f"skipped '{path}': {_reason(exc, path)}.")
             continue
-        except json.JSONDecodeError as exc:
-            warnings.append(f"skipped '{path}': not valid JSON ({exc.msg} at line {exc.lineno}).")
-            continue
-        problem = check_result(obj)
+        problem = records.result_problem(obj)
         if problem:
             warnings.append(f"skipped '{path}': {problem} (DESIGN §5.3 lists the results.json keys).")
             continue
@@ -202,16 +161,17 @@ def read_results(paths):
     return good, warnings
 
 
+def _reason(exc, path):
+    """What records said about ``path``, without the file name it already led with."""
+    text = str(exc).rstrip(".")
+    marker = f"'{path}' "
+    return text.split(marker, 1)[1] if marker in text else text
+
+
 # --------------------------------------------------------------------------- trained runs
 
 def read_json_file(path, what):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} '{path}' does not exist; pass a run directory written by main_downstream.py.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} '{path}' is not valid JSON ({exc}); the run directory is damaged.") from None
+    return records.read_json(path, what)
 
 
 def run_image_size(config):

@@ -1,0 +1,161 @@
+"""One reader per file kind the pipeline writes and reads back: results.json, config.json,
+sparsity.json, log.csv and a sweep's failure record.
+
+Each reader checks the file's shape and types and raises a one-line :class:`UserError` naming the file,
+what is wrong with it and what to do; nothing that reads these files parses them by hand. A damaged
+file (empty, truncated, not UTF-8, the wrong JSON type, ``null`` where a value belongs, a directory in its
+place) is thereby one line and exit status 2 in every tool, never a traceback.
+"""
+
+import csv
+import io
+import json
+import math
+import numbers
+from pathlib import Path
+
+from utils.errors import UserError
+
+REGIMES = ("st", "fat", "at")
+# Every key the analysis reads from a results.json (docs/contracts.md §3); "ra" may be null.
+RESULT_KEYS = ("dataset", "arch", "pretrain", "method", "sparsity", "regime", "data_rate", "seed", "sa", "ra")
+_DAMAGED = "the run directory is damaged; rerun the run (--restart) or remove the file"
+
+
+def is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def read_text(path, what):
+    """The UTF-8 text of a regular file, or one line saying why it cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a directory, not a file; {_DAMAGED}.")
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist.")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} '{path}' is not UTF-8 text; {_DAMAGED}.") from None
+    except OSError as exc:
+        raise UserError(f"{what} '{path}' cannot be read ({exc.strerror or exc}).") from None
+
+
+def read_json(path, what, expect=dict):
+    """A JSON document whose top level is of type ``expect``."""
+    text = read_text(path, what)
+    if not text.strip():
+        raise UserError(f"{what} '{path}' is empty; {_DAMAGED}.")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}); {_DAMAGED}.") from None
+    if not isinstance(obj, expect):
+        raise UserError(f"{what} '{path}' holds a JSON {_json_type(obj)}, not {_json_type_name(expect)}; {_DAMAGED}.")
+    return obj
+
+
+def _json_type(obj):
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(obj), "number")
+
+
+def _json_type_name(expect):
+    return {dict: "an object", list: "an array"}.get(expect, expect.__name__)
+
+
+# --------------------------------------------------------------------------- results.json
+
+def result_problem(obj):
+    """The reason ``obj`` is not a usable results.json, or None when it is."""
+    if not isinstance(obj, dict):
+        return f"it holds a JSON {_json_type(obj)}, not an object"
+    missing = [k for k in RESULT_KEYS if k not in obj]
+    if missing:
+        return f"it lacks the keys {missing}"
+    for key in ("dataset", "arch", "pretrain", "method"):
+        if key == "method" and obj[key] is None and is_dense_result(obj):
+            continue  # a dense run needs no method name
+        if not isinstance(obj[key], str) or not obj[key]:
+            return f"'{key}' is {obj[key]!r}, not a non-empty string"
+    if obj["regime"] not in REGIMES:
+        return f"'regime' is {obj['regime']!r}, not one of {list(REGIMES)}"
+    if not is_number(obj["sparsity"]) or not 0.0 <= float(obj["sparsity"]) <= 100.0:
+        return f"'sparsity' is {obj['sparsity']!r}, not a percentage"
+    if not is_number(obj["data_rate"]) or not 0.0 < float(obj["data_rate"]) <= 1.0:
+        return f"'data_rate' is {obj['data_rate']!r}, not a number in (0, 1]"
+    if isinstance(obj["seed"], bool) or not isinstance(obj["seed"], (int, str)):
+        return f"'seed' is {obj['seed']!r}, not an integer"
+    if not is_number(obj["sa"]):
+        return f"'sa' is {obj['sa']!r}, not a number"
+    if obj["ra"] is not None and not is_number(obj["ra"]):
+        return f"'ra' is {obj['ra']!r}, not a number or null"
+    for key in ("sa", "ra"):  # accuracies in percent: a fraction or a count here is a broken writer
+        if obj[key] is not None and not 0.0 <= float(obj[key]) <= 100.0:
+            return f"'{key}' is {obj[key]!r}, outside [0, 100] percent"
+    if "config" in obj and not isinstance(obj["config"], (dict, type(None))):
+        return f"'config' is a JSON {_json_type(obj['config'])}, not an object"
+    return None
+
+
+def is_dense_result(obj):
+    """A dense (unpruned) run: method "dense" or sparsity 0."""
+    return obj.get("method") == "dense" or (is_number(obj.get("sparsity")) and float(obj["sparsity"]) == 0.0)
+
+
+def read_results(path):
+    """A stage-2 results.json, checked against the contract (docs/contracts.md §3)."""
+    obj = read_json(path, "results file")
+    problem = result_problem(obj)
+    if problem:
+        raise UserError(f"results file '{path}' is not a usable results.json: {problem}; {_DAMAGED}.")
+    return obj
+
+
+# --------------------------------------------------------------------------- config.json, sparsity.json
+
+def read_config(path):
+    """A run directory's config.json: an object whose keys are setting names."""
+    obj = read_json(path, "run config")
+    bad = [k for k in obj if not isinstance(k, str) or not k]
+    if bad:
+        raise UserError(f"run config '{path}' has keys that are no setting names ({bad[:3]}); {_DAMAGED}.")
+    return obj
+
+
+def read_sparsity(path):
+    """A stage-1 sparsity.json: {round: sparsity percent} -> {int round: float}, rounds ascending."""
+    obj = read_json(path, "level list")
+    levels = {}
+    for key, value in obj.items():
+        try:
+            k = int(key)
+        except (TypeError, ValueError):
+            k = 0
+        if k < 1 or str(k) != str(key).strip():
+            raise UserError(f"level list '{path}' has the round {key!r}, not a positive integer; rerun stage 1 "
+                            "with --restart to write it again.")
+        if not is_number(value) or not 0.0 <= float(value) <= 100.0:
+            raise UserError(f"level list '{path}' gives round {k} the sparsity {value!r}, not a percentage; rerun "
+                            "stage 1 with --restart to write it again.")
+        levels[k] = float(value)
+    return dict(sorted(levels.items()))
+
+
+# --------------------------------------------------------------------------- log.csv
+
+def read_log(path, required=()):
+    """A log.csv as a list of row dicts (values as the text the writer wrote)."""
+    text = read_text(path, "training log")
+    if "\x00" in text:
+        raise UserError(f"training log '{path}' holds binary data, not CSV; {_DAMAGED}.")
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+        fields = reader.fieldnames or []
+    except csv.Error as exc:
+        raise UserError(f"training log '{path}' is not valid CSV ({exc}); {_DAMAGED}.") from None
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise UserError(f"training log '{path}' lacks the columns {missing}; {_DAMAGED}.")
+    return rows
