@@ -54,3 +54,20 @@ def test_flags_added_later_with_their_old_behaviour_are_no_difference():
     assert config_differences({"amp": "off"}, {"amp": "off", "eval_amp": "off"}) == []
     assert config_differences({"amp": "auto"}, {"amp": "auto", "eval_amp": "off"}) == [("eval_amp", "<absent>", "off")]
     assert config_differences(old, {"lr": 0.1, "pattern": "channel"}) == [("pattern", "<absent>", "channel")]
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    from utils.errors import UserError
+    from utils.rundir import LOCK_NAME, RunDirLock, lock_holder
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link") as err:
+        RunDirLock(run_dir).acquire()
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="symbolic link"):
+        lock_holder(run_dir)
+    assert victim.read_text() == "keep me\n"

@@ -69,6 +69,19 @@ LOCK_NAME = ".lock"  # a dot-file, so a directory holding only it still counts a
 _ACQUIRE_GRACE_S = 0.25
 
 
+def open_control_file(path, flags, mode=0o666):
+    """``os.open`` for the files the tools control a run directory with (locks, logs, failure records),
+    never through a symbolic link: a link in their place would let a truncate or an append land in
+    whatever file it points at. Such a link is one line naming it; its target is left untouched."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and os.path.islink(path)):
+            raise UserError(f"'{path}' is a symbolic link, and control files are never followed; remove the link "
+                            "(its target is untouched) and rerun.") from None
+        raise
+
+
 def _identity():
     return f"{os.getpid()}@{socket.gethostname()}"
 
@@ -105,7 +118,7 @@ class RunDirLock:
         if self._fd is not None:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = open_control_file(self.path, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + _ACQUIRE_GRACE_S
         while True:
             try:
@@ -168,7 +181,7 @@ def lock_holder(run_dir):
     """
     path = Path(run_dir) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_control_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
