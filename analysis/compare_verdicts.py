@@ -31,18 +31,34 @@ ROW_KEY = ("dataset", "data_rate", "pretrain", "method")
 EXTREMES = ("extreme_sparsity", "extreme_sparsity_contiguous", "extreme_sparsity_supported")
 
 
-def _read_csv(path):
+def _read_csv(path, required):
+    """A verdict table of analysis/plot_curves.py, with the columns ``required``."""
     if not path.is_file():
         raise UserError(f"'{path}' does not exist; pass --out directories of analysis/plot_curves.py.")
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows, fields = list(reader), reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error):
+        rows, fields = [], []
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise UserError(f"'{path}' is not a verdict table of analysis/plot_curves.py (it lacks the columns "
+                        f"{missing}); pass the --out directory plot_curves.py wrote, or rerun it with this version.")
+    return rows
+
+
+def level_key(method, rank, sparsity_text):
+    """How a level is paired across two tables: by its sparsity, except for channel tickets, whose
+    weight sparsity depends on which filters the source model lets go (the same round has another
+    level in another run), so their levels pair by rank (round k of stage 1)."""
+    return f"#{rank}" if "channel" in method else f"{float(sparsity_text):.2f}"
 
 
 def read_cells(out_dir):
-    """{(dataset, rate, pretrain, method, k): (double_win, support, sparsity)} of the judged levels,
-    k the level's rank in its row (round k of stage 1): a channel ticket's weight sparsity depends
-    on which filters its source model lets go, so the same round has another level in another run."""
-    rows = _read_csv(Path(out_dir) / "double_win_details.csv")
+    """{(dataset, rate, pretrain, method, level): (double_win, support, sparsity)} of the judged levels,
+    ``level`` as :func:`level_key` gives it."""
+    rows = _read_csv(Path(out_dir) / "double_win_details.csv", ROW_KEY + ("sparsity", "judged", "double_win"))
     by_row = {}
     for r in rows:
         if r.get("judged") != "True":
@@ -57,23 +73,24 @@ def read_cells(out_dir):
     cells = {}
     for row, levels in by_row.items():
         for k, (_, win, support, text) in enumerate(sorted(levels), start=1):
-            cells[row + (k,)] = (win, support, text)
+            cells[row + (level_key(row[3], k, text),)] = (win, support, text)
     return cells
 
 
 def read_rows(out_dir):
-    return {tuple(r[k] for k in ROW_KEY): r for r in _read_csv(Path(out_dir) / "double_win.csv")}
+    return {tuple(r[k] for k in ROW_KEY): r for r in _read_csv(Path(out_dir) / "double_win.csv", ROW_KEY)}
 
 
 def compare(reference, other):
     """Counts of the comparison of two analysis outputs (see the module docstring)."""
     ref, oth = read_cells(reference), read_cells(other)
-    out = {"cells": Counter(), "changed": Counter(), "label_changed": Counter(), "missing": 0}
+    out = {"cells": Counter(), "changed": Counter(), "label_changed": Counter(),
+           "unmatched_reference": sorted(k[:4] + (ref[k][2],) for k in ref.keys() - oth.keys()),
+           "unmatched_other": sorted(k[:4] + (oth[k][2],) for k in oth.keys() - ref.keys())}
     changed_cells = []
     for key, (win, support, text) in ref.items():
         label = support_label(support)
         if key not in oth:
-            out["missing"] += 1
             continue
         out["cells"][label] += 1  # cells compared
         other_win, other_support, _ = oth[key]
@@ -102,8 +119,10 @@ def report(reference, others):
         rows = res["rows_changed"]
         lines.append(f"  rows {res['rows']}: extreme sparsity changed in {rows['extreme_sparsity']}, contiguous in "
                      f"{rows['extreme_sparsity_contiguous']}, supported in {rows['extreme_sparsity_supported']}")
-        if res["missing"]:
-            lines.append(f"  {res['missing']} reference cells have no counterpart")
+        for side, name in (("unmatched_reference", str(reference)), ("unmatched_other", str(other))):
+            if res[side]:
+                lines.append(f"  {len(res[side])} level(s) only in {name}:")
+                lines += [f"    {' '.join(key[:4])} {key[4]}%" for key in res[side]]
         for key, label, win, support, other_win, other_support in res["changed_cells"]:
             lines.append(f"    changed: {' '.join(key[:4])} {key[4]}%: {'win' if win else 'no'} ({support:.2f}, "
                          f"{label}) -> {'win' if other_win else 'no'} ({other_support:.2f})")
