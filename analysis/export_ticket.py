@@ -5,14 +5,14 @@
 * a **channel** ticket becomes a physically smaller dense ResNet: each block-internal conv keeps
   only its alive filters, its BatchNorm those channels and the next conv those input channels.
   The file is a normal ``double-win-model`` checkpoint plus ``channels`` (the kept width of every
-  internal conv), which ``pruning_utils.load_exported(PATH)`` rebuilds and loads through
+  internal conv), which ``models.export.load_exported(PATH)`` rebuilds and loads through
   ``models.load_pretrained``.  Before writing, the smaller net's logits are checked against the
   masked full-size net's on random inputs in eval mode (``--tolerance``, default 1e-5).
 * a **2:4** ticket (``--pattern nm --nm 2:4`` in stage 1) runs its convs through
   ``torch.sparse.to_sparse_semi_structured`` on a GPU of compute capability 8.0 or newer
   (``--device cuda``); elsewhere it is refused with one line.  Semi-structured tensors cannot be
   stored in a ``weights_only`` checkpoint, so the file written is the masked dense model (with
-  ``pattern``/``nm`` recorded), and ``pruning_utils.to_semi_structured`` converts it at load time on
+  ``pattern``/``nm`` recorded), and ``models.export.to_semi_structured`` converts it at load time on
   the GPU; the command checks that the converted net agrees with the dense one (fp16).
 
 THETA is any checkpoint the importers read: θ_p or a stage-2 ``model_best.pt``.
@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import pruning_utils as pu  # noqa: E402
+from models.export import check_semi_structured_support, export_channel_model, to_semi_structured  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def count_params(model):
 def export_channel(args, ticket, model, device):
     masked = copy.deepcopy(model)
     pu.apply_mask(masked, ticket["masks"], pattern="channel")
-    small, channels = pu.export_channel_model(masked, ticket["masks"])
+    small, channels = export_channel_model(masked, ticket["masks"])
     small.eval()
     x = check_images(args, device)
     with torch.no_grad():
@@ -92,11 +93,11 @@ def export_nm(args, ticket, model, device):
     if list(ticket["nm"]) != [2, 4]:
         raise UserError(f"the ticket is {ticket['nm'][0]}:{ticket['nm'][1]}, but the sparse tensor cores run 2:4 "
                         "only; find the ticket with --pattern nm --nm 2:4.")
-    pu.check_semi_structured_support(device)
+    check_semi_structured_support(device)
     pu.apply_mask(model, ticket["masks"])
     dense = model.half()
     sparse = copy.deepcopy(dense)
-    converted, kept_dense = pu.to_semi_structured(sparse, ticket["masks"])
+    converted, kept_dense = to_semi_structured(sparse, ticket["masks"])
     if not converted:
         raise UserError("no conv of this ticket fits the 2:4 kernels' shape limits; nothing to export.")
     x = check_images(args, device, torch.float16)
@@ -130,7 +131,7 @@ def main(argv=None):
         raise UserError("an unstructured ticket has no faster dense form (its zeros are scattered); export a ticket "
                         "found with --pattern channel or --pattern nm.")
     if pattern == "nm":  # refuse a CPU before reading any weights
-        pu.check_semi_structured_support(device)
+        check_semi_structured_support(device)
     elif device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asks for a GPU but torch sees none; use --device cpu.")
     model = load_model(args, device)

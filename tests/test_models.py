@@ -673,10 +673,33 @@ def test_plain_pickle_file_is_not_a_checkpoint(tmp_path):
         load_pretrained(build_model("resnet_tiny", 10), tmp_path / "plain.pkl")
 
 
-def test_public_names():
-    for name in ("build_model", "load_pretrained", "save_model_checkpoint", "set_normalization", "ARCHS",
-                 "HEAD_PREFIX", "IMAGENET_MEAN", "IMAGENET_STD"):
-        assert hasattr(models, name)
+def test_public_names(tmp_path):
+    """The names the package hands on work through ``models.``: build, normalize, save, load, inspect."""
+    assert {"resnet18", "resnet50", "resnet_tiny"} <= set(models.ARCHS)
+    net = models.build_model("resnet_tiny", 3, cifar_stem=True)
+    assert isinstance(net, models.NormalizedResNet)
+    assert (net.arch, net.num_classes, net.cifar_stem) == ("resnet_tiny", 3, True)
+    assert [n for n, _ in net.named_parameters() if n.startswith(models.HEAD_PREFIX)] == ["fc.weight", "fc.bias"]
+    assert torch.equal(net.input_mean.flatten(), torch.tensor(models.IMAGENET_MEAN))
+    assert torch.equal(net.input_std.flatten(), torch.tensor(models.IMAGENET_STD))
+    assert models.set_normalization(net, CIFAR_MEAN, CIFAR_STD) is net
+    assert torch.equal(net.input_mean.flatten(), torch.tensor(CIFAR_MEAN))
+    assert torch.equal(net.input_std.flatten(), torch.tensor(CIFAR_STD))
+    assert models.guess_arch(net.state_dict()) == ("resnet_tiny", True)
+
+    _randomized(net, 4)
+    models.save_model_checkpoint(tmp_path / "m.pt", net, epoch=2)
+    again = models.build_model("resnet_tiny", 3, cifar_stem=True)
+    info = models.load_pretrained(again, tmp_path / "m.pt")
+    assert info["format"] == "double-win" and info["dropped_head"] is False
+    assert np.allclose(info["file_normalization"][0], CIFAR_MEAN)
+    _assert_same_tensors(again.state_dict(), net.state_dict())
+
+    state = net.state_dict()
+    models.check_finite_state(state, "m.pt")
+    state["fc.bias"][0] = float("nan")
+    with pytest.raises(UserError, match="'fc.bias'"):
+        models.check_finite_state(state, "m.pt")
 
 
 # --------------------------------------------------------------------------- damaged θ_p (issue 15)

@@ -10,6 +10,7 @@ import torchvision
 from torch.nn.utils import prune
 
 import pruning_utils as pu
+from masks import enforce
 from utils.errors import UserError
 
 # DESIGN §2: sparsity after IMP round k, k = 1..19
@@ -623,7 +624,7 @@ def test_check_mask_fits_refuses_non_conv_and_warns_once_about_missing_layers(ca
     with pytest.raises(UserError, match="'fc.weight' is not a convolution weight"):
         pu.check_mask_fits(model, {"fc.weight": torch.ones(4, 128, dtype=torch.bool)})
     conv1_only = {"conv1.weight": torch.ones(16, 3, 3, 3, dtype=torch.bool)}
-    pu._COVERAGE_WARNED.clear()
+    enforce._COVERAGE_WARNED.clear()
     pu.check_mask_fits(model, conv1_only)
     pu.apply_mask(model, conv1_only)
     pu.MaskEnforcer(model, conv1_only)

@@ -14,6 +14,7 @@ import main_downstream
 import main_imp_pretrain
 import models
 import pruning_utils as pu
+from masks import enforce
 from tests.fixtures import write_image_folder
 from utils.checkpoint import safe_load
 from utils.errors import UserError
@@ -181,7 +182,7 @@ def test_stage2_warns_about_a_ticket_covering_only_conv1(tmp_path, capsys):
     t = pu.make_ticket(only, round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="std",
                        init=str(init), source_dataset="digits")
     pu.save_ticket(tmp_path / "conv1.pt", t)
-    pu._COVERAGE_WARNED.clear()
+    enforce._COVERAGE_WARNED.clear()
     _downstream(tmp_path / "conv1.pt", init, tmp_path / "run")
     err = capsys.readouterr().err
     assert err.count("warning: the mask covers 1 of the model's") == 1, err

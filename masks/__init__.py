@@ -1,0 +1,7 @@
+"""Mask math and the ticket file: which weights are prunable (prunable), the unstructured, channel and
+N:M patterns (unstructured, channel, nm, patterns), sparsity statistics (stats), applying and enforcing
+masks on a model (enforce) and the ticket file format (ticket).
+
+May import utils/ and models.resnet only.  The public entry is ``pruning_utils``; the export of channel
+tickets to smaller models lives beside the architectures, in ``models/export.py``.
+"""
