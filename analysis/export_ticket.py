@@ -32,6 +32,7 @@ import models  # noqa: E402
 import pruning_utils as pu  # noqa: E402
 from models.export import check_semi_structured_support, export_channel_model, to_semi_structured  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.records import refuse_overwriting_inputs  # noqa: E402
 
 
 def build_parser():
@@ -123,6 +124,7 @@ def main(argv=None):
         device = torch.device(args.device)
     except RuntimeError:
         raise UserError(f"--device '{args.device}' is not a device; use cpu or cuda.") from None
+    refuse_overwriting_inputs(args.out, [("ticket", args.ticket), ("--init weights", args.init)])
     ticket = pu.load_ticket(args.ticket)
     if ticket["arch"] not in (args.arch, "unknown"):
         raise UserError(f"the ticket was found in {ticket['arch']} but --arch is {args.arch}; pass --arch {ticket['arch']}.")

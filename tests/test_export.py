@@ -162,3 +162,24 @@ def test_inference_benchmark_record_is_well_formed(tmp_path, capsys):
     assert all(len(r["latency_runs"]) == 2 and r["throughput_images_per_s"] > 0 for r in rows.values())
     assert rows["dense"]["latency_speedup_paired"] == 1.0
     assert "channel_90" in capsys.readouterr().out
+
+
+def test_export_never_overwrites_what_it_reads_and_names_a_file_that_is_no_ticket(tmp_path):
+    torch.manual_seed(0)
+    model = models.build_model("resnet_tiny", 5, cifar_stem=True)
+    models.save_model_checkpoint(tmp_path / "theta.pt", model)
+    _channel_ticket(model, 0.5, tmp_path)
+    before = (tmp_path / "theta.pt").read_bytes()
+    common = ["--arch", "resnet_tiny", "--num-classes", "5", "--cifar-stem"]
+    with pytest.raises(UserError, match="--out .* is the --init weights") as err:
+        export_ticket.main([str(tmp_path / "ticket.pt"), "--init", str(tmp_path / "theta.pt"), *common,
+                            "--out", str(tmp_path / "." / "theta.pt")])
+    assert "\n" not in str(err.value) and (tmp_path / "theta.pt").read_bytes() == before
+    with pytest.raises(UserError, match="--out .* is the ticket"):
+        export_ticket.main([str(tmp_path / "ticket.pt"), "--init", str(tmp_path / "theta.pt"), *common,
+                            "--out", str(tmp_path / "ticket.pt")])
+    # θ_p given where the ticket belongs: said as such, not as "no channel pattern"
+    with pytest.raises(UserError) as err:
+        export_ticket.main([str(tmp_path / "theta.pt"), "--init", str(tmp_path / "theta.pt"), *common,
+                            "--out", str(tmp_path / "out.pt")])
+    assert "channel pattern" not in str(err.value) and "ticket" in str(err.value)

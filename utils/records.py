@@ -12,6 +12,7 @@ import io
 import json
 import math
 import numbers
+import os
 from pathlib import Path
 
 from utils.errors import UserError
@@ -159,3 +160,21 @@ def read_log(path, required=()):
     if missing:
         raise UserError(f"training log '{path}' lacks the columns {missing}; {_DAMAGED}.")
     return rows
+
+
+# --------------------------------------------------------------------------- outputs never overwrite inputs
+
+def refuse_overwriting_inputs(out, inputs, flag="--out"):
+    """A tool's output path must not be one of the files it reads (compared as files on disk, so a
+    second spelling or a hard link of an input is caught too)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    for what, path in inputs:
+        try:
+            same = Path(path).exists() and os.path.samefile(out, path)
+        except OSError:
+            same = False
+        if same:
+            raise UserError(f"{flag} '{out}' is the {what} this command reads ('{path}'); writing there would destroy "
+                            f"it, so choose another {flag}.")
