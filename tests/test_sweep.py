@@ -397,37 +397,6 @@ def test_slurm_time_parsing():
         sweep.parse_minutes("soon")
 
 
-@pytest.mark.parametrize("name, rate", [("fig3", 1.0), ("fig4", 0.1), ("fig5", 0.01)])
-def test_shipped_figure_grids(tmp_path, name, rate):
-    """The paper's grids: 3 pre-trainings x IMP/OMP/RP x 19 levels x 3 datasets x 2 regimes x 3 seeds + dense."""
-    levels = {str(k): round(100 * (1 - 0.8 ** k), 2) for k in range(1, 20)}
-    for label in ("std", "fat", "at"):
-        (tmp_path / "weights").mkdir(exist_ok=True)
-        (tmp_path / "weights" / f"{label}.pt").write_bytes(b"")
-        for method in ("imp", "omp", "rp"):
-            d = tmp_path / "tickets" / f"{label}_{method}"
-            (d / "tickets").mkdir(parents=True)
-            (d / "sparsity.json").write_text(json.dumps(levels))
-            (d / "config.json").write_text(json.dumps({"method": method, "retrain": "st"}))
-            for k in levels:
-                (d / "tickets" / f"round_{int(k):02d}.pt").write_bytes(b"")
-    text = (REPO / "script" / "grids" / f"{name}.toml").read_text()
-    for key in ("lr", "epochs", "milestones", "batch_size", "weight_decay", "schedule", "eval_from"):
-        assert f"\n{key} =" not in text  # the protocol lives in main_downstream.py only
-    grid = tmp_path / f"{name}.toml"
-    grid.write_text(text)
-    runs = sweep.expected_runs(grid)
-    assert len(runs) == 3 * 3 * 19 * 3 * 2 * 3 + 3 * 3 * 2 * 3 == 3132
-    assert {r["data_rate"] for r in runs} == {rate}
-    assert {r["method"] for r in runs} == {"imp", "omp", "rp", "dense"}
-    assert {r["dataset"] for r in runs} == {"cifar10", "cifar100", "svhn"}
-    assert max(r["sparsity"] for r in runs) == 98.56
-    plan = _sweep("plan", grid)
-    assert plan.returncode == 0, plan.stderr
-    line = plan.stdout.splitlines()[0]
-    assert "--arch resnet50" in line and f"--data {tmp_path / 'data'}" in line and "--lr" not in line
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["status", "g.toml", "--workers", "2"], "--workers apply only to `run`"),
     (["run", "g.toml", "--slurm-time", "60"], "--slurm-time apply only to --backend slurm"),
