@@ -61,11 +61,12 @@ from typing import Optional
 if __package__ in (None, ""):  # run as `python analysis/plot_companion.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import common, plot_curves  # noqa: E402
+from analysis import common  # noqa: E402
+from analysis.runs import DENSE, Cell, Run, assign_labels, check_attack_settings  # noqa: E402
+from analysis.runs import load_runs as read_runs  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
-DENSE = plot_curves.DENSE
 ZOOM = (90.0, 99.0)
 EVAL_NAMES = {False: "full fine-tuning", True: "linear evaluation"}
 REGIME_ORDER = ("st", "fat", "at")
@@ -94,7 +95,7 @@ SUMMARY_FIELDS = ["dataset", "data_rate", "pretrain", "pattern", "nm", "method",
 
 @dataclass
 class CompanionRun:
-    run: "plot_curves.Run"
+    run: Run
     pattern: str        # "unstructured" | "channel" | "nm" | "dense"
     nm: str             # "2:4" for N:M tickets, "" otherwise
     rewind: str         # "theta_p" | "none" | "" for dense runs
@@ -142,11 +143,11 @@ def _image_size(obj):
 
 def load_runs(dirs):
     """(companion runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
-    base, warnings = plot_curves.load_runs(dirs, linear_eval=True)
+    base, warnings = read_runs(dirs, linear_eval=True)
     # the pattern is a dimension of its own here, so labels are the method's alone (no "_channel")
     for r in base:
         r.family = r.method
-    plot_curves.assign_labels(base)
+    assign_labels(base)
     cache, runs = {}, []
     for r in base:
         obj = json.loads(r.path.read_text(encoding="utf-8"))
@@ -231,9 +232,9 @@ def build_cells(runs):
     grouped = defaultdict(list)
     for c in runs:
         grouped[(series_key(c), c.linear_eval, c.run.regime, c.run.sparsity)].append(c)
-    # plot_curves' attack check, one of its cells per companion cell; the label names the split
-    plot_curves.check_attack_settings({(k[0][0], k[0][1], k[0][2], _split_label(k[0], k[1]), k[2], k[3]):
-                                       plot_curves.Cell([c.run for c in v]) for k, v in grouped.items()})
+    # the double-win table's attack check, one of its cells per companion cell; the label names the split
+    check_attack_settings({(k[0][0], k[0][1], k[0][2], _split_label(k[0], k[1]), k[2], k[3]):
+                           Cell([c.run for c in v]) for k, v in grouped.items()})
     series = defaultdict(lambda: defaultdict(dict))
     for (skey, linear, regime, s), members in grouped.items():
         series[skey][(linear, regime)][s] = Stat(sorted(members, key=lambda c: _seed_key(c.run.seed)))

@@ -119,7 +119,7 @@ def verdict_lines(grid, runs, states):
         return ["verdicts: no group is finished yet"]
     # imported here: the analysis loads torch (through utils.rundir), which plan and the grid's
     # error messages need not wait for
-    from analysis.plot_curves import verdict_rows
+    from analysis.table import verdict_rows
 
     dirs = sorted({str(r.run_dir) for members in ready for r in members})
     # the grid says which levels and seeds exist: rounds left out of the grid are not "missing"
@@ -129,7 +129,7 @@ def verdict_lines(grid, runs, states):
     except UserError as exc:
         return [f"verdicts: not available ({exc})"]
     except Exception as exc:  # noqa: BLE001  (the progress table must not die with the verdict code)
-        return [f"verdicts: analysis.plot_curves.verdict_rows failed ({type(exc).__name__}: {exc}); "
+        return [f"verdicts: analysis.table.verdict_rows failed ({type(exc).__name__}: {exc}); "
                 "run analysis/plot_curves.py for the table"]
     if not rows:
         return ["verdicts: none (the finished groups hold no ticket runs with baselines)"]
