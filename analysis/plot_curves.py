@@ -24,11 +24,10 @@ if __package__ in (None, ""):  # run as `python analysis/plot_curves.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import common, verdict  # noqa: E402
-from analysis.runs import DENSE, load_runs  # noqa: E402, F401  (load_runs: reached as plot_curves.load_runs too)
+from analysis.runs import DENSE, csv_number, load_runs  # noqa: E402, F401  (load_runs: reached as plot_curves.load_runs too)
 from analysis.table import (  # noqa: E402, F401  (verdict_rows, collect: reached as plot_curves.NAME too)
     CSV_FIELDS,
     collect,
-    csv_number,
     grid_expected_runs,
     level_supports,
     verdict_rows,

@@ -74,6 +74,11 @@ class Cell:
         return common.agg_mean_std([float(v) for v in values])
 
 
+def csv_number(v):
+    """A value as the CSV files write it: rounded to 6 places, empty when missing."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 6)
+
+
 # --------------------------------------------------------------------------- reading
 
 def _ticket_candidates(obj, results_path):

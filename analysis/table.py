@@ -30,7 +30,7 @@ from pathlib import Path
 
 import study.grid
 from analysis import common, verdict
-from analysis.runs import DENSE, build_cells, cell_sort_key, group_text, groups_of, load_runs
+from analysis.runs import DENSE, build_cells, cell_sort_key, csv_number, group_text, groups_of, load_runs
 from utils.checkpoint import atomic_write_text
 from utils.errors import UserError
 
@@ -337,11 +337,6 @@ def _incompleteness(reasons, wins, unjudged):
 
 def cells_expected(cells, group):
     return max((c.expected for k, c in cells.items() if k[:4] == group), default=0)
-
-
-def csv_number(v):
-    """A value as the CSV files write it: rounded to 6 places, empty when missing."""
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 6)
 
 
 def summary_rows(cells):
