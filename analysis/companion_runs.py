@@ -168,7 +168,7 @@ def describe(key):
 def build_cells(runs):
     """({series key: {(linear_eval, regime): {sparsity: Stat}}}, warnings).
 
-    Runs that would be averaged must share their attack settings (plot_curves' rule, UserError
+    Runs that would be averaged must share their attack settings (analysis.runs' rule, UserError
     otherwise); a level with a duplicated seed, or with fewer seeds than the line's best level under
     the same evaluation mode, is drawn but marked incomplete and warned about.
     """
