@@ -3,21 +3,10 @@ the stage-2 results.json files, and accuracy against measured latency and FLOPs.
 
     python analysis/plot_companion.py RUNS_DIR [RUNS_DIR ...] --out OUT_DIR [--bench BENCH.json ...]
 
-Runs are read as analysis/plot_curves.py reads them (same checks, same skipped runs, same method
-labels: IMP becomes imp-st / imp-at when both re-training kinds are present, LMP likewise), then
-split further by what the companion paper compares:
-
-- the sparsity pattern of the run's ticket ("unstructured", "channel", "nm"), read from the ticket
-  file with pruning_utils.load_ticket (a version-1 ticket is unstructured); a ticket run whose
-  ticket file is gone or cannot be loaded is skipped with a warning, since its pattern is unknown;
-- IMP's variant, the ticket's "rewind": "theta_p" (rewound every round) or "none";
-- full fine-tuning vs linear evaluation (results.json config "linear_eval");
-- the pretrain label (robust, e.g. at / fat, vs natural, std), one colour each as in plot_curves.
-
-A cell is (dataset, data rate, pretrain, pattern, N:M, method, rewind, linear eval, regime,
-sparsity); it is drawn as mean ± std over its seeds (sample std, ddof=1; 0 for one seed). Dense
-runs (sparsity 0) of the same dataset, data rate, pretrain label, regime and evaluation mode are
-the horizontal line and band.
+Runs are read and split into cells by analysis/companion_runs.py: by sparsity pattern, IMP's
+rewind variant, full fine-tuning vs linear evaluation and pretrain label (one colour each, as in
+plot_curves). A cell is drawn as mean ± std over its seeds; dense runs (sparsity 0) of the same
+dataset, data rate, pretrain label, regime and evaluation mode are the horizontal line and band.
 
 Figures (PNG, each with a CSV of every number it draws):
 
@@ -53,7 +42,6 @@ import json
 import math
 import re
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -61,15 +49,25 @@ from typing import Optional
 if __package__ in (None, ""):  # run as `python analysis/plot_companion.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import common, plot_curves  # noqa: E402
+from analysis import common  # noqa: E402
+from analysis.companion_runs import (  # noqa: E402
+    EVAL_NAMES,
+    PATTERN_ORDER,
+    SUMMARY_FIELDS,
+    SeriesKey,
+    build_cells,
+    load_runs,
+    method_name,
+    pattern_name,
+    regime_key,
+    series_sort_key,
+    summary_rows,
+)
+from analysis.runs import DENSE, csv_number  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
-DENSE = plot_curves.DENSE
 ZOOM = (90.0, 99.0)
-EVAL_NAMES = {False: "full fine-tuning", True: "linear evaluation"}
-REGIME_ORDER = ("st", "fat", "at")
-PATTERN_ORDER = ("unstructured", "channel", "nm")
 DEFAULT_TOLERANCE = 2.0
 
 # line style and marker per base method and per pattern, the same in every figure; colour is the
@@ -86,226 +84,6 @@ EFFICIENCY_FIELDS = ["figure", "panel", "axis", "x", "eval", "linear_eval", "reg
                      "dataset", "data_rate", "pretrain", "pattern", "nm", "method", "rewind", "sparsity", "mean", "std",
                      "n", "seeds", "complete", "bench_file", "bench_device", "bench_arch", "bench_variant",
                      "bench_sparsity", "sparsity_gap", "latency_ms", "flops_per_image", "throughput_images_per_s"]
-SUMMARY_FIELDS = ["dataset", "data_rate", "pretrain", "pattern", "nm", "method", "rewind", "linear_eval", "regime",
-                  "sparsity", "n", "seeds", "complete", "sa_mean", "sa_std", "ra_mean", "ra_std", "arch"]
-
-
-# --------------------------------------------------------------------------- reading
-
-@dataclass
-class CompanionRun:
-    run: "plot_curves.Run"
-    pattern: str        # "unstructured" | "channel" | "nm" | "dense"
-    nm: str             # "2:4" for N:M tickets, "" otherwise
-    rewind: str         # "theta_p" | "none" | "" for dense runs
-    linear_eval: bool
-    image_size: Optional[int]
-
-
-def _ticket_path(obj, results_path):
-    """(the ticket path a run names or None, the file: as written or relative to its run directory,
-    None when neither exists)."""
-    ticket = obj.get("ticket")
-    if not ticket and isinstance(obj.get("config"), dict):
-        ticket = obj["config"].get("ticket")
-    if not isinstance(ticket, str) or not ticket or ticket.lower() == "none":
-        return None, None
-    path = Path(ticket)
-    candidates = [path] if path.is_absolute() else [path, results_path.parent / path]
-    return ticket, next((c for c in candidates if c.exists()), None)
-
-
-def _read_pattern(path):
-    """({pattern, nm, rewind} or None, problem or None) of one ticket file."""
-    import pruning_utils
-
-    try:
-        ticket = pruning_utils.load_ticket(path)
-    except UserError as exc:
-        return None, str(exc)
-    # a damaged file may fail inside torch in any way; it must not stop the analysis
-    except Exception as exc:  # noqa: BLE001
-        return None, f"'{path}' cannot be loaded ({exc.__class__.__name__}: {exc})"
-    nm = ticket.get("nm")
-    return {"pattern": ticket.get("pattern", "unstructured"), "rewind": ticket.get("rewind", "theta_p"),
-            "nm": f"{nm[0]}:{nm[1]}" if ticket.get("pattern") == "nm" and nm else ""}, None
-
-
-def _image_size(obj):
-    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    try:
-        size = common.run_image_size(dict(cfg, dataset=cfg.get("dataset", obj["dataset"])))
-    except Exception:  # noqa: BLE001 - an unknown dataset name only loses the size check of --bench
-        return None
-    return int(size) if isinstance(size, (int, float)) and not isinstance(size, bool) else None
-
-
-def load_runs(dirs):
-    """(companion runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
-    base, warnings = plot_curves.load_runs(dirs, linear_eval=True)
-    # the pattern is a dimension of its own here, so labels are the method's alone (no "_channel")
-    for r in base:
-        r.family = r.method
-    plot_curves.assign_labels(base)
-    cache, runs = {}, []
-    for r in base:
-        obj = json.loads(r.path.read_text(encoding="utf-8"))
-        cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-        linear = cfg.get("linear_eval", False)
-        if linear not in (True, False, None):
-            warnings.append(f"skipped '{r.path}': config 'linear_eval' is {linear!r}, not true or false.")
-            continue
-        if r.dense:
-            runs.append(CompanionRun(r, DENSE, "", "", bool(linear), _image_size(obj)))
-            continue
-        named, ticket = _ticket_path(obj, r.path)
-        if ticket is None:
-            what = f"its ticket '{named}' does not exist" if named else "it names no ticket file"
-            warnings.append(f"skipped '{r.path}': {what}, so its sparsity pattern is unknown "
-                            "(restore the ticket file or remove the run).")
-            continue
-        key = str(ticket.resolve())
-        if key not in cache:
-            cache[key] = _read_pattern(ticket)
-        info, problem = cache[key]
-        if problem:
-            warnings.append(f"skipped '{r.path}': its ticket is unusable: {problem.rstrip('.')} "
-                            "(restore the ticket file or remove the run).")
-            continue
-        runs.append(CompanionRun(r, info["pattern"], info["nm"], info["rewind"], bool(linear), _image_size(obj)))
-    if not any(c.pattern != DENSE for c in runs):
-        why = f" ({warnings[-1].rstrip('.')})" if warnings else ""
-        raise UserError(f"no ticket run is usable, so there is nothing to draw{why}; pass directories of finished "
-                        "main_downstream.py ticket runs whose ticket files still exist (run from the directory "
-                        "their relative ticket paths start in).")
-    return runs, warnings
-
-
-# --------------------------------------------------------------------------- cells
-
-@dataclass
-class Stat:
-    runs: list
-    complete: bool = True
-
-    @property
-    def n(self):
-        return len(self.runs)
-
-    @property
-    def seeds(self):
-        return ";".join(r.run.seed for r in self.runs)
-
-    def stat(self, metric):
-        values = [getattr(r.run, metric) for r in self.runs]
-        if not values or any(v is None for v in values):
-            return math.nan, math.nan
-        return common.agg_mean_std([float(v) for v in values])
-
-
-# (dataset, rate, pretrain, pattern, nm, method label, rewind): one drawn line
-SeriesKey = tuple
-
-
-def series_key(c):
-    r = c.run
-    return (r.dataset, r.data_rate, r.pretrain, c.pattern, c.nm, r.label, c.rewind)
-
-
-def _describe(key):
-    ds, rate, pre, pattern, nm, label, rewind = key
-    if label == DENSE:
-        return f"{ds}, data rate {common.fmt_rate(rate)}, pretrain {pre}, dense"
-    variant = " (no rewind)" if rewind == "none" else ""
-    return (f"{ds}, data rate {common.fmt_rate(rate)}, pretrain {pre}, {pattern}{' ' + nm if nm else ''} "
-            f"{label}{variant}")
-
-
-def build_cells(runs):
-    """({series key: {(linear_eval, regime): {sparsity: Stat}}}, warnings).
-
-    Runs that would be averaged must share their attack settings (plot_curves' rule, UserError
-    otherwise); a level with a duplicated seed, or with fewer seeds than the line's best level under
-    the same evaluation mode, is drawn but marked incomplete and warned about.
-    """
-    grouped = defaultdict(list)
-    for c in runs:
-        grouped[(series_key(c), c.linear_eval, c.run.regime, c.run.sparsity)].append(c)
-    # plot_curves' attack check, one of its cells per companion cell; the label names the split
-    plot_curves.check_attack_settings({(k[0][0], k[0][1], k[0][2], _split_label(k[0], k[1]), k[2], k[3]):
-                                       plot_curves.Cell([c.run for c in v]) for k, v in grouped.items()})
-    series = defaultdict(lambda: defaultdict(dict))
-    for (skey, linear, regime, s), members in grouped.items():
-        series[skey][(linear, regime)][s] = Stat(sorted(members, key=lambda c: _seed_key(c.run.seed)))
-    warnings = []
-    for skey in sorted(series, key=_series_sort_key):
-        by_panel = series[skey]
-        # seeds expected: the most any level of the line has under the same evaluation mode (linear
-        # evaluation is a separate experiment, often run with other seeds than fine-tuning)
-        expected = defaultdict(int)
-        for (linear, _), levels in by_panel.items():
-            for st in levels.values():
-                expected[linear] = max(expected[linear], len({c.run.seed for c in st.runs}))
-        for (linear, regime), levels in sorted(by_panel.items(), key=lambda kv: (kv[0][0], _regime_key(kv[0][1]))):
-            for s, st in sorted(levels.items()):
-                seeds = [c.run.seed for c in st.runs]
-                where = (f"{_describe(skey)}, {EVAL_NAMES[linear]}, regime {regime}, "
-                         + ("dense" if skey[5] == DENSE else f"level {common.fmt_sparsity(s)}%"))
-                dup = sorted({x for x in seeds if seeds.count(x) > 1})
-                if dup:
-                    st.complete = False
-                    warnings.append(f"{where}: more than one run of seed(s) {', '.join(dup)} "
-                                    f"({', '.join(str(c.run.path) for c in st.runs if c.run.seed in dup)}); "
-                                    "averaged as they are — remove the duplicates.")
-                elif len(seeds) < expected[linear]:
-                    st.complete = False
-                    warnings.append(f"{where}: {len(seeds)} of {expected[linear]} seeds (seeds {', '.join(seeds)}); "
-                                    "drawn with a black ring.")
-                if any(c.run.ra is None for c in st.runs) and any(c.run.ra is not None for c in st.runs):
-                    warnings.append(f"{where}: some runs have no RA, so no RA is drawn for it.")
-    return {k: {p: dict(v) for p, v in d.items()} for k, d in series.items()}, warnings
-
-
-def _split_label(key, linear):
-    ds, rate, pre, pattern, nm, label, rewind = key
-    text = label if label == DENSE else f"{_pattern_name(pattern, nm)} {_method_name(label, rewind)}"
-    return text + (" (linear eval)" if linear else "")
-
-
-def _seed_key(seed):
-    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
-
-
-def _regime_key(regime):
-    return common.order_key(regime, REGIME_ORDER)
-
-
-def _series_sort_key(key):
-    ds, rate, pre, pattern, nm, label, rewind = key
-    return (ds, -rate, common.order_key(label, (DENSE,) + common.METHOD_ORDER + ("lmp",)),
-            rewind != "theta_p", common.order_key(pattern, PATTERN_ORDER), nm,
-            common.order_key(pre, common.PRETRAIN_ORDER))
-
-
-def summary_rows(series):
-    rows = []
-    for key in sorted(series, key=_series_sort_key):
-        ds, rate, pre, pattern, nm, label, rewind = key
-        for (linear, regime), levels in sorted(series[key].items(), key=lambda kv: (kv[0][0], _regime_key(kv[0][1]))):
-            for s, st in sorted(levels.items()):
-                sa, sa_std = st.stat("sa")
-                ra, ra_std = st.stat("ra")
-                rows.append({"dataset": ds, "data_rate": common.fmt_rate(rate), "pretrain": pre, "pattern": pattern,
-                             "nm": nm, "method": label, "rewind": rewind, "linear_eval": linear, "regime": regime,
-                             "sparsity": common.fmt_sparsity(s), "n": st.n, "seeds": st.seeds,
-                             "complete": st.complete, "sa_mean": _num(sa), "sa_std": _num(sa_std),
-                             "ra_mean": _num(ra), "ra_std": _num(ra_std),
-                             "arch": ";".join(sorted({c.run.arch for c in st.runs}))})
-    return rows
-
-
-def _num(v):
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 6)
 
 
 # --------------------------------------------------------------------------- drawn lines
@@ -332,14 +110,6 @@ def _method_style(label, rewind):
     return METHOD_STYLES.get(base) or FALLBACK_STYLES[sum(map(ord, base)) % len(FALLBACK_STYLES)]
 
 
-def _method_name(label, rewind):
-    return f"{label} no-rewind" if rewind == "none" else label
-
-
-def _pattern_name(pattern, nm):
-    return f"{pattern} {nm}" if nm else pattern
-
-
 def make_series(cells, key, by):
     """The drawn line of ``key``; ``by`` is what varies within its figure: "method" or "pattern"."""
     ds, rate, pre, pattern, nm, label, rewind = key
@@ -348,10 +118,10 @@ def make_series(cells, key, by):
         return Series(key, f"{pre} dense", color, "--", "", False, cells[key])
     if by == "method":
         ls, marker = _method_style(label, rewind)
-        name = f"{pre} {_method_name(label, rewind)}"
+        name = f"{pre} {method_name(label, rewind)}"
     else:
         ls, marker = PATTERN_STYLES.get(pattern) or FALLBACK_STYLES[0]
-        name = f"{pre} {_pattern_name(pattern, nm)}"
+        name = f"{pre} {pattern_name(pattern, nm)}"
     # an IMP/LMP split by re-training kind keeps one style; the standard kind is drawn hollow
     return Series(key, name, color, ls, marker, label.endswith("-st"), cells[key])
 
@@ -362,7 +132,7 @@ def _dense_keys(cells, ds, rate, pretrains):
 
 def _panels(ticket_series, modes):
     """[(regime, metric)]: SA of every regime the tickets have, RA where any of their runs has it."""
-    regimes = sorted({regime for s in ticket_series for (lin, regime) in s.cells if lin in modes}, key=_regime_key)
+    regimes = sorted({regime for s in ticket_series for (lin, regime) in s.cells if lin in modes}, key=regime_key)
     panels = []
     for regime in regimes:
         panels.append((regime, "sa"))
@@ -386,7 +156,7 @@ def _row(fig_name, panel, ser, linear, regime, metric, s, mean, std, st):
             "regime": regime, "metric": metric, "series": ser.name, "kind": "dense" if ser.dense else "ticket",
             "dataset": ds, "data_rate": common.fmt_rate(rate), "pretrain": pre,
             "pattern": "" if ser.dense else pattern, "nm": nm, "method": label, "rewind": rewind,
-            "sparsity": common.fmt_sparsity(s), "mean": _num(mean), "std": _num(std), "n": st.n, "seeds": st.seeds,
+            "sparsity": common.fmt_sparsity(s), "mean": csv_number(mean), "std": csv_number(std), "n": st.n, "seeds": st.seeds,
             "complete": st.complete}
 
 
@@ -480,8 +250,8 @@ def draw_curves(out_dir, name, title, series_list):
 
 def _with_dense(series, ds, rate, keys, by):
     """The lines of ``keys`` and the dense lines of their pretrain labels, in drawing order."""
-    dense = sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=_series_sort_key)
-    return [make_series(series, k, by) for k in sorted(keys, key=_series_sort_key) + dense]
+    dense = sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=series_sort_key)
+    return [make_series(series, k, by) for k in sorted(keys, key=series_sort_key) + dense]
 
 
 def curve_figures(series, out_dir):
@@ -495,15 +265,15 @@ def curve_figures(series, out_dir):
         patterns = sorted({(k[3], k[4]) for k in mine}, key=lambda p: (common.order_key(p[0], PATTERN_ORDER), p[1]))
         for pattern, nm in patterns:
             lines = _with_dense(series, ds, rate, [k for k in mine if (k[3], k[4]) == (pattern, nm)], "method")
-            name = f"companion_pattern_{tag}_{common.safe_name(_pattern_name(pattern, nm).replace(' ', ''))}"
-            title = f"{where}, {_pattern_name(pattern, nm)} tickets: methods, robust vs natural pre-training"
+            name = f"companion_pattern_{tag}_{common.safe_name(pattern_name(pattern, nm).replace(' ', ''))}"
+            title = f"{where}, {pattern_name(pattern, nm)} tickets: methods, robust vs natural pre-training"
             paths.append(draw_curves(out_dir, name, title, lines))
-        methods = sorted({(k[5], k[6]) for k in mine}, key=lambda m: _series_sort_key((ds, rate, "", "", "", *m)))
+        methods = sorted({(k[5], k[6]) for k in mine}, key=lambda m: series_sort_key((ds, rate, "", "", "", *m)))
         for label, rewind in methods:
             keys = [k for k in mine if (k[5], k[6]) == (label, rewind)]
             if len({(k[3], k[4]) for k in keys}) < 2:
                 continue
-            method = _method_name(label, rewind)
+            method = method_name(label, rewind)
             name = f"companion_method_{tag}_{common.safe_name(method.replace(' ', '_'))}"
             title = f"{where}, {method} tickets: sparsity patterns, robust vs natural pre-training"
             paths.append(draw_curves(out_dir, name, title, _with_dense(series, ds, rate, keys, "pattern")))
@@ -645,15 +415,15 @@ def efficiency_figures(series, records, out_dir, tolerance):
     paths, warnings = [], []
     ticket_keys = [k for k in series if k[5] != DENSE]
     for ds, rate in sorted({k[:2] for k in ticket_keys}, key=lambda dr: (dr[0], -dr[1])):
-        keys = sorted((k for k in ticket_keys if k[:2] == (ds, rate)), key=_series_sort_key)
-        keys += sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=_series_sort_key)
+        keys = sorted((k for k in ticket_keys if k[:2] == (ds, rate)), key=series_sort_key)
+        keys += sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=series_sort_key)
         # every pattern and method on one axes: colour the pretrain label, line style the pattern,
         # marker the method
         lines = []
         for k in keys:
             ser = make_series(series, k, "method")
             if not ser.dense:
-                ser.name = f"{ser.name} ({_pattern_name(k[3], k[4])})"
+                ser.name = f"{ser.name} ({pattern_name(k[3], k[4])})"
                 ser.linestyle = (PATTERN_STYLES.get(k[3]) or FALLBACK_STYLES[0])[0]
             lines.append(ser)
         tickets = [s for s in lines if not s.dense]
@@ -683,7 +453,7 @@ def efficiency_figures(series, records, out_dir, tolerance):
                                 "points), so its efficiency figure is not drawn.")
                 continue
             if unmatched:
-                listed = sorted({f"{_pattern_name(k[3], k[4]) if k[5] != DENSE else 'dense'} "
+                listed = sorted({f"{pattern_name(k[3], k[4]) if k[5] != DENSE else 'dense'} "
                                  f"{common.fmt_sparsity(s)}%" for k, _, _, s in unmatched})
                 warnings.append(f"{ds}, data rate {common.fmt_rate(rate)}: {len(unmatched)} cell(s) have no row of "
                                 f"'{record.path}' within {tolerance:g} points of their level and arch "

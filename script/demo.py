@@ -8,8 +8,9 @@ the backbone must transfer). Every step goes through the real entry points and f
    random pruning from the AT model, and structured tickets — channel OMP (whole filters) from
    the AT and the STD model;
 3. transfer every ticket and the dense models to the target task under ST and AT, at 100% and
-   10% of the data, 3 seeds each, with main_downstream.py: a grid run by script/sweep.py's local
-   backend (the same runner as the paper's grid; every run's log is the .sweep.log in its directory);
+   10% of the data, 3 seeds each, with main_downstream.py: a grid run by the sweep's local backend
+   (study/local.py, the same runner as the paper's grid; every run's log is the .sweep.log in its
+   directory);
 4. analysis/plot_curves.py and analysis/mask_stats.py: curves, the double-win table, mask stats.
 
 Rerunning skips every finished run. ``--quick`` is the shortened version CI runs.
@@ -22,11 +23,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "script"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-import sweep  # noqa: E402  (script/sweep.py: the one runner of the repository)
+from study.grid import build_grid, expand  # noqa: E402
+from study.local import Task, run_local  # noqa: E402
+from study.rundirs import LOG_NAME, last_error_line  # noqa: E402
 
 # 8x8 grey digits with 17 intensity levels: 8/255 is below one level step, so the
 # threat model uses a larger radius that still keeps every digit recognisable to a person.
@@ -54,13 +56,13 @@ def settings(quick):
 
 def run_tasks(tasks, workers, title):
     """Run tasks on the sweep's local backend (long-lived workers, one log per run, retried once)."""
-    result = sweep.run_local(tasks, workers=workers, retries=1, title=title)
+    result = run_local(tasks, workers=workers, retries=1, title=title)
     if result["interrupted"]:
         raise SystemExit(f"{title}: stopped; rerun the same command to resume.")
     if result["failed"] or result["busy"]:
         for task in (result["failed"] + result["busy"])[:5]:
-            print(f"  failed: {task.run_dir}: {sweep.last_error_line(task.run_dir)} "
-                  f"(log: {Path(task.run_dir) / sweep.LOG_NAME})", file=sys.stderr)
+            print(f"  failed: {task.run_dir}: {last_error_line(task.run_dir)} "
+                  f"(log: {Path(task.run_dir) / LOG_NAME})", file=sys.stderr)
         raise SystemExit(f"{len(result['failed']) + len(result['busy'])} {title} runs did not finish (failed, or held "
                          "by another process); see the logs above and rerun to retry them.")
 
@@ -93,7 +95,7 @@ def main(argv=None):
 
     # 1. dense source models on digits 0-4
     source = {label: out / "source" / label for label in PRETRAINS}
-    run_tasks([sweep.Task("main_downstream", common + [
+    run_tasks([Task("main_downstream", common + [
         "--classes", SOURCE_CLASSES, "--init", "none", "--pretrain", label, "--regime", regime,
         "--epochs", str(s["source_epochs"]), "--lr", "0.1", "--milestones", str(int(s["source_epochs"] * 0.7)),
         "--train-steps", "3", "--test-steps", "5", "--seed", "0", "--save-dir", str(source[label])],
@@ -109,7 +111,7 @@ def main(argv=None):
                         ("at", "rp", out / "tickets" / "at_rp", [], s["rounds"])]
     ticket_jobs += [(label, "omp", out / "tickets" / f"{label}_omp_channel", ["--pattern", "channel"],
                      s["channel_rounds"]) for label in ("at", "std")]
-    run_tasks([sweep.Task("main_imp_pretrain", common + [
+    run_tasks([Task("main_imp_pretrain", common + [
         "--classes", SOURCE_CLASSES, "--init", str(source[label] / "model_best.pt"), "--pretrain", label,
         "--method", method, "--retrain", "st", "--rate", str(s["rate"]), "--rounds", str(rounds),
         "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01", "--seed", "0", *extra,
@@ -117,9 +119,9 @@ def main(argv=None):
         for label, method, save_dir, extra, rounds in ticket_jobs], workers, "2/4 find tickets")
     stage_done("2/4 find tickets")
 
-    # 3. transfer to digits 5-9: a sweep grid (script/sweep.py) built in code
-    grid = sweep.build_grid(transfer_grid(s, ticket_jobs, args.no_channels_last), out, out / "demo-transfer-grid")
-    runs = sweep.expand(grid, flags_for=lambda run: demo_schedule(s, run))
+    # 3. transfer to digits 5-9: a sweep grid (study/grid.py) built in code
+    grid = build_grid(transfer_grid(s, ticket_jobs, args.no_channels_last), out, out / "demo-transfer-grid")
+    runs = expand(grid, flags_for=lambda run: demo_schedule(s, run))
     run_tasks(runs, workers, "3/4 transfer runs")
     stage_done(f"3/4 transfer runs ({len(runs)})")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pruning_utils as pu
+import study.grid
 from analysis import common, mask_stats, plot_curves
 from utils.errors import UserError
 
@@ -552,8 +553,6 @@ def test_no_baseline_verdict(tmp_path):
 
 
 def test_grid_records_are_the_expected_set(tmp_path, monkeypatch, capsys):
-    import types
-
     runs = tmp_path / "runs"
     write_at_study(runs)
     grid = tmp_path / "grid.toml"
@@ -572,7 +571,7 @@ def test_grid_records_are_the_expected_set(tmp_path, monkeypatch, capsys):
                                  "seed": seed, "run_dir": str(runs / name)})
         return recs
 
-    monkeypatch.setitem(sys.modules, "script.sweep", types.SimpleNamespace(expected_runs=expected_runs))
+    monkeypatch.setattr(study.grid, "expected_runs", expected_runs)
     out = tmp_path / "out"
     assert plot_curves.main([str(runs), "--out", str(out), "--grid", str(grid), "--no-figures"]) == 0
     assert seen == [str(grid)]
@@ -582,21 +581,12 @@ def test_grid_records_are_the_expected_set(tmp_path, monkeypatch, capsys):
     assert "level 94.50% has no result for regime st seed(s) 1, 2, 3" in capsys.readouterr().err
     # without the grid nothing marks 94.50 as expected
     assert plot_curves.verdict_rows([str(runs)])[0]["verdict"] == "complete"
-    # a sweep.py without expected_runs: one line, exit 2
-    monkeypatch.setitem(sys.modules, "script.sweep", types.SimpleNamespace())
-    with pytest.raises(UserError, match="expected_runs"):
-        plot_curves.main([str(runs), "--out", str(out), "--grid", str(grid)])
 
 
-def test_plot_curves_does_not_need_sweep(tmp_path, monkeypatch):
+def test_plot_curves_does_not_need_sweep():
     code = "import sys, analysis.plot_curves; sys.exit('script.sweep' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr  # imported only when --grid asks for it
-    monkeypatch.setitem(sys.modules, "script.sweep", None)  # as if script/sweep.py did not exist
-    grid = tmp_path / "grid.toml"
-    grid.write_text("")
-    with pytest.raises(UserError, match="needs script/sweep.py"):
-        plot_curves.grid_expected_runs(grid)
+    assert proc.returncode == 0, proc.stderr  # the grid model is study.grid, not the sweep's command line
 
 
 def test_support_columns_on_a_known_tree(tmp_path):
@@ -681,10 +671,7 @@ def test_unreadable_ticket_is_a_skipped_run(tmp_path):
 
 
 def test_grid_of_the_real_sweep(tmp_path, capsys):
-    """plot_curves --grid with script/sweep.py's own expected_runs on a small finished grid."""
-    sweep = pytest.importorskip("script.sweep")
-    if not hasattr(sweep, "expected_runs"):
-        pytest.skip("script/sweep.py has no expected_runs yet")
+    """plot_curves --grid with the grid model's own expected_runs (study.grid) on a small finished grid."""
     stage1 = tmp_path / "stage1"
     masks = {"conv1.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)}
     levels = {1: 20.0, 2: 36.0, 3: 48.8}
@@ -697,7 +684,7 @@ def test_grid_of_the_real_sweep(tmp_path, capsys):
     grid = tmp_path / "grid.toml"
     grid.write_text('out = "runs"\n[pretrain.at]\ninit = "none"\ntickets = ["stage1"]\n'
                     '[axes]\ndataset = ["digits"]\nregime = ["st", "at"]\nseed = [1, 2]\n')
-    records = sweep.expected_runs(str(grid))
+    records = study.grid.expected_runs(str(grid))
     assert len(records) == 4 * 2 * 2
     round_of = {v: k for k, v in levels.items()}
     for rec in records:

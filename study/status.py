@@ -1,0 +1,142 @@
+"""The progress of a grid: per group done / running / failed / pending, GPU-hours, disk, and the
+double-win verdict of every group whose runs are all done (from analysis.table, the table's own code)."""
+
+import contextlib
+import csv
+import json
+import os
+from pathlib import Path
+
+from study.grid import REGIMES, expected_record
+from study.rundirs import FAILED_NAME, last_error_line, run_state
+from utils.errors import UserError
+
+
+def dir_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def gpu_seconds(run_dir):
+    path = Path(run_dir) / "log.csv"
+    if not path.exists():
+        return 0.0
+    total = 0.0
+    with contextlib.suppress(OSError, csv.Error), open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            with contextlib.suppress(TypeError, ValueError):
+                total += float(row.get("seconds") or 0)
+    return total
+
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _show(path):
+    """A path as short as it can be said: relative to the working directory when below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
+    return lines
+
+
+def status_lines(grid, runs):
+    """The status report as lines; the last one is `done D of N runs (...)`."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    states = {id(r): run_state(r) for r in runs}
+    rows, failed, total_bytes, total_gpu = [], [], 0, 0.0
+    order = {"dense": ""}
+    for key in sorted(groups, key=lambda k: (k[0], -k[1], k[2], order.get(k[3], k[3]), REGIMES.index(k[4]))):
+        members = groups[key]
+        dataset, rate, pretrain, method, regime = key
+        counts = {s: sum(states[id(r)] == s for r in members) for s in ("done", "running", "failed", "pending")}
+        seconds = sum(gpu_seconds(r.run_dir) for r in members)
+        sizes = [dir_bytes(r.run_dir) for r in members if r.run_dir.exists()]
+        total_bytes += sum(sizes)
+        total_gpu += seconds
+        rows.append([dataset, f"{rate:g}", pretrain, method, regime, len(members), counts["done"], counts["running"],
+                     counts["failed"], counts["pending"], f"{seconds / 3600:.3f}",
+                     human_bytes(sum(sizes) / len(sizes)) if sizes else "-"])
+        failed += [r for r in members if states[id(r)] == "failed"]
+    header = ["dataset", "rate", "pretrain", "method", "regime", "runs", "done", "running", "failed", "pending",
+              "GPU-h", "disk/run"]
+    lines = [f"grid {_show(grid.path)} -> {_show(grid.out)}", *_table(header, rows)]
+    if failed:
+        lines += ["", f"failed runs ({len(failed)}; `run` retries them):"]
+        for r in failed:
+            info = {}
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                info = json.loads((r.run_dir / FAILED_NAME).read_text())
+            lines.append(f"  {_show(r.run_dir)}: {last_error_line(r.run_dir) or info.get('error', '')}")
+    lines += ["", *verdict_lines(grid, runs, states)]
+    n = len(runs)
+    count = {s: sum(v == s for v in states.values()) for s in ("done", "running", "failed", "pending")}
+    lines += ["", f"GPU-hours {total_gpu / 3600:.3f}, disk {human_bytes(total_bytes)}",
+              f"done {count['done']} of {n} runs ({count['failed']} failed, {count['pending']} pending, "
+              f"{count['running']} running)"]
+    return lines
+
+
+def _rate_text(value):
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def verdict_lines(grid, runs, states):
+    """The double-win verdict of every (dataset, rate, pretrain, method) whose runs, and whose dense
+    baselines, are all done, from the analysis' own verdict code."""
+    finished = {}
+    for r in runs:
+        key = (r.dataset, r.data_rate, r.pretrain, r.method)
+        finished.setdefault(key, []).append(r)
+    ready = []
+    for (dataset, rate, pretrain, method), members in finished.items():
+        if method == "dense":
+            continue
+        dense = finished.get((dataset, rate, pretrain, "dense"), [])
+        if all(states[id(r)] == "done" for r in members + dense):
+            ready.append(members + dense)
+    if not ready:
+        return ["verdicts: no group is finished yet"]
+    # imported here: the analysis loads torch (through utils.rundir), which plan and the grid's
+    # error messages need not wait for
+    from analysis.table import verdict_rows
+
+    dirs = sorted({str(r.run_dir) for members in ready for r in members})
+    # the grid says which levels and seeds exist: rounds left out of the grid are not "missing"
+    expected = [expected_record(r) for members in ready for r in members]
+    try:
+        rows = verdict_rows(dirs, expected=expected)
+    except UserError as exc:
+        return [f"verdicts: not available ({exc})"]
+    except Exception as exc:  # noqa: BLE001  (the progress table must not die with the verdict code)
+        return [f"verdicts: analysis.table.verdict_rows failed ({type(exc).__name__}: {exc}); "
+                "run analysis/plot_curves.py for the table"]
+    if not rows:
+        return ["verdicts: none (the finished groups hold no ticket runs with baselines)"]
+    header = ["dataset", "rate", "pretrain", "method", "verdict", "extreme", "contiguous", "supported (>=0.9)",
+              "double-win levels"]
+    body = [[r.get("dataset"), _rate_text(r.get("data_rate")), r.get("pretrain"), r.get("method"), r.get("verdict", ""),
+             r.get("extreme_sparsity", "") or "-", r.get("extreme_sparsity_contiguous", "") or "-",
+             r.get("extreme_sparsity_supported", "") or "-", r.get("double_win_levels", "") or "-"] for r in rows]
+    return ["verdicts of finished groups (support: the fraction of seed resamples under which the rule holds; "
+            "see README 'How sure is a verdict'):", *_table(header, body)]
