@@ -15,15 +15,10 @@ import torch
 
 import models
 import pruning_utils
-from utils import distributed as du
-from utils import setup
-from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint, safe_load
-from utils.cli import ArgumentParser, fraction, int_list, run_main
-from utils.engine import (
+from training import setup
+from training.engine import (
     AttackSpec,
     LossGuard,
-    NonFiniteLoss,
-    NonFiniteOutput,
     Precision,
     evaluate,
     lr_for_epoch,
@@ -33,7 +28,10 @@ from utils.engine import (
     training_attack,
     uniform_loss,
 )
-from utils.errors import UserError
+from utils import distributed as du
+from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint, safe_load
+from utils.cli import ArgumentParser, fraction, int_list, run_main
+from utils.errors import NonFiniteLoss, NonFiniteOutput, UserError
 from utils.preemption import StepCheckpointer, StopRequest
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit, write_csv
 from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything

@@ -5,7 +5,7 @@ current weights (round 1: of θ_p), save the ticket, rewind every weight and Bat
 θ_p (``--rewind none``: keep the re-trained ones), then re-train ``--epochs-per-round`` epochs with
 the mask enforced (standard or PGD adversarial). The last round needs no re-training: its weights
 would only choose a next mask. OMP and RP give tickets at the same sparsity levels straight from
-θ_p, without training. LMP learns each level's mask over a frozen θ_p (utils/lmp.py).
+θ_p, without training. LMP learns each level's mask over a frozen θ_p (training/lmp.py).
 
 Rerunning the same command resumes from the last per-epoch checkpoint and skips finished rounds.
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 import pruning_utils
+from training import lmp, setup
+from training.engine import LossGuard, make_sgd, set_lr, train_epoch, training_attack, uniform_loss
 from utils import distributed as du
-from utils import lmp, setup
 from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint
 from utils.cli import ArgumentParser, run_main
-from utils.engine import LossGuard, NonFiniteLoss, make_sgd, set_lr, train_epoch, training_attack, uniform_loss
-from utils.errors import UserError
+from utils.errors import NonFiniteLoss, UserError
 from utils.preemption import StepCheckpointer, StopRequest
 from utils.rundir import write_csv
 from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything

@@ -29,9 +29,9 @@ import dataset  # noqa: E402
 import models  # noqa: E402
 import pruning_utils  # noqa: E402
 from benchmarks import _common  # noqa: E402
+from training.engine import AttackSpec, Precision, evaluate  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import class_list, fraction, run_main  # noqa: E402
-from utils.engine import AttackSpec, Precision, evaluate  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 

@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import models  # noqa: E402
 import pruning_utils  # noqa: E402
 from benchmarks import _common  # noqa: E402
+from training.engine import REGIMES, AttackSpec, Precision, evaluate, make_sgd, train_epoch, training_attack  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import fraction, run_main  # noqa: E402
-from utils.engine import REGIMES, AttackSpec, Precision, evaluate, make_sgd, train_epoch, training_attack  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched in order as

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import models
 import pruning_utils
 from benchmarks import bench_loader, bench_step, estimate_run
-from utils.engine import AttackSpec, Precision, evaluate, make_sgd, train_epoch, training_attack
+from training.engine import AttackSpec, Precision, evaluate, make_sgd, train_epoch, training_attack
 from utils.errors import UserError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -335,7 +335,7 @@ def test_estimate_counts_validated_epochs_and_refuses_wrong_records(tmp_path):
 def test_cudnn_autotuning_follows_the_flag_on_cuda_only(monkeypatch, argv, expected):
     import argparse
 
-    from utils import setup
+    from training import setup
 
     parser = argparse.ArgumentParser()
     setup.add_common_args(parser, ("digits",))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import attacks
 from utils import distributed as du
-from utils.errors import NonFiniteLoss, NonFiniteOutput, Preempted, UserError  # noqa: F401  (raised here)
+from utils.errors import NonFiniteLoss, NonFiniteOutput, UserError
 
 REGIMES = ("st", "fat", "at")
 SYNC_EVERY = 25  # steps between host syncs: progress display and the non-finite-loss check

@@ -22,11 +22,11 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import pruning_utils
+from training import setup
+from training.engine import lr_for_epoch, make_sgd, set_lr, train_epoch, training_attack
 from utils import distributed as du
-from utils import setup
 from utils.checkpoint import atomic_save, safe_load
-from utils.engine import NonFiniteLoss, lr_for_epoch, make_sgd, set_lr, train_epoch, training_attack
-from utils.errors import UserError
+from utils.errors import NonFiniteLoss, UserError
 from utils.preemption import StepCheckpointer
 from utils.rundir import write_csv
 from utils.seeding import gather_rng_states, restore_rank_rng_state

@@ -11,9 +11,9 @@ import torch
 
 import dataset
 import models
+from training.engine import Precision
 from utils import distributed as du
 from utils.cli import class_list, fraction
-from utils.engine import Precision
 from utils.errors import Preempted, UserError
 
 
