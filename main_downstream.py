@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import attacks
 import models
 import pruning_utils
 from training import setup
 from training.engine import (
-    AttackSpec,
     LossGuard,
     Precision,
     evaluate,
@@ -25,7 +25,6 @@ from training.engine import (
     make_sgd,
     set_lr,
     train_epoch,
-    training_attack,
     uniform_loss,
 )
 from utils import distributed as du
@@ -141,12 +140,8 @@ def resolve_defaults(args, n_train_full=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.alpha is None:  # the paper's 2/255 at ε = 8/255; FGSM-RS takes 1.25 ε (Wong et al.)
-        args.alpha = 1.25 * args.eps if args.regime == "fat" else args.eps / 4
-    if args.test_eps is None:
-        args.test_eps = args.eps
-    if args.test_alpha is None:
-        args.test_alpha = args.test_eps / 4
+    args.alpha, args.test_eps, args.test_alpha = attacks.resolve_sizes(args.regime, args.eps, args.alpha, args.test_eps,
+                                                                       args.test_alpha)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {args.epochs}.")
     if not 0 < args.data_rate <= 1:
@@ -206,9 +201,14 @@ def verify_sparse(model, mask, where):
 def guard_accuracy(model, batch, args, precision):
     """FAT's catastrophic-overfitting check: PGD accuracy on one fixed training batch."""
     images, labels = batch
-    attack = AttackSpec("pgd", args.eps, args.test_alpha or args.alpha, FAT_GUARD_STEPS, True, "eval")
+    attack = attacks.evaluation_attack(args.eps, args.test_alpha or args.alpha, FAT_GUARD_STEPS)
     return evaluate(model, [(images, labels)], device=images.device, attack=attack, precision=precision,
                     progress=False)["ra"]
+
+
+def test_attack(args):
+    """The robust evaluation of the reported RA (every regime), which at/fat also validate with."""
+    return attacks.evaluation_attack(args.test_eps, args.test_alpha, args.test_steps)
 
 
 def freeze_backbone(model):
@@ -310,9 +310,8 @@ def run(args, stop):
     optimizer = make_sgd(params, args.lr, args.momentum, args.weight_decay, dist_info.device)
     scaler = precision.make_scaler()
     enforcer = pruning_utils.MaskEnforcer(model, mask, pattern=ticket["pattern"]) if mask is not None else None
-    train_attack = training_attack(args.regime, args.eps, args.alpha, args.train_steps, args.attack_bn)
-    eval_attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
-                   if args.regime != "st" and args.test_steps > 0 else None)
+    train_attack = attacks.training_attack(args.regime, args.eps, args.alpha, args.train_steps, args.attack_bn)
+    eval_attack = test_attack(args) if args.regime != "st" else None
     selection = "val_sa" if args.regime == "st" else "val_ra"
     loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
 
@@ -480,10 +479,8 @@ def test_selected(model, path, mask, data, args, precision, device):
     model.load_state_dict(selected["state_dict"])
     if mask is not None:
         verify_sparse(model, mask, f"in the selected model '{path}'")
-    attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
-              if args.test_steps > 0 else None)
     try:
-        return evaluate(model, data.test, device=device, attack=attack, precision=precision,
+        return evaluate(model, data.test, device=device, attack=test_attack(args), precision=precision,
                         channels_last=args.channels_last, progress=args.progress, desc="test")
     except NonFiniteOutput as exc:
         raise UserError(f"{exc} of the selected model '{path}'; no results.json was written. The run's "

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+import attacks
 import pruning_utils
 from training import lmp, setup
-from training.engine import LossGuard, make_sgd, set_lr, train_epoch, training_attack, uniform_loss
+from training.engine import LossGuard, make_sgd, set_lr, train_epoch, uniform_loss
 from utils import distributed as du
 from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint
 from utils.cli import ArgumentParser, run_main
@@ -82,8 +83,7 @@ def parse_args(argv=None):
     for key, value in PAPER_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.alpha is None:  # the paper's 2/255 at ε = 8/255
-        args.alpha = args.eps / 4
+    args.alpha = attacks.resolve_sizes(args.retrain, args.eps, args.alpha)[0]
     if not 0 < args.rate < 1:
         raise UserError(f"--rate must lie strictly between 0 and 1 (the paper prunes 0.2 per round), not {args.rate}.")
     if args.rounds < 1:
@@ -325,8 +325,8 @@ def run(args, stop):
 
     theta_p = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runner, plain = setup.wrap_model(model, args, dist_info)
-    attack = training_attack("at" if args.retrain == "at" else "st", args.eps, args.alpha, args.attack_steps,
-                             args.attack_bn)
+    attack = attacks.training_attack("at" if args.retrain == "at" else "st", args.eps, args.alpha,
+                                     args.attack_steps, args.attack_bn)
     scaler = precision.make_scaler()
 
     ckpt_path = save_dir / "checkpoint.pt"

@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import attacks
 from utils import distributed as du
 from utils.errors import NonFiniteLoss, NonFiniteOutput, UserError
 
-REGIMES = ("st", "fat", "at")
 SYNC_EVERY = 25  # steps between host syncs: progress display and the non-finite-loss check
 
 
@@ -104,36 +102,6 @@ class Precision:
 
     def make_scaler(self):
         return torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-
-
-@dataclass
-class AttackSpec:
-    """A threat model for training or evaluation: which attack, how strong."""
-    kind: str  # "pgd" or "fgsm_rs"
-    eps: float
-    alpha: float
-    steps: int = 1
-    random_start: bool = True
-    bn_mode: str = None  # None: leave the model's mode; "train"/"eval": force it during the attack
-
-    def __call__(self, model, images, labels):
-        if self.kind == "pgd":
-            return attacks.pgd_attack(model, images, labels, self.eps, self.alpha, self.steps,
-                                      random_start=self.random_start, bn_mode=self.bn_mode)
-        if self.kind == "fgsm_rs":
-            return attacks.fgsm_rs_attack(model, images, labels, self.eps, self.alpha, bn_mode=self.bn_mode)
-        raise ValueError(self.kind)
-
-
-def training_attack(regime, eps, alpha, steps, bn_mode="train"):
-    """The attack that makes a training batch adversarial for a regime, or None for standard training."""
-    if regime == "st":
-        return None
-    if regime == "at":
-        return AttackSpec("pgd", eps, alpha, steps, True, bn_mode)
-    if regime == "fat":
-        return AttackSpec("fgsm_rs", eps, alpha, 1, True, bn_mode)
-    raise UserError(f"regime must be one of {', '.join(REGIMES)}, not '{regime}'.")
 
 
 def make_sgd(params, lr, momentum, weight_decay, device):

@@ -22,8 +22,9 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import pruning_utils
+from attacks import training_attack
 from training import setup
-from training.engine import lr_for_epoch, make_sgd, set_lr, train_epoch, training_attack
+from training.engine import lr_for_epoch, make_sgd, set_lr, train_epoch
 from utils import distributed as du
 from utils.checkpoint import atomic_save, safe_load
 from utils.errors import NonFiniteLoss, UserError
