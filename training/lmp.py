@@ -25,12 +25,9 @@ import pruning_utils
 from attacks import training_attack
 from training import setup
 from training.engine import lr_for_epoch, make_sgd, set_lr, train_epoch
-from utils import distributed as du
-from utils.checkpoint import atomic_save, safe_load
-from utils.errors import NonFiniteLoss, UserError
-from utils.preemption import StepCheckpointer
-from utils.rundir import write_csv
-from utils.seeding import gather_rng_states, restore_rank_rng_state
+from training.loop import Policy, Progress, ResumableRun
+from utils.checkpoint import safe_load
+from utils.errors import UserError
 
 SCORE_INITS = ("scaled", "magnitude")
 DEFAULT_LR = 0.1  # of the order edge-popup/HYDRA use for scores; the stage-1 default 5e-4 is IMP's, for weights
@@ -167,8 +164,8 @@ def level_keep_counts(model, names, rounds, rate, layerwise):
     return [total - pruning_utils.imp_pruned_count(total, k, rate) for k in range(1, rounds + 1)]
 
 
-def run(args, model, data, writer, *, save_dir, dist_info, precision, config, log_fields, broadcast_mask,
-        stop=None, loss_guard=None):
+def run(args, model, data, writer, *, save_dir, dist_info, precision, config, log_fields, broadcast_mask, stop,
+        loss_guard):
     """Every LMP level of stage 1 into ``save_dir`` (tickets, sparsity.json, log.csv, checkpoint.pt).
 
     ``model`` holds θ_p and is left unchanged; ``writer`` is the stage's TicketWriter;
@@ -176,103 +173,115 @@ def run(args, model, data, writer, *, save_dir, dist_info, precision, config, lo
     (preemption.StopRequest) and ``args.checkpoint_minutes`` checkpoint inside an epoch;
     ``loss_guard`` (engine.LossGuard) stops a loss that stays absurd.
     """
-    names = pruning_utils.prunable_names(model, include_stem=not args.exclude_stem)
-    keeps = level_keep_counts(model, names, args.rounds, args.rate, args.layerwise)
-    epochs = args.epochs_per_round
-    attack = training_attack(args.retrain, args.eps, args.alpha, args.attack_steps, "eval")
-    scaler = precision.make_scaler()
-    ckpt_path = save_dir / "checkpoint.pt"
-    log_path = save_dir / "log.csv"
+    policy = LearnedMasks(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision,
+                          config=config, log_fields=log_fields, broadcast_mask=broadcast_mask)
+    ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
+                 loss_guard=loss_guard).run()
 
-    level, done_epochs, log_rows, state, partial = 1, 0, [], None, None
-    if ckpt_path.exists():
-        state = safe_load(ckpt_path, map_location=dist_info.device)
+
+class LearnedMasks(Policy):
+    """LMP in the resumable loop: unit k is level k, whose scores are trained ``--epochs-per-round``
+    epochs (cosine learning rate within the level) and whose ticket is written at its end."""
+
+    log_always = True  # the stage-1 directory has its log.csv even when no level trained an epoch
+
+    def __init__(self, args, model, data, writer, *, save_dir, dist_info, precision, config, log_fields,
+                 broadcast_mask):
+        self.args, self.model, self.data, self.writer = args, model, data, writer
+        self.save_dir, self.dist_info, self.precision, self.config = save_dir, dist_info, precision, config
+        self.log_fields, self.broadcast_mask = log_fields, broadcast_mask
+        self.names = pruning_utils.prunable_names(model, include_stem=not args.exclude_stem)
+        self.keeps = level_keep_counts(model, self.names, args.rounds, args.rate, args.layerwise)
+        self.attack = training_attack(args.retrain, args.eps, args.alpha, args.attack_steps, "eval")
+        self.scaler = precision.make_scaler()
+        self.net = self.optimizer = self.runner = self.plain = None
+        self.resumed_state = None  # the checkpoint, until the level it stopped in has taken its scores back
+
+    def load(self, path, device):
+        state = safe_load(path, map_location=device)
         if not isinstance(state, dict) or state.get("method") != "lmp" or "level" not in state:
-            raise UserError(f"'{ckpt_path}' is not an LMP checkpoint of this stage; rerun with --restart to start "
+            raise UserError(f"'{path}' is not an LMP checkpoint of this stage; rerun with --restart to start "
                             "again, or choose another --save-dir.")
-        level, done_epochs, log_rows, partial = state["level"], state["epoch"], state["log"], state.get("partial")
-        restore_rank_rng_state(state["rng"], dist_info.rank)
-        if loss_guard is not None:
-            loss_guard.load_state_dict(state.get("loss_guard"))
-        if level > args.rounds:
-            setup.log(f"all {args.rounds} LMP levels are already done in {save_dir}")
+        return state
+
+    def fresh(self):
+        return Progress(1, 0)
+
+    def restore(self, ckpt):
+        self.resumed_state = ckpt
+        return Progress(ckpt["level"], ckpt["epoch"], ckpt["log"], ckpt.get("partial"))
+
+    def resumed(self, progress):
+        if progress.unit > self.args.rounds:
+            setup.log(f"all {self.args.rounds} LMP levels are already done in {self.save_dir}")
         else:
-            where = "" if partial is None else f", step {partial['step']} of the next"
-            setup.log(f"resuming {save_dir}: level {level}, {done_epochs}/{epochs} epochs done{where}")
-    current = {"net": None, "optimizer": None}
+            where = "" if progress.partial is None else f", step {progress.partial['step']} of the next"
+            setup.log(f"resuming {self.save_dir}: level {progress.unit}, {progress.epoch}/{self.args.epochs_per_round} "
+                      f"epochs done{where}")
 
-    def save_checkpoint(partial_state=None):
-        """``partial_state``: the step reached inside epoch ``done_epochs`` and that epoch's sums."""
-        net, optimizer = current["net"], current["optimizer"]
-        rng = gather_rng_states()
-        if dist_info.primary:
-            atomic_save({"method": "lmp", "level": level, "epoch": done_epochs, "log": log_rows,
-                         "scores": None if net is None else [s.detach().cpu() for s in net.scores],
-                         "optimizer": None if optimizer is None else optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "rng": rng, "partial": partial_state,
-                         "loss_guard": loss_guard.state_dict() if loss_guard is not None else None,
-                         "init": str(args.init), "init_sha256": config["init_sha256"]}, ckpt_path)
-        du.barrier()
+    def has_unit(self, level):
+        return level <= self.args.rounds
 
-    def save_mid_epoch(step, carry):
-        save_checkpoint({"step": step, "carry": carry})
-        setup.log(f"checkpoint inside LMP level {level}, epoch {done_epochs + 1}, after step {step} -> {ckpt_path}")
+    def epochs(self, level):
+        return self.args.epochs_per_round
 
-    checkpointer = None
-    if stop is not None:
-        checkpointer = StepCheckpointer(save_mid_epoch, stop, args.checkpoint_minutes)
-
-    while level <= args.rounds:
-        net = ScoredNetwork(model, names, keeps[level - 1], args.score_init)
-        optimizer = make_sgd(net.scores.parameters(), args.lr, args.momentum, args.weight_decay, dist_info.device)
+    def enter_unit(self, progress):
+        args, level = self.args, progress.unit
+        self.net = ScoredNetwork(self.model, self.names, self.keeps[level - 1], args.score_init)
+        self.optimizer = make_sgd(self.net.scores.parameters(), args.lr, args.momentum, args.weight_decay,
+                                  self.dist_info.device)
+        state, self.resumed_state = self.resumed_state, None
         if state is not None and state.get("scores") is not None:
             with torch.no_grad():
-                for s, saved in zip(net.scores, state["scores"]):
+                for s, saved in zip(self.net.scores, state["scores"]):
                     s.copy_(saved.to(s.device))
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        state = None
-        current.update(net=net, optimizer=optimizer)
-        runner, plain = setup.wrap_model(net, args, dist_info)
-        target = pruning_utils.imp_sparsity(level, args.rate)
-        while done_epochs < epochs:
-            epoch = done_epochs
-            lr = lr_for_epoch(epoch, args.lr, epochs, schedule="cosine")
-            set_lr(optimizer, lr)
-            start_step = partial["step"] if partial else 0
-            data.train.set_epoch((level - 1) * epochs + epoch, start_batch=start_step)
-            try:
-                stats = train_epoch(runner, data.train, optimizer, device=dist_info.device, attack=attack,
-                                    attack_model=plain, precision=precision, scaler=scaler,
-                                    channels_last=args.channels_last, progress=args.progress, train_mode=False,
-                                    desc=f"lmp level {level}/{args.rounds} epoch {epoch + 1}/{epochs}",
-                                    loss_guard=loss_guard, start_step=start_step,
-                                    carry=partial["carry"] if partial else None, step_hook=checkpointer)
-            except NonFiniteLoss as exc:
-                kept = (f"the checkpoint of level {level} after {done_epochs} epochs is kept in '{ckpt_path}'"
-                        if ckpt_path.exists() else "no checkpoint was written")
-                raise UserError(f"{exc} at LMP level {level}, epoch {epoch + 1}; {kept}. Lower --lr and rerun "
-                                "with --restart or choose another --save-dir.") from None
-            partial = None
-            done_epochs += 1
-            log_rows.append({"round": level, "epoch": epoch, "lr": lr, "train_loss": stats["train_loss"],
-                             "train_acc": stats["train_acc"], "sparsity": round(target, 2),
-                             "seconds": round(stats["seconds"], 3)})
-            save_checkpoint()
-            if checkpointer is not None:
-                checkpointer.reset_clock()
-            if dist_info.primary:
-                write_csv(log_rows, log_path, log_fields)
-        mask = broadcast_mask(net.masks(), level)
-        ticket = writer.write(level, mask)
-        rows = [r for r in log_rows if r["round"] == level]
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        self.runner, self.plain = setup.wrap_model(self.net, args, self.dist_info)
+        self.target = pruning_utils.imp_sparsity(level, args.rate)
+
+    def train(self, progress, *, start_step, carry, step_hook, loss_guard):
+        args, level, epoch = self.args, progress.unit, progress.epoch
+        epochs = args.epochs_per_round
+        self.lr = lr_for_epoch(epoch, args.lr, epochs, schedule="cosine")
+        set_lr(self.optimizer, self.lr)
+        self.data.train.set_epoch((level - 1) * epochs + epoch, start_batch=start_step)
+        return train_epoch(self.runner, self.data.train, self.optimizer, device=self.dist_info.device,
+                           attack=self.attack, attack_model=self.plain, precision=self.precision, scaler=self.scaler,
+                           channels_last=args.channels_last, progress=args.progress, train_mode=False,
+                           desc=f"lmp level {level}/{args.rounds} epoch {epoch + 1}/{epochs}",
+                           loss_guard=loss_guard, start_step=start_step, carry=carry, step_hook=step_hook)
+
+    def after_epoch(self, progress, stats):
+        return {"round": progress.unit, "epoch": progress.epoch, "lr": self.lr, "train_loss": stats["train_loss"],
+                "train_acc": stats["train_acc"], "sparsity": round(self.target, 2),
+                "seconds": round(stats["seconds"], 3)}
+
+    def end_unit(self, progress):
+        level = progress.unit
+        mask = self.broadcast_mask(self.net.masks(), level)
+        ticket = self.writer.write(level, mask)
+        rows = [r for r in progress.log if r["round"] == level]
         trained = f": loss {rows[-1]['train_loss']:.4f} acc {rows[-1]['train_acc']:.2f}" if rows else " (untrained)"
-        setup.log(f"lmp level {level}/{args.rounds}: ticket at {ticket['sparsity']:.2f}% sparsity{trained} "
-                  f"-> {writer.path(level)}")
-        level, done_epochs = level + 1, 0
-        current.update(net=None, optimizer=None)
-        save_checkpoint()
-    if dist_info.primary and not log_path.exists():
-        write_csv(log_rows, log_path, log_fields)
+        setup.log(f"lmp level {level}/{self.args.rounds}: ticket at {ticket['sparsity']:.2f}% sparsity{trained} "
+                  f"-> {self.writer.path(level)}")
+        self.net = self.optimizer = self.runner = self.plain = None
+        return True
+
+    def checkpoint(self, progress):
+        return {"method": "lmp", "level": progress.unit, "epoch": progress.epoch, "log": progress.log,
+                "scores": None if self.net is None else [s.detach().cpu() for s in self.net.scores],
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "partial": progress.partial, "init": str(self.args.init), "init_sha256": self.config["init_sha256"]}
+
+    def where(self, progress):
+        return f"LMP level {progress.unit}, epoch {progress.epoch + 1},"
+
+    def diverged(self, exc, progress):
+        ckpt_path = self.save_dir / "checkpoint.pt"
+        kept = (f"the checkpoint of level {progress.unit} after {progress.epoch} epochs is kept in '{ckpt_path}'"
+                if ckpt_path.exists() else "no checkpoint was written")
+        return (f"{exc} at LMP level {progress.unit}, epoch {progress.epoch + 1}; {kept}. Lower --lr and rerun "
+                "with --restart or choose another --save-dir.")
