@@ -24,6 +24,7 @@ from utils.errors import UserError
 
 NORMS = ("linf", "l2")
 BN_MODES = (None, "eval", "train")
+REGIMES = ("st", "fat", "at")  # standard, fast (FGSM-RS) and PGD adversarial training
 
 # Guards the divisions by per-example ℓ2 norms against an all-zero gradient or perturbation.
 _TINY = 1e-12
@@ -173,13 +174,19 @@ def fgsm_rs_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """What the adversary may do, kept apart from the attack loop."""
+    """One attack as training and evaluation use it: what the adversary may do (``norm``, radius
+    ``eps``), how the attack searches (step ``alpha``, ``steps``, random start) and the BatchNorm
+    mode it is crafted in (``bn_mode``, see :func:`attack_mode`). Calling it attacks a batch.
+
+    FGSM-RS (Wong et al. 2020) is the one-step, random-start ℓ∞ case: :func:`fgsm_rs_attack`.
+    """
 
     norm: str = "linf"
     eps: float = 8 / 255
     alpha: float = 2 / 255
     steps: int = 10
     random_start: bool = True
+    bn_mode: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "norm", _check_norm(self.norm))
@@ -187,10 +194,41 @@ class ThreatModel:
         object.__setattr__(self, "alpha", parse_fraction(self.alpha, "alpha"))
         object.__setattr__(self, "steps", _check_steps(self.steps))
 
-    def attack(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               bn_mode: str | None = None) -> torch.Tensor:
+    def attack(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return pgd_attack(model, images, labels, self.eps, self.alpha, self.steps,
-                          random_start=self.random_start, norm=self.norm, bn_mode=bn_mode)
+                          random_start=self.random_start, norm=self.norm, bn_mode=self.bn_mode)
+
+    __call__ = attack  # the engine takes any ``attack(model, images, labels)``
+
+
+def resolve_sizes(regime: str, eps: float, alpha=None, test_eps=None, test_alpha=None):
+    """``(alpha, test_eps, test_alpha)`` with the unset ones (None) given by the one rule of both
+    stages: the training step is 1.25 ε for FGSM-RS (fat; Wong et al. 2020) and ε/4 for PGD (the
+    paper's 2/255 at ε = 8/255); robust evaluation attacks at the training radius, with PGD's ε/4."""
+    if alpha is None:
+        alpha = 1.25 * eps if regime == "fat" else eps / 4
+    if test_eps is None:
+        test_eps = eps
+    if test_alpha is None:
+        test_alpha = test_eps / 4
+    return alpha, test_eps, test_alpha
+
+
+def training_attack(regime: str, eps, alpha, steps: int, bn_mode: str | None = "train") -> ThreatModel | None:
+    """The attack that makes a training batch adversarial under ``regime``: PGD for at, FGSM-RS
+    for fat, None for standard training (st)."""
+    if regime == "st":
+        return None
+    if regime == "at":
+        return ThreatModel(eps=eps, alpha=alpha, steps=steps, bn_mode=bn_mode)
+    if regime == "fat":
+        return ThreatModel(eps=eps, alpha=alpha, steps=1, bn_mode=bn_mode)
+    raise UserError(f"regime must be one of {', '.join(REGIMES)}, not '{regime}'.")
+
+
+def evaluation_attack(eps, alpha, steps: int) -> ThreatModel | None:
+    """The PGD of robust evaluation (RA): random start, BatchNorm in eval mode; None for 0 steps."""
+    return ThreatModel(eps=eps, alpha=alpha, steps=steps, bn_mode="eval") if steps > 0 else None
 
 
 @contextlib.contextmanager

@@ -13,30 +13,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import attacks
 import models
 import pruning_utils
-from utils import distributed as du
-from utils import setup
-from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint, safe_load
-from utils.cli import ArgumentParser, fraction, int_list, run_main
-from utils.engine import (
-    AttackSpec,
+from training import setup
+from training.engine import (
+    MAX_LOSS_FACTOR,
+    MAX_LOSS_PATIENCE,
     LossGuard,
-    NonFiniteLoss,
-    NonFiniteOutput,
     Precision,
     evaluate,
     lr_for_epoch,
     make_sgd,
     set_lr,
     train_epoch,
-    training_attack,
-    uniform_loss,
 )
-from utils.errors import UserError
-from utils.preemption import StepCheckpointer, StopRequest
-from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit, write_csv
-from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything
+from training.loop import Policy, Progress, ResumableRun
+from utils import distributed as du
+from utils.checkpoint import atomic_save, atomic_write_json, safe_load
+from utils.cli import ArgumentParser, fraction, int_list, run_main
+from utils.errors import NonFiniteOutput, UserError
+from utils.preemption import StopRequest
+from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit
+from utils.seeding import seed_everything
 
 # The paper's downstream protocol (DESIGN.md §2); flags left unset take these.
 PAPER_DEFAULTS = {
@@ -51,8 +50,6 @@ SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones"
 # CIFAR PGD-adversarial runs select among epochs >= 45; SVHN AT, FAT (which the seed code did not
 # have) and every standard run from epoch 0.
 EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
-MAX_LOSS_FACTOR = 100  # a loss 100x that of a uniform prediction is divergence, not learning
-MAX_LOSS_PATIENCE = 10  # ... when it lasts this many consecutive steps
 FAT_GUARD_DROP = 20.0  # percentage points of robust accuracy lost in one epoch = catastrophic overfitting
 FAT_GUARD_STEPS = 5
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_sa", "val_ra", "seconds"]
@@ -143,12 +140,8 @@ def resolve_defaults(args, n_train_full=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.alpha is None:  # the paper's 2/255 at ε = 8/255; FGSM-RS takes 1.25 ε (Wong et al.)
-        args.alpha = 1.25 * args.eps if args.regime == "fat" else args.eps / 4
-    if args.test_eps is None:
-        args.test_eps = args.eps
-    if args.test_alpha is None:
-        args.test_alpha = args.test_eps / 4
+    args.alpha, args.test_eps, args.test_alpha = attacks.resolve_sizes(args.regime, args.eps, args.alpha, args.test_eps,
+                                                                       args.test_alpha)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {args.epochs}.")
     if not 0 < args.data_rate <= 1:
@@ -208,9 +201,14 @@ def verify_sparse(model, mask, where):
 def guard_accuracy(model, batch, args, precision):
     """FAT's catastrophic-overfitting check: PGD accuracy on one fixed training batch."""
     images, labels = batch
-    attack = AttackSpec("pgd", args.eps, args.test_alpha or args.alpha, FAT_GUARD_STEPS, True, "eval")
+    attack = attacks.evaluation_attack(args.eps, args.test_alpha or args.alpha, FAT_GUARD_STEPS)
     return evaluate(model, [(images, labels)], device=images.device, attack=attack, precision=precision,
                     progress=False)["ra"]
+
+
+def test_attack(args):
+    """The robust evaluation of the reported RA (every regime), which at/fat also validate with."""
+    return attacks.evaluation_attack(args.test_eps, args.test_alpha, args.test_steps)
 
 
 def freeze_backbone(model):
@@ -278,14 +276,7 @@ def run(args, stop):
     resolve_defaults(args)
     Precision.resolve(args.eval_amp, dist_info.device)  # a test precision the device lacks fails now, not after training
     if (save_dir / "results.json").exists():
-        if args.restart:
-            raise UserError(f"--save-dir '{save_dir}' holds a finished run (results.json), which --restart never "
-                            "discards; choose another --save-dir.")
-        check_finished_config(save_dir, args)
-        if not args.keep_checkpoint and dist_info.primary:  # left by a kill between results.json and its removal
-            (save_dir / "checkpoint.pt").unlink(missing_ok=True)
-        print_finished(save_dir)
-        return 0
+        return report_finished(args, save_dir, dist_info)
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
                             val_size=args.val_size)
     if data.val is None:
@@ -298,153 +289,185 @@ def run(args, stop):
         pruning_utils.apply_mask(model, mask, pattern=ticket["pattern"])
 
     check_pretrain_label(args, ticket)
-    config = run_config(args, ticket)
-    resumed = setup.prepare_dir(save_dir, config, dist_info)
+    resumed = setup.prepare_dir(save_dir, run_config(args, ticket), dist_info)
     if dist_info.primary:
         atomic_write_json({"data_rate": args.data_rate, "seed": args.seed, **subset_record(args, data),
                            "train_indices": np.asarray(data.train_indices).tolist(),
                            "val_indices": np.asarray(data.val_indices).tolist()}, save_dir / "subset_indices.json")
-
     if args.linear_eval:
         freeze_backbone(model)
-    runner, plain = setup.wrap_model(model, args, dist_info)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_sgd(params, args.lr, args.momentum, args.weight_decay, dist_info.device)
-    scaler = precision.make_scaler()
-    enforcer = pruning_utils.MaskEnforcer(model, mask, pattern=ticket["pattern"]) if mask is not None else None
-    train_attack = training_attack(args.regime, args.eps, args.alpha, args.train_steps, args.attack_bn)
-    eval_attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
-                   if args.regime != "st" and args.test_steps > 0 else None)
-    selection = "val_sa" if args.regime == "st" else "val_ra"
-    loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
 
-    state = {"epoch": 0, "history": [], "best": None, "best_sa": None, "guard": None, "stopped": None,
-             "partial": None}
-    ckpt_path = save_dir / "checkpoint.pt"
-    epoch_start_weights = {}  # FAT's guard restores the epoch's starting weights, also after a mid-epoch resume
-
-    def save_checkpoint(partial=None):
-        """The per-epoch checkpoint first, then the selected models it points to: a kill between the
-        two leaves a checkpoint whose selection is the epoch it holds, which a resume re-saves.
-        ``partial``: a mid-epoch checkpoint (position and sums of the epoch in progress); the
-        selected models are then left alone, since the weights in hand are no epoch's end."""
-        state["partial"] = partial
-        rng = gather_rng_states()
-        if dist_info.primary:
-            extra = {"prev_weights": epoch_start_weights.get("w")} if partial and epoch_start_weights else {}
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "state": state, "rng": rng, "loss_guard": loss_guard.state_dict(), **extra}, ckpt_path)
-            if partial is None:
-                save_selected_models(save_dir, model, mask, state, selection)
-        du.barrier()
-
-    def save_mid_epoch(step, carry):
-        save_checkpoint({"epoch": state["epoch"], "step": step, "carry": carry})
-        setup.log(f"checkpoint inside epoch {state['epoch'] + 1} after step {step} -> {ckpt_path}")
-
-    checkpointer = StepCheckpointer(save_mid_epoch, stop, args.checkpoint_minutes)
-
-    if ckpt_path.exists():
-        ckpt = read_resume_checkpoint(ckpt_path, dist_info.device, ("model", "optimizer", "state", "rng"))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        state.setdefault("partial", None)
-        loss_guard.load_state_dict(ckpt.get("loss_guard"))
-        if ckpt.get("prev_weights") is not None:
-            epoch_start_weights["w"] = ckpt["prev_weights"]
-        restore_rank_rng_state(ckpt["rng"], dist_info.rank)
-        if dist_info.primary and state["partial"] is None:
-            save_selected_models(save_dir, model, mask, state, selection, resuming=True)
-        where = "" if state["partial"] is None else f", step {state['partial']['step']} of that epoch"
-        setup.log(f"resuming {save_dir} at epoch {state['epoch']} of {args.epochs}{where}")
-    elif resumed:
-        setup.log(f"{save_dir} holds this configuration but no checkpoint yet; starting at epoch 0")
-
-    if args.save_trajectory and dist_info.primary and state["epoch"] == 0 and not state["partial"]:
-        save_weights(model, save_dir / "trajectory" / "start.pt")
-
-    guard_batch = None
-    if args.regime == "fat" and args.fat_guard:
-        data.train.set_epoch(0)
-        guard_batch = next(iter(data.train))
-        guard_batch = tuple(t.to(dist_info.device) for t in guard_batch)
-
-    level = "dense" if ticket is None else f"{ticket['sparsity']:.2f}%"
-    desc_base = f"{args.dataset} {args.regime} {level}"
-    while state["epoch"] < args.epochs and not state["stopped"]:
-        epoch = state["epoch"]
-        t0 = time.perf_counter()
-        lr = lr_for_epoch(epoch, args.lr, args.epochs, args.milestones, args.schedule)
-        set_lr(optimizer, lr)
-        partial = state["partial"] if state["partial"] and state["partial"]["epoch"] == epoch else None
-        start_step = partial["step"] if partial else 0
-        data.train.set_epoch(epoch, start_batch=start_step)
-        if guard_batch is not None and partial is None:
-            epoch_start_weights["w"] = copy.deepcopy(model.state_dict())
-        set_train_mode(model, args.linear_eval)
-        try:
-            stats = train_epoch(runner, data.train, optimizer, device=dist_info.device, attack=train_attack,
-                                attack_model=plain, enforcer=enforcer, precision=precision, scaler=scaler,
-                                channels_last=args.channels_last, progress=args.progress,
-                                desc=f"{desc_base} epoch {epoch + 1}/{args.epochs}", train_mode=False,
-                                loss_guard=loss_guard, start_step=start_step,
-                                carry=partial["carry"] if partial else None, step_hook=checkpointer)
-        except NonFiniteLoss as exc:
-            raise UserError(f"{exc} in epoch {epoch + 1}; {kept_state_text(save_dir, state)}") from None
-        prev_weights = epoch_start_weights.get("w")
-        row = {"epoch": epoch, "lr": lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
-               "val_sa": None, "val_ra": None}
-        if guard_batch is not None:
-            acc = guard_accuracy(model, guard_batch, args, precision)
-            if state["guard"] is not None and acc < state["guard"] - FAT_GUARD_DROP:
-                model.load_state_dict(prev_weights)
-                state["stopped"] = (f"catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on a training "
-                                    f"batch fell from {state['guard']:.1f}% to {acc:.1f}%; kept epoch {epoch}")
-                setup.log(state["stopped"])
-                if state["best"] is None:  # the guard fired before any validation: the kept epoch is the selection
-                    state["best"] = {"score": None, "epoch": epoch - 1}
-                save_checkpoint()  # a resume must not train past the collapse
-                break
-            state["guard"] = acc
-        if epoch >= args.eval_from or epoch == args.epochs - 1:
-            try:
-                val = evaluate(plain, data.val, device=dist_info.device,
-                               attack=eval_attack, precision=precision, channels_last=args.channels_last,
-                               progress=args.progress, desc="validate")
-            except NonFiniteOutput as exc:
-                raise UserError(f"{exc} after epoch {epoch + 1}; {kept_state_text(save_dir, state)}") from None
-            row["val_sa"], row["val_ra"] = val["sa"], val["ra"]
-            score = row[selection]
-            if state["best"] is None or score > state["best"]["score"]:
-                state["best"] = {"score": score, "epoch": epoch}
-            if args.keep_sa_best and args.regime != "st" and (state["best_sa"] is None or
-                                                              row["val_sa"] > state["best_sa"]["score"]):
-                state["best_sa"] = {"score": row["val_sa"], "epoch": epoch}
-        # an epoch resumed mid-way counts the seconds spent before the interruption too
-        row["seconds"] = time.perf_counter() - t0 + (partial["carry"]["seconds"] if partial else 0.0)
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if dist_info.primary:  # before the checkpoint: a kill in between re-runs this epoch and rewrites both
-            if args.save_trajectory:
-                save_weights(model, save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
-            write_csv(state["history"], save_dir / "log.csv", LOG_FIELDS)
-        save_checkpoint()
-        checkpointer.reset_clock()
-        if dist_info.primary:
-            val_txt = "" if row["val_sa"] is None else f" val SA {row['val_sa']:.2f}" + (
-                "" if row["val_ra"] is None else f" RA {row['val_ra']:.2f}")
-            setup.log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.4g} loss {row['train_loss']:.4f} "
-                      f"acc {row['train_acc']:.2f}{val_txt} ({row['seconds']:.1f}s)")
-        du.barrier()
-
-    du.barrier()
-    finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info)
+    policy = FineTuning(args, model, mask, ticket, data, save_dir=save_dir, dist_info=dist_info, precision=precision,
+                        resumed=resumed)
+    progress = ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
+                            checkpoint_minutes=args.checkpoint_minutes,
+                            loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes)).run()
+    finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
+           dist_info)
     du.cleanup()
     return 0
+
+
+def report_finished(args, save_dir, dist_info):
+    """A rerun of a finished run: say so, and keep nothing of it but its results."""
+    if args.restart:
+        raise UserError(f"--save-dir '{save_dir}' holds a finished run (results.json), which --restart never "
+                        "discards; choose another --save-dir.")
+    check_finished_config(save_dir, args)
+    if not args.keep_checkpoint and dist_info.primary:  # left by a kill between results.json and its removal
+        (save_dir / "checkpoint.pt").unlink(missing_ok=True)
+    print_finished(save_dir)
+    return 0
+
+
+class FineTuning(Policy):
+    """Stage 2 in the resumable loop: one unit of ``--epochs`` epochs, each followed by FAT's guard
+    and by validation and selection; the selected models are written after each checkpoint."""
+
+    log_fields = LOG_FIELDS
+    checkpoint_keys = ("model", "optimizer", "state", "rng")
+
+    def __init__(self, args, model, mask, ticket, data, *, save_dir, dist_info, precision, resumed):
+        self.args, self.model, self.mask, self.data = args, model, mask, data
+        self.save_dir, self.dist_info, self.precision, self.resumed_dir = save_dir, dist_info, precision, resumed
+        self.runner, self.plain = setup.wrap_model(model, args, dist_info)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_sgd(params, args.lr, args.momentum, args.weight_decay, dist_info.device)
+        self.scaler = precision.make_scaler()
+        self.enforcer = pruning_utils.MaskEnforcer(model, mask, pattern=ticket["pattern"]) if mask is not None else None
+        self.train_attack = attacks.training_attack(args.regime, args.eps, args.alpha, args.train_steps, args.attack_bn)
+        self.val_attack = test_attack(args) if args.regime != "st" else None
+        self.selection = "val_sa" if args.regime == "st" else "val_ra"
+        self.best = self.best_sa = self.guard = None
+        level = "dense" if ticket is None else f"{ticket['sparsity']:.2f}%"
+        self.desc = f"{args.dataset} {args.regime} {level}"
+        self.guard_batch = None
+        self.start_weights = None  # FAT's guard restores the epoch's starting weights, also after a mid-epoch resume
+
+    def state(self, progress):
+        """The run's state as the checkpoint holds it (and finish() reads it)."""
+        return {"epoch": progress.epoch, "history": progress.log, "best": self.best, "best_sa": self.best_sa,
+                "guard": self.guard, "stopped": self.stopped, "partial": progress.partial}
+
+    def fresh(self):
+        if self.resumed_dir:
+            setup.log(f"{self.save_dir} holds this configuration but no checkpoint yet; starting at epoch 0")
+        return Progress(0, 0)
+
+    def restore(self, ckpt):
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+        self.best, self.best_sa, self.guard, self.stopped = (state["best"], state.get("best_sa"), state["guard"],
+                                                             state["stopped"])
+        if ckpt.get("prev_weights") is not None:
+            self.start_weights = ckpt["prev_weights"]
+        return Progress(0, state["epoch"], state["history"], state.get("partial"))
+
+    def resumed(self, progress):
+        if self.dist_info.primary and progress.partial is None:
+            save_selected_models(self.save_dir, self.model, self.mask, self.state(progress), self.selection,
+                                 resuming=True)
+        where = "" if progress.partial is None else f", step {progress.partial['step']} of that epoch"
+        setup.log(f"resuming {self.save_dir} at epoch {progress.epoch} of {self.args.epochs}{where}")
+
+    def enter_unit(self, progress):
+        if self.args.save_trajectory and self.dist_info.primary and progress.epoch == 0 and not progress.partial:
+            save_weights(self.model, self.save_dir / "trajectory" / "start.pt")
+        if self.args.regime == "fat" and self.args.fat_guard:
+            self.data.train.set_epoch(0)
+            self.guard_batch = tuple(t.to(self.dist_info.device) for t in next(iter(self.data.train)))
+
+    def epochs(self, unit):
+        return self.args.epochs
+
+    def train(self, progress, *, start_step, carry, step_hook, loss_guard):
+        args, epoch = self.args, progress.epoch
+        self.t0 = time.perf_counter()
+        self.carried_seconds = carry["seconds"] if carry else 0.0
+        self.lr = lr_for_epoch(epoch, args.lr, args.epochs, args.milestones, args.schedule)
+        set_lr(self.optimizer, self.lr)
+        self.data.train.set_epoch(epoch, start_batch=start_step)
+        if self.guard_batch is not None and carry is None:
+            self.start_weights = copy.deepcopy(self.model.state_dict())
+        set_train_mode(self.model, args.linear_eval)
+        return train_epoch(self.runner, self.data.train, self.optimizer, device=self.dist_info.device,
+                           attack=self.train_attack, attack_model=self.plain, enforcer=self.enforcer,
+                           precision=self.precision, scaler=self.scaler, channels_last=args.channels_last,
+                           progress=args.progress, desc=f"{self.desc} epoch {epoch + 1}/{args.epochs}", train_mode=False,
+                           loss_guard=loss_guard, start_step=start_step, carry=carry, step_hook=step_hook)
+
+    def after_epoch(self, progress, stats):
+        args, epoch = self.args, progress.epoch
+        row = {"epoch": epoch, "lr": self.lr, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+               "val_sa": None, "val_ra": None}
+        if self.guard_batch is not None and self._guard_fired(epoch):
+            return None
+        if epoch >= args.eval_from or epoch == args.epochs - 1:
+            self._validate(progress, row)
+        # an epoch resumed mid-way counts the seconds spent before the interruption too
+        row["seconds"] = time.perf_counter() - self.t0 + self.carried_seconds
+        if args.save_trajectory and self.dist_info.primary:
+            save_weights(self.model, self.save_dir / "trajectory" / f"epoch_{epoch:03d}.pt")
+        return row
+
+    def _guard_fired(self, epoch):
+        """FAT's catastrophic-overfitting guard: a collapse puts back the weights the epoch started from
+        and ends the run, keeping the previous epoch."""
+        acc = guard_accuracy(self.model, self.guard_batch, self.args, self.precision)
+        if self.guard is not None and acc < self.guard - FAT_GUARD_DROP:
+            self.model.load_state_dict(self.start_weights)
+            self.stopped = (f"catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on a training "
+                            f"batch fell from {self.guard:.1f}% to {acc:.1f}%; kept epoch {epoch}")
+            setup.log(self.stopped)
+            if self.best is None:  # the guard fired before any validation: the kept epoch is the selection
+                self.best = {"score": None, "epoch": epoch - 1}
+            return True
+        self.guard = acc
+        return False
+
+    def _validate(self, progress, row):
+        args, epoch = self.args, progress.epoch
+        try:
+            val = evaluate(self.plain, self.data.val, device=self.dist_info.device, attack=self.val_attack,
+                           precision=self.precision, channels_last=args.channels_last, progress=args.progress,
+                           desc="validate")
+        except NonFiniteOutput as exc:
+            raise UserError(f"{exc} after epoch {epoch + 1}; {kept_state_text(self.save_dir, self.state(progress))}") \
+                from None
+        row["val_sa"], row["val_ra"] = val["sa"], val["ra"]
+        score = row[self.selection]
+        if self.best is None or score > self.best["score"]:
+            self.best = {"score": score, "epoch": epoch}
+        if args.keep_sa_best and args.regime != "st" and (self.best_sa is None or
+                                                          row["val_sa"] > self.best_sa["score"]):
+            self.best_sa = {"score": row["val_sa"], "epoch": epoch}
+
+    def checkpoint(self, progress):
+        extra = {"prev_weights": self.start_weights} if progress.partial and self.start_weights is not None else {}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "state": self.state(progress), **extra}
+
+    def saved(self, progress):
+        # after the checkpoint: a kill between the two leaves a checkpoint whose selection is the
+        # epoch it holds, which a resume re-saves
+        save_selected_models(self.save_dir, self.model, self.mask, self.state(progress), self.selection)
+
+    def report(self, progress, row):
+        if self.dist_info.primary:
+            val_txt = "" if row["val_sa"] is None else f" val SA {row['val_sa']:.2f}" + (
+                "" if row["val_ra"] is None else f" RA {row['val_ra']:.2f}")
+            setup.log(f"epoch {row['epoch'] + 1}/{self.args.epochs} lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
+                      f"acc {row['train_acc']:.2f}{val_txt} ({row['seconds']:.1f}s)")
+
+    def where(self, progress):
+        return f"epoch {progress.epoch + 1}"
+
+    def diverged(self, exc, progress):
+        return f"{exc} in epoch {progress.epoch + 1}; {kept_state_text(self.save_dir, self.state(progress))}"
 
 
 def save_weights(model, path):
@@ -482,10 +505,8 @@ def test_selected(model, path, mask, data, args, precision, device):
     model.load_state_dict(selected["state_dict"])
     if mask is not None:
         verify_sparse(model, mask, f"in the selected model '{path}'")
-    attack = (AttackSpec("pgd", args.test_eps, args.test_alpha, args.test_steps, True, "eval")
-              if args.test_steps > 0 else None)
     try:
-        return evaluate(model, data.test, device=device, attack=attack, precision=precision,
+        return evaluate(model, data.test, device=device, attack=test_attack(args), precision=precision,
                         channels_last=args.channels_last, progress=args.progress, desc="test")
     except NonFiniteOutput as exc:
         raise UserError(f"{exc} of the selected model '{path}'; no results.json was written. The run's "

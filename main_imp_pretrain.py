@@ -5,7 +5,7 @@ current weights (round 1: of θ_p), save the ticket, rewind every weight and Bat
 θ_p (``--rewind none``: keep the re-trained ones), then re-train ``--epochs-per-round`` epochs with
 the mask enforced (standard or PGD adversarial). The last round needs no re-training: its weights
 would only choose a next mask. OMP and RP give tickets at the same sparsity levels straight from
-θ_p, without training. LMP learns each level's mask over a frozen θ_p (utils/lmp.py).
+θ_p, without training. LMP learns each level's mask over a frozen θ_p (training/lmp.py).
 
 Rerunning the same command resumes from the last per-epoch checkpoint and skips finished rounds.
 """
@@ -17,19 +17,20 @@ from pathlib import Path
 
 import torch
 
+import attacks
 import pruning_utils
+from training import lmp, setup
+from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, LossGuard, make_sgd, set_lr, train_epoch
+from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
-from utils import lmp, setup
-from utils.checkpoint import atomic_save, atomic_write_json, read_resume_checkpoint
+from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, run_main
-from utils.engine import LossGuard, NonFiniteLoss, make_sgd, set_lr, train_epoch, training_attack, uniform_loss
 from utils.errors import UserError
-from utils.preemption import StepCheckpointer, StopRequest
+from utils.preemption import StopRequest
 from utils.rundir import write_csv
-from utils.seeding import gather_rng_states, restore_rank_rng_state, seed_everything
+from utils.seeding import seed_everything
 
 PAPER_DEFAULTS = {"lr": 5e-4, "weight_decay": 1e-4, "batch_size": 2048}
-MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE = 100, 10  # as stage 2: 100x a uniform prediction's loss for 10 steps = diverged
 LOG_FIELDS = ["round", "epoch", "lr", "train_loss", "train_acc", "sparsity", "seconds"]
 
 
@@ -82,8 +83,7 @@ def parse_args(argv=None):
     for key, value in PAPER_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.alpha is None:  # the paper's 2/255 at ε = 8/255
-        args.alpha = args.eps / 4
+    args.alpha = attacks.resolve_sizes(args.retrain, args.eps, args.alpha)[0]
     if not 0 < args.rate < 1:
         raise UserError(f"--rate must lie strictly between 0 and 1 (the paper prunes 0.2 per round), not {args.rate}.")
     if args.rounds < 1:
@@ -268,6 +268,131 @@ def diverged_text(ckpt_path, k, done_epochs):
             "starts again) or choose another --save-dir.")
 
 
+def run_config(args):
+    """The configuration recorded in (and checked against) config.json, with θ_p's digest."""
+    config = dict(vars(args))
+    if config["rewind"] == "theta_p":
+        # stored as unset, which config_differences equates with the key's absence: directories made
+        # before --rewind existed (all rewinding to θ_p) resume, and a change of variant is refused
+        config["rewind"] = None
+    if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
+        raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
+    config["init_sha256"] = fingerprint(args.init)
+    return config
+
+
+def check_head(args, data, init_info):
+    if init_info.get("dropped_head"):
+        setup.log(f"note: θ_p's head does not fit the {data.num_classes} classes of --dataset {args.dataset}; "
+                  "a new head is initialised (the head is never pruned)")
+        if args.method == "lmp":
+            raise UserError(f"LMP keeps θ_p frozen, head included, but θ_p's head does not fit the "
+                            f"{data.num_classes} classes of --dataset {args.dataset}; pass a θ_p trained on "
+                            "that label set (or --init none).")
+
+
+class Retraining(Policy):
+    """IMP in the resumable loop. Unit k holds round k's ticket: it re-trains it ``--epochs-per-round``
+    epochs with the mask enforced and ends by pruning round k+1 from the re-trained weights, saving
+    that ticket and rewinding. Unit 0 is θ_p itself, with nothing to train; the last round is never
+    re-trained, since its weights would only choose a next mask."""
+
+    log_fields = LOG_FIELDS
+    checkpoint_keys = ("round", "epoch", "log", "mask", "model", "optimizer", "rng")
+
+    def __init__(self, args, model, data, writer, *, save_dir, dist_info, precision, config):
+        self.args, self.model, self.data, self.writer = args, model, data, writer
+        self.save_dir, self.dist_info, self.precision, self.config = save_dir, dist_info, precision, config
+        self.theta_p = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.runner, self.plain = setup.wrap_model(model, args, dist_info)
+        self.attack = attacks.training_attack("at" if args.retrain == "at" else "st", args.eps, args.alpha,
+                                              args.attack_steps, args.attack_bn)
+        self.scaler = precision.make_scaler()
+        self.mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=dist_info.device)
+        self.optimizer = self.enforcer = None
+
+    def _new_optimizer(self):
+        args = self.args
+        return make_sgd(self.model.parameters(), args.lr, args.momentum, args.weight_decay, self.dist_info.device)
+
+    def restore(self, ckpt):
+        self.mask = {n: m.to(self.dist_info.device) for n, m in ckpt["mask"].items()}
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer = self._new_optimizer()
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        return Progress(ckpt["round"], ckpt["epoch"], ckpt["log"], ckpt.get("partial"))
+
+    def resumed(self, progress):
+        where = "" if progress.partial is None else f", step {progress.partial['step']} of the next"
+        setup.log(f"resuming {self.save_dir}: round {progress.unit}, {progress.epoch}/{self.args.epochs_per_round} "
+                  f"epochs done{where}")
+
+    def has_unit(self, k):
+        return k < self.args.rounds
+
+    def epochs(self, k):
+        return self.args.epochs_per_round if k else 0
+
+    def enter_unit(self, progress):
+        self.enforcer = pruning_utils.MaskEnforcer(self.model, self.mask, pattern=self.args.pattern)
+        self.sparsity = pruning_utils.sparsity(self.mask)
+
+    def train(self, progress, *, start_step, carry, step_hook, loss_guard):
+        args, k, epoch = self.args, progress.unit, progress.epoch
+        set_lr(self.optimizer, args.lr)
+        self.data.train.set_epoch((k - 1) * args.epochs_per_round + epoch, start_batch=start_step)
+        return train_epoch(self.runner, self.data.train, self.optimizer, device=self.dist_info.device,
+                           attack=self.attack, attack_model=self.plain, enforcer=self.enforcer,
+                           precision=self.precision, scaler=self.scaler, channels_last=args.channels_last,
+                           progress=args.progress, desc=f"round {k}/{args.rounds} epoch {epoch + 1}/{args.epochs_per_round}",
+                           loss_guard=loss_guard, start_step=start_step, carry=carry, step_hook=step_hook)
+
+    def after_epoch(self, progress, stats):
+        return {"round": progress.unit, "epoch": progress.epoch, "lr": self.args.lr,
+                "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                "sparsity": round(self.sparsity, 2), "seconds": round(stats["seconds"], 3)}
+
+    def report(self, progress, row):
+        if progress.epoch < self.args.epochs_per_round:
+            return
+        rows = [r for r in progress.log if r["round"] == progress.unit]
+        setup.log(f"round {progress.unit}/{self.args.rounds} re-trained at {self.sparsity:.2f}%: loss "
+                  f"{rows[-1]['train_loss']:.4f} acc {rows[-1]['train_acc']:.2f} in "
+                  f"{sum(r['seconds'] for r in rows) / 60:.1f} min")
+
+    def end_unit(self, progress):
+        """Prune the current (re-trained) weights, save the ticket, rewind to θ_p (or, with --rewind
+        none, keep the re-trained weights and BatchNorm buffers, the newly pruned ones zeroed)."""
+        args, k = self.args, progress.unit
+        check_finite_weights(self.model, f"after round {k}'s re-training" if k else "in θ_p")
+        weights = {n: p.detach() for n, p in self.model.named_parameters()}
+        self.mask = broadcast_mask(next_mask(args, weights, self.mask, None), k + 1)
+        ticket = self.writer.write(k + 1, self.mask)
+        if args.rewind == "theta_p":
+            self.model.load_state_dict(self.theta_p)
+        pruning_utils.apply_mask(self.model, self.mask, pattern=args.pattern)
+        self.optimizer = self._new_optimizer()
+        setup.log(f"round {k + 1}/{args.rounds}: ticket at {ticket['sparsity']:.2f}% sparsity -> "
+                  f"{self.writer.path(k + 1)}")
+        return True
+
+    def checkpoint(self, progress):
+        return {"round": progress.unit, "epoch": progress.epoch, "log": progress.log,
+                "model": self.model.state_dict(), "mask": {n: m.cpu() for n, m in self.mask.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "init": str(self.args.init), "partial": progress.partial, "init_sha256": self.config["init_sha256"]}
+
+    def where(self, progress):
+        return f"round {progress.unit}, epoch {progress.epoch + 1},"
+
+    def diverged(self, exc, progress):
+        return (f"{exc} in round {progress.unit}, epoch {progress.epoch + 1}; "
+                f"{diverged_text(self.save_dir / 'checkpoint.pt', progress.unit, progress.epoch)}")
+
+
 def main(argv=None):
     return setup.run_stoppable(run, parse_args(argv), StopRequest())
 
@@ -280,26 +405,13 @@ def run(args, stop):
     save_dir = Path(args.save_dir)
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed)  # the same on every rank: masks and head initialisation agree
-    config = dict(vars(args))
-    if config["rewind"] == "theta_p":
-        # stored as unset, which config_differences equates with the key's absence: directories made
-        # before --rewind existed (all rewinding to θ_p) resume, and a change of variant is refused
-        config["rewind"] = None
-    if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
-        raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
-    config["init_sha256"] = fingerprint(args.init)
+    config = run_config(args)
     # data and θ_p are checked before the run directory is claimed, so a mistake in either leaves
     # no config.json behind to refuse the corrected command
     data = setup.data_stub(args) if args.method not in ("imp", "lmp") else setup.build_data(
         args, dist_info, batch_size=args.batch_size, val_size=0)
     model, init_info = setup.build_model(args, data, dist_info.device, load_head="auto")
-    if init_info.get("dropped_head"):
-        setup.log(f"note: θ_p's head does not fit the {data.num_classes} classes of --dataset {args.dataset}; "
-                  "a new head is initialised (the head is never pruned)")
-        if args.method == "lmp":
-            raise UserError(f"LMP keeps θ_p frozen, head included, but θ_p's head does not fit the "
-                            f"{data.num_classes} classes of --dataset {args.dataset}; pass a θ_p trained on "
-                            "that label set (or --init none).")
+    check_head(args, data, init_info)
     writer = TicketWriter(save_dir, args, dist_info.primary)
     problem = listed_ticket_problem(writer, save_dir) if args.method in ("imp", "lmp") else None
     # a directory with a damaged ticket is not finished, so --restart may discard it
@@ -307,123 +419,22 @@ def run(args, stop):
     if problem and not args.restart:
         raise UserError(problem)
 
-    if args.method == "lmp":
-        loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
-        lmp.run(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision, config=config,
-                log_fields=LOG_FIELDS, broadcast_mask=broadcast_mask, stop=stop, loss_guard=loss_guard)
-        du.barrier()
-        setup.log(f"done: {args.rounds} LMP tickets in {writer.dir} (sparsity.json lists the levels)")
-        du.cleanup()
-        return 0
-
-    if args.method != "imp":
+    if args.method in ("omp", "rp"):
         prune_without_training(args, model, writer, save_dir / "log.csv")
         du.barrier()
         setup.log(f"done: {args.rounds} tickets in {writer.dir}")
         du.cleanup()
         return 0
-
-    theta_p = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    runner, plain = setup.wrap_model(model, args, dist_info)
-    attack = training_attack("at" if args.retrain == "at" else "st", args.eps, args.alpha, args.attack_steps,
-                             args.attack_bn)
-    scaler = precision.make_scaler()
-
-    ckpt_path = save_dir / "checkpoint.pt"
-    optimizer = None
-    partial = None  # position inside the epoch in progress, from a mid-epoch checkpoint
-    loss_guard = LossGuard(args.max_loss or MAX_LOSS_FACTOR * uniform_loss(data.num_classes), MAX_LOSS_PATIENCE)
-    if ckpt_path.exists():
-        ckpt = read_resume_checkpoint(ckpt_path, dist_info.device, ("round", "epoch", "log", "mask", "model", "optimizer", "rng"))
-        k, done_epochs, log_rows = ckpt["round"], ckpt["epoch"], ckpt["log"]
-        partial = ckpt.get("partial")
-        loss_guard.load_state_dict(ckpt.get("loss_guard"))
-        mask = {n: m.to(dist_info.device) for n, m in ckpt["mask"].items()}
-        model.load_state_dict(ckpt["model"])
-        optimizer = make_sgd(model.parameters(), args.lr, args.momentum, args.weight_decay, dist_info.device)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        restore_rank_rng_state(ckpt["rng"], dist_info.rank)
-        where = "" if partial is None else f", step {partial['step']} of the next"
-        setup.log(f"resuming {save_dir}: round {k}, {done_epochs}/{args.epochs_per_round} epochs done{where}")
+    loss_guard = LossGuard.for_classes(args.max_loss, data.num_classes)
+    if args.method == "lmp":
+        lmp.run(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision, config=config,
+                log_fields=LOG_FIELDS, broadcast_mask=broadcast_mask, stop=stop, loss_guard=loss_guard)
     else:
-        k, done_epochs, log_rows = 0, args.epochs_per_round, []
-        mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=dist_info.device)
-
-    def save_checkpoint(partial_state=None):
-        """``partial_state``: the step reached inside epoch ``done_epochs`` and that epoch's sums."""
-        rng = gather_rng_states()
-        if dist_info.primary:
-            atomic_save({"round": k, "epoch": done_epochs, "log": log_rows, "model": model.state_dict(),
-                         "mask": {n: m.cpu() for n, m in mask.items()}, "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "rng": rng, "init": str(args.init), "partial": partial_state,
-                         "loss_guard": loss_guard.state_dict(),
-                         "init_sha256": config["init_sha256"]}, ckpt_path)
-        du.barrier()
-
-    def save_mid_epoch(step, carry):
-        save_checkpoint({"step": step, "carry": carry})
-        setup.log(f"checkpoint inside round {k}, epoch {done_epochs + 1}, after step {step} -> {ckpt_path}")
-
-    checkpointer = StepCheckpointer(save_mid_epoch, stop, args.checkpoint_minutes)
-
-    while True:
-        if done_epochs >= args.epochs_per_round or k == args.rounds:
-            if k == args.rounds:
-                break
-            # next round: prune the current (trained) weights, save the ticket, rewind to θ_p (or,
-            # with --rewind none, keep the re-trained weights and BatchNorm buffers, newly pruned ones zeroed)
-            check_finite_weights(model, f"after round {k}'s re-training" if k else "in θ_p")
-            weights = {n: p.detach() for n, p in model.named_parameters()}
-            k += 1
-            mask = broadcast_mask(next_mask(args, weights, mask, None), k)
-            ticket = writer.write(k, mask)
-            if args.rewind == "theta_p":
-                model.load_state_dict(theta_p)
-            pruning_utils.apply_mask(model, mask, pattern=args.pattern)
-            optimizer = make_sgd(model.parameters(), args.lr, args.momentum, args.weight_decay, dist_info.device)
-            done_epochs = 0
-            setup.log(f"round {k}/{args.rounds}: ticket at {ticket['sparsity']:.2f}% sparsity -> {writer.path(k)}")
-            if k == args.rounds:
-                save_checkpoint()
-                break
-            save_checkpoint()
-        enforcer = pruning_utils.MaskEnforcer(model, mask, pattern=args.pattern)
-        sparsity = pruning_utils.sparsity(mask)
-        while done_epochs < args.epochs_per_round:
-            epoch = done_epochs
-            set_lr(optimizer, args.lr)
-            start_step = partial["step"] if partial else 0
-            data.train.set_epoch((k - 1) * args.epochs_per_round + epoch, start_batch=start_step)
-            try:
-                stats = train_epoch(runner, data.train, optimizer, device=dist_info.device, attack=attack,
-                                    attack_model=plain, enforcer=enforcer, precision=precision, scaler=scaler,
-                                    channels_last=args.channels_last, progress=args.progress,
-                                    desc=f"round {k}/{args.rounds} epoch {epoch + 1}/{args.epochs_per_round}",
-                                    loss_guard=loss_guard, start_step=start_step,
-                                    carry=partial["carry"] if partial else None, step_hook=checkpointer)
-            except NonFiniteLoss as exc:
-                raise UserError(f"{exc} in round {k}, epoch {epoch + 1}; "
-                                f"{diverged_text(ckpt_path, k, done_epochs)}") from None
-            partial = None
-            done_epochs += 1
-            log_rows.append({"round": k, "epoch": epoch, "lr": args.lr, "train_loss": stats["train_loss"],
-                             "train_acc": stats["train_acc"], "sparsity": round(sparsity, 2),
-                             "seconds": round(stats["seconds"], 3)})
-            save_checkpoint()
-            checkpointer.reset_clock()
-            if dist_info.primary:
-                write_csv(log_rows, save_dir / "log.csv", LOG_FIELDS)
-        round_rows = [r for r in log_rows if r["round"] == k]
-        if round_rows:
-            last = round_rows[-1]
-            setup.log(f"round {k}/{args.rounds} re-trained at {sparsity:.2f}%: loss {last['train_loss']:.4f} "
-                      f"acc {last['train_acc']:.2f} in {sum(r['seconds'] for r in round_rows) / 60:.1f} min")
-
-    du.barrier()
-    setup.log(f"done: {args.rounds} IMP tickets in {writer.dir} (sparsity.json lists the levels)")
+        policy = Retraining(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision,
+                            config=config)
+        ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
+                     checkpoint_minutes=args.checkpoint_minutes, loss_guard=loss_guard).run()
+    setup.log(f"done: {args.rounds} {args.method.upper()} tickets in {writer.dir} (sparsity.json lists the levels)")
     du.cleanup()
     return 0
 

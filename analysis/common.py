@@ -175,7 +175,7 @@ def read_json_file(path, what):
 
 
 def run_image_size(config):
-    from utils.setup import default_image_size
+    from training.setup import default_image_size
 
     size = config.get("image_size")
     return size if size is not None else default_image_size(config["dataset"])

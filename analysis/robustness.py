@@ -84,7 +84,7 @@ def eval_precision(amp, device):
     """Autocast for ``--eval-amp``; "off" is true fp32 (TF32 disabled on CUDA while it runs)."""
     import torch
 
-    from utils.engine import Precision
+    from training.engine import Precision
 
     precision = Precision.resolve(amp, device)
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -207,7 +207,7 @@ def main(argv=None):
     from utils.distributed import resolve_device
 
     device = resolve_device(args.device)
-    from utils.engine import Precision
+    from training.engine import Precision
 
     Precision.resolve(args.eval_amp, device)  # fp16 on a CPU is refused before any model is loaded
     runs = find_run_dirs(args.runs)

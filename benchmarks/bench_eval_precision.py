@@ -28,10 +28,11 @@ import torch  # noqa: E402
 import dataset  # noqa: E402
 import models  # noqa: E402
 import pruning_utils  # noqa: E402
+from attacks import evaluation_attack  # noqa: E402
 from benchmarks import _common  # noqa: E402
+from training.engine import Precision, evaluate  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import class_list, fraction, run_main  # noqa: E402
-from utils.engine import AttackSpec, Precision, evaluate  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def main(argv=None):
         pruning_utils.apply_mask(model, ticket["masks"])
     model.to(device).eval()
     alpha = args.alpha if args.alpha is not None else args.eps / 4
-    spec = AttackSpec("pgd", args.eps, alpha, args.steps, True, "eval")
+    spec = evaluation_attack(args.eps, alpha, args.steps)
     fp32 = Precision(device.type, None)
     bf16 = Precision(device.type, torch.bfloat16)
     images = _FirstImages(data.test, args.num_images)

@@ -31,10 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import models  # noqa: E402
 import pruning_utils  # noqa: E402
+from attacks import REGIMES, evaluation_attack, training_attack  # noqa: E402
 from benchmarks import _common  # noqa: E402
+from training.engine import Precision, evaluate, make_sgd, train_epoch  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import fraction, run_main  # noqa: E402
-from utils.engine import REGIMES, AttackSpec, Precision, evaluate, make_sgd, train_epoch, training_attack  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched in order as
@@ -203,7 +204,7 @@ class Engine:
         self.scaler = self.precision.make_scaler()
         self.enforcer = pruning_utils.MaskEnforcer(model, mask)
         self.attack = training_attack(args.regime, args.eps, args.alpha, args.attack_steps, "train")
-        self.eval_attack = AttackSpec("pgd", args.eps, args.alpha, args.eval_steps, True, "eval")
+        self.eval_attack = evaluation_attack(args.eps, args.alpha, args.eval_steps)
 
     def layout(self, batches):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format

@@ -13,8 +13,8 @@ import torch
 
 import models
 from dataset import TensorLoader
+from training.engine import train_epoch
 from utils import distributed as du
-from utils.engine import train_epoch
 
 # n images, per-rank batch on 2 ranks (the one-process reference trains at twice that)
 SCENARIOS = {

@@ -407,6 +407,36 @@ def test_threat_model_validates():
         ThreatModel(eps="eight")
 
 
+def test_training_and_evaluation_attacks_are_threat_models_of_the_regime():
+    model = SmallCNN()
+    x, y = _batch()
+    assert attacks.training_attack("st", EPS, ALPHA, 3) is None
+    assert attacks.evaluation_attack(EPS, ALPHA, 0) is None
+    pgd = attacks.training_attack("at", EPS, ALPHA, 3)
+    fast = attacks.training_attack("fat", EPS, 1.25 * EPS, 3, bn_mode="eval")
+    test = attacks.evaluation_attack(EPS, ALPHA, 5)
+    assert (pgd.steps, pgd.bn_mode, fast.steps, fast.bn_mode) == (3, "train", 1, "eval")
+    assert (test.steps, test.bn_mode, test.random_start, test.norm) == (5, "eval", True, "linf")
+    for threat, reference in ((pgd, lambda: pgd_attack(model, x, y, EPS, ALPHA, 3, bn_mode="train")),
+                              (fast, lambda: fgsm_rs_attack(model, x, y, EPS, 1.25 * EPS, bn_mode="eval")),
+                              (test, lambda: pgd_attack(model, x, y, EPS, ALPHA, 5, bn_mode="eval"))):
+        torch.manual_seed(7)
+        got = threat(model, x, y)
+        torch.manual_seed(7)
+        assert torch.equal(got, reference())
+    with pytest.raises(UserError, match="regime"):
+        attacks.training_attack("trades", EPS, ALPHA, 3)
+
+
+def test_one_rule_for_unset_attack_sizes():
+    eps = 8 / 255
+    assert attacks.resolve_sizes("at", eps) == (eps / 4, eps, eps / 4)
+    assert attacks.resolve_sizes("st", eps) == (eps / 4, eps, eps / 4)
+    assert attacks.resolve_sizes("fat", eps) == (1.25 * eps, eps, eps / 4)
+    assert attacks.resolve_sizes("fat", eps, 0.01, 4 / 255) == (0.01, 4 / 255, 1 / 255)
+    assert attacks.resolve_sizes("at", eps, 0.01, 4 / 255, 0.002) == (0.01, 4 / 255, 0.002)
+
+
 # ---------------------------------------------------------------- evaluation helpers
 
 

@@ -15,7 +15,7 @@ import torch
 
 from dataset import TensorLoader
 from tests.ddp_batches_worker import SCENARIOS, CountingSGD, make_images, make_model
-from utils.engine import train_epoch
+from training.engine import train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import torch
 import main_imp_pretrain
 import models
 import pruning_utils
-from utils import lmp
+from training import lmp
 from utils.errors import UserError
 
 LEVELS = [20.00, 36.00, 48.80]

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 import models
 import pruning_utils
+from attacks import ThreatModel, training_attack
 from benchmarks import bench_loader, bench_step, estimate_run
-from utils.engine import AttackSpec, Precision, evaluate, make_sgd, train_epoch, training_attack
+from training.engine import Precision, evaluate, make_sgd, train_epoch
 from utils.errors import UserError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -127,7 +128,7 @@ def test_compiled_adversarial_training_and_pgd_evaluation_match_eager():
     compiled = torch.compile(twin, backend="aot_eager")
     batches = _batches(2, "cpu")
     train_attack = training_attack("at", 8 / 255, 2 / 255, 2)
-    eval_attack = AttackSpec("pgd", 8 / 255, 2 / 255, 2, True, "eval")
+    eval_attack = ThreatModel(eps=8 / 255, alpha=2 / 255, steps=2, random_start=True, bn_mode="eval")
     precision = Precision.resolve("off", "cpu")
     results = []
     for runner, model in ((eager, eager), (compiled, twin)):
@@ -335,7 +336,7 @@ def test_estimate_counts_validated_epochs_and_refuses_wrong_records(tmp_path):
 def test_cudnn_autotuning_follows_the_flag_on_cuda_only(monkeypatch, argv, expected):
     import argparse
 
-    from utils import setup
+    from training import setup
 
     parser = argparse.ArgumentParser()
     setup.add_common_args(parser, ("digits",))

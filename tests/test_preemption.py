@@ -15,8 +15,7 @@ import torch
 import main_downstream
 import main_imp_pretrain
 from utils.checkpoint import safe_load
-from utils.engine import Preempted
-from utils.errors import EXIT_PREEMPTED, UserError
+from utils.errors import EXIT_PREEMPTED, Preempted, UserError
 from utils.preemption import StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +241,7 @@ def test_restart_never_discards_a_run_of_the_other_stage(tmp_path):
 
 
 def test_a_diverged_carry_is_never_saved_over_the_last_good_checkpoint():
-    from utils.engine import NonFiniteLoss
+    from utils.errors import NonFiniteLoss
     from utils.preemption import StepCheckpointer
     saved = []
     hook = StepCheckpointer(lambda step, carry: saved.append(step), StopAfter(0))

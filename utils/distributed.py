@@ -114,15 +114,6 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def broadcast_object(obj, src=0):
-    """Rank ``src``'s Python object on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj):
     """A list of every rank's ``obj``, indexed by rank (``[obj]`` alone)."""
     if not is_distributed():

@@ -5,18 +5,13 @@ import random
 import numpy as np
 import torch
 
+from utils import distributed as du
+
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def rng_state_for_checkpoint():
@@ -49,7 +44,6 @@ def restore_rng_state(state):
 
 def gather_rng_states():
     """Every rank's RNG state, as a list indexed by rank (collective: all ranks must call it)."""
-    from utils import distributed as du
     return du.all_gather_object(rng_state_for_checkpoint())
 
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import attacks
 from utils import distributed as du
-from utils.errors import NonFiniteLoss, NonFiniteOutput, Preempted, UserError  # noqa: F401  (raised here)
+from utils.errors import NonFiniteLoss, NonFiniteOutput, UserError
 
-REGIMES = ("st", "fat", "at")
 SYNC_EVERY = 25  # steps between host syncs: progress display and the non-finite-loss check
+MAX_LOSS_FACTOR = 100  # a loss 100x that of a uniform prediction is divergence, not learning
+MAX_LOSS_PATIENCE = 10  # ... when it lasts this many consecutive steps
 
 
 def uniform_loss(num_classes):
@@ -36,12 +36,17 @@ class LossGuard:
     epochs, because a tiny epoch may have fewer steps than ``patience``.
     """
 
-    def __init__(self, bound, patience=10):
+    def __init__(self, bound, patience=MAX_LOSS_PATIENCE):
         self.bound = float(bound)
         self.patience = int(patience)
         self.consecutive = None
         self.longest = None
         self.device = torch.device("cpu")
+
+    @classmethod
+    def for_classes(cls, max_loss, num_classes):
+        """The guard of ``--max-loss``; unset, MAX_LOSS_FACTOR times the loss of a uniform prediction."""
+        return cls(max_loss or MAX_LOSS_FACTOR * uniform_loss(num_classes), MAX_LOSS_PATIENCE)
 
     def update(self, loss):
         if self.consecutive is None:
@@ -106,36 +111,6 @@ class Precision:
         return torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
 
 
-@dataclass
-class AttackSpec:
-    """A threat model for training or evaluation: which attack, how strong."""
-    kind: str  # "pgd" or "fgsm_rs"
-    eps: float
-    alpha: float
-    steps: int = 1
-    random_start: bool = True
-    bn_mode: str = None  # None: leave the model's mode; "train"/"eval": force it during the attack
-
-    def __call__(self, model, images, labels):
-        if self.kind == "pgd":
-            return attacks.pgd_attack(model, images, labels, self.eps, self.alpha, self.steps,
-                                      random_start=self.random_start, bn_mode=self.bn_mode)
-        if self.kind == "fgsm_rs":
-            return attacks.fgsm_rs_attack(model, images, labels, self.eps, self.alpha, bn_mode=self.bn_mode)
-        raise ValueError(self.kind)
-
-
-def training_attack(regime, eps, alpha, steps, bn_mode="train"):
-    """The attack that makes a training batch adversarial for a regime, or None for standard training."""
-    if regime == "st":
-        return None
-    if regime == "at":
-        return AttackSpec("pgd", eps, alpha, steps, True, bn_mode)
-    if regime == "fat":
-        return AttackSpec("fgsm_rs", eps, alpha, 1, True, bn_mode)
-    raise UserError(f"regime must be one of {', '.join(REGIMES)}, not '{regime}'.")
-
-
 def make_sgd(params, lr, momentum, weight_decay, device):
     """SGD with the fused kernel on CUDA; on CPU the per-tensor loop, which measured faster there
     than the foreach kernel (benchmarks/README.md)."""
@@ -184,24 +159,15 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
     Mid-epoch resume: the loader was positioned at batch ``start_step`` (``set_epoch(e, start_batch=)``)
     and ``carry`` holds the sums of the steps already taken (:func:`epoch_carry`).
     ``step_hook(step, carry_fn)`` runs after every step (``carry_fn()`` gives the sums so far); it may
-    save a checkpoint and raise :class:`Preempted`.
+    save a checkpoint and raise :class:`utils.errors.Preempted`.
     Raises NonFiniteLoss as soon as the loss stops being finite.
     """
     precision = precision or Precision(torch.device(device).type)
     attack_model = attack_model if attack_model is not None else model
     if train_mode:
         model.train()
-    carry = carry or {}
-    start = time.perf_counter() - float(carry.get("seconds", 0.0))
-    loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
-    correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.int64)
-    seen = int(carry.get("seen", 0))
+    start, loss_sum, correct, seen = _carried_sums(carry, device)
     world_size = du.get_world_size()
-    if world_size > 1 and du.get_rank() != 0:
-        # the carried sums are the global ones of the steps already taken: counted once, on rank 0
-        loss_sum.zero_()
-        correct.zero_()
-        seen = 0
     step_sizes = loader.step_sizes() if world_size > 1 and hasattr(loader, "step_sizes") else None
     if loss_guard is not None:
         loss_guard.to(device)
@@ -219,51 +185,85 @@ def train_epoch(model, loader, optimizer, *, device, attack=None, attack_model=N
             # a rank left without images in an epoch's last step (dataset.train_step_bounds) still
             # joins the step with a zero loss that reaches every parameter, so DDP's all-reduce completes
             loss = F.cross_entropy(logits.float(), labels) if n else logits.float().sum()
-        objective = loss
-        if world_size > 1:
-            # DDP averages gradients over ranks whose batches differ in size in an epoch's last step;
-            # weighting each rank's mean loss by n * world / global n makes that average the gradient
-            # of the mean loss over the whole global batch
-            if step_sizes is not None:
-                objective = loss * (n * world_size / step_sizes[step])
-            else:  # a loader without a known step plan: ask the other ranks
-                global_n = du.all_reduce_sum(torch.full((1,), float(n), device=logits.device))
-                objective = loss * (n * world_size / global_n)[0]
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(objective).backward()
-            if enforcer is not None:
-                enforcer.after_backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            objective.backward()
-            if enforcer is not None:
-                enforcer.after_backward()
-            optimizer.step()
-        if enforcer is not None:
-            enforcer.after_step()
+        global_n = step_sizes[step] if step_sizes is not None else None
+        _optimizer_step(_rank_objective(loss, n, world_size, global_n, logits.device), optimizer, scaler, enforcer)
         seen += n
         loss_sum += loss.detach().double() * n
         correct += (logits.detach().argmax(1) == labels).sum()
         if loss_guard is not None and n:
             loss_guard.update(loss)
         if (step + 1) % SYNC_EVERY == 0:
-            if loss_guard is not None:
-                loss_guard.check()
-            # every rank learns that some rank diverged, so all stop together instead of the healthy
-            # ones waiting in the next gradient all-reduce for a rank that has already left
-            diverged = du.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.float32).reshape(1))
-            running = (loss_sum / max(seen, 1)).item()
-            if diverged.item() > 0:
-                value = "non-finite on another rank" if math.isfinite(running) else running
-                raise NonFiniteLoss(f"training loss became {value} at step {step + 1}")
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{running:.3f}", acc=f"{100.0 * correct.item() / max(seen, 1):.1f}")
+            _sync_point(step, loss_sum, correct, seen, loss_guard, bar)
         if step_hook is not None:
             step_hook(step + 1, lambda ls=loss_sum, c=correct, n=seen: epoch_carry(ls, c, n, start))
     if loss_guard is not None:
         loss_guard.check()
+    return _epoch_stats(loss_sum, correct, seen, device, start)
+
+
+def _carried_sums(carry, device):
+    """The clock start and the running sums of an epoch, from a mid-epoch ``carry`` (or zero)."""
+    carry = carry or {}
+    start = time.perf_counter() - float(carry.get("seconds", 0.0))
+    loss_sum = torch.tensor(float(carry.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
+    correct = torch.tensor(int(carry.get("correct", 0)), device=device, dtype=torch.int64)
+    seen = int(carry.get("seen", 0))
+    if du.get_world_size() > 1 and du.get_rank() != 0:
+        # the carried sums are the global ones of the steps already taken: counted once, on rank 0
+        loss_sum.zero_()
+        correct.zero_()
+        seen = 0
+    return start, loss_sum, correct, seen
+
+
+def _rank_objective(loss, n, world_size, global_n, device):
+    """What this rank back-propagates. DDP averages gradients over ranks whose batches differ in size
+    in an epoch's last step; weighting each rank's mean loss by n * world / global n makes that
+    average the gradient of the mean loss over the whole global batch (``global_n`` None: unknown)."""
+    if world_size == 1:
+        return loss
+    if global_n is not None:
+        return loss * (n * world_size / global_n)
+    # a loader without a known step plan: ask the other ranks
+    global_n = du.all_reduce_sum(torch.full((1,), float(n), device=device))
+    return loss * (n * world_size / global_n)[0]
+
+
+def _optimizer_step(objective, optimizer, scaler, enforcer):
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(objective).backward()
+        if enforcer is not None:
+            enforcer.after_backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        objective.backward()
+        if enforcer is not None:
+            enforcer.after_backward()
+        optimizer.step()
+    if enforcer is not None:
+        enforcer.after_step()
+
+
+def _sync_point(step, loss_sum, correct, seen, loss_guard, bar):
+    """Every SYNC_EVERY steps: the loss guard, the divergence check over all ranks, the progress bar."""
+    if loss_guard is not None:
+        loss_guard.check()
+    # every rank learns that some rank diverged, so all stop together instead of the healthy
+    # ones waiting in the next gradient all-reduce for a rank that has already left
+    diverged = du.all_reduce_sum((~torch.isfinite(loss_sum)).to(torch.float32).reshape(1))
+    running = (loss_sum / max(seen, 1)).item()
+    if diverged.item() > 0:
+        value = "non-finite on another rank" if math.isfinite(running) else running
+        raise NonFiniteLoss(f"training loss became {value} at step {step + 1}")
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{running:.3f}", acc=f"{100.0 * correct.item() / max(seen, 1):.1f}")
+
+
+def _epoch_stats(loss_sum, correct, seen, device, start):
+    """The epoch's totals over all ranks, checked: no batches at all is a set-up mistake, a
+    non-finite mean loss a divergence."""
     totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
     du.all_reduce_sum(totals)
     loss_total, correct_total, n_total = totals.tolist()

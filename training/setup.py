@@ -11,10 +11,11 @@ import torch
 
 import dataset
 import models
+from training.engine import Precision
 from utils import distributed as du
 from utils.cli import class_list, fraction
-from utils.engine import Precision
 from utils.errors import Preempted, UserError
+from utils.rundir import prepare_run_dir, release_locks
 
 
 def add_common_args(p, datasets):
@@ -157,7 +158,6 @@ def prepare_dir(save_dir, config, dist_info, *, restart=None, finished=None):
     discards an unfinished run there first; ``finished`` overrides whether the directory's run
     counts as finished (default: ``utils.rundir.run_finished``: results.json, or every round's ticket).
     """
-    from utils.rundir import prepare_run_dir
     if restart is None:
         restart = bool(config.get("restart", False))
     resumed = (prepare_run_dir(save_dir, config, primary=True, restart=restart, finished=finished)
@@ -211,7 +211,4 @@ def run_stoppable(run, args, stop):
 def release_run_locks():
     """Release the run-directory locks this process holds (entry points call it when they return, so
     a worker that runs many runs in one process does not keep finished runs locked)."""
-    from utils import rundir
-    release = getattr(rundir, "release_locks", None)
-    if release is not None:
-        release()
+    release_locks()
