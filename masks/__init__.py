@@ -3,6 +3,6 @@ N:M patterns (unstructured, channel, nm, patterns), sparsity statistics (stats),
 masks on a model (enforce), the ticket file format (ticket), and LMP's learned masks: top-k of real-valued
 scores with a straight-through gradient (learned).
 
-May import utils/ and models.resnet only.  The public entry is ``pruning_utils``; the export of channel
+May import utils/ only.  The public entry is ``pruning_utils``; the export of channel
 tickets to smaller models lives beside the architectures, in ``models/export.py``.
 """

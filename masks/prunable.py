@@ -14,6 +14,9 @@ import torch.nn as nn
 from utils.distributed import unwrap_model
 from utils.errors import UserError
 
+# The classification head (torchvision names it fc): replaced downstream, never pruned.
+HEAD_PREFIX = "fc."
+
 
 def prunable_names(model, include_stem=True):
     """Names of every ``nn.Conv2d`` weight, in module order; the head (Linear layers) never.

@@ -7,10 +7,9 @@ import numbers
 import torch
 
 from masks.patterns import PATTERNS, check_pattern_masks
-from masks.prunable import check_mask_type
+from masks.prunable import HEAD_PREFIX, check_mask_type
 from masks.stats import sparsity
 from masks.unstructured import imp_sparsity
-from models.resnet import HEAD_PREFIX
 from utils.checkpoint import atomic_save, safe_load
 from utils.errors import UserError
 

@@ -13,12 +13,11 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from masks.prunable import HEAD_PREFIX  # noqa: F401  (models name their head fc; the masks never touch it)
 from utils.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-HEAD_PREFIX = "fc."
 
 
 class ArchSpec(NamedTuple):
