@@ -117,8 +117,10 @@ def verdict_lines(grid, runs, states):
             ready.append(members + dense)
     if not ready:
         return ["verdicts: no group is finished yet"]
-    # imported here: the analysis loads torch (through utils.rundir), which plan and the grid's
-    # error messages need not wait for
+    # The one import that runs back up the house (study -> analysis): status shows the verdicts of
+    # finished groups, and those are the analysis' own table code, never a second copy. Imported
+    # here because the analysis loads torch (through utils.rundir), which plan and the grid's error
+    # messages need not wait for.
     from analysis.table import verdict_rows
 
     dirs = sorted({str(r.run_dir) for members in ready for r in members})
