@@ -68,7 +68,7 @@ def _regime_defaults_text():
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(description=__doc__, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
@@ -122,7 +122,11 @@ def parse_args(argv=None):
                    help="keep the weights of every epoch (for analysis/loss_landscape.py)")
     p.add_argument("--keep-sa-best", action="store_true",
                    help="adversarial regimes: also test the epoch with the best validation SA")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     setup.check_common_args(args)
     return args
 
@@ -179,6 +183,23 @@ def run_config(args, ticket):
     cfg = {k: v for k, v in vars(args).items()}
     cfg["ticket_sparsity"] = None if ticket is None else float(ticket["sparsity"])
     return cfg
+
+
+# config.json keys read from a run's inputs (its ticket), not set by its command
+DERIVED_KEYS = frozenset({"ticket_sparsity"})
+
+
+def config_for(argv):
+    """The config.json a run of ``argv`` records (its DERIVED_KEYS left None), reading no file:
+    what script/sweep.py compares an existing run directory with (config_changes)."""
+    args = parse_args(argv)
+    resolve_defaults(args)
+    return json.loads(json.dumps(run_config(args, None)))
+
+
+def config_changes(old, new):
+    """(key, old, new) for every setting in which a run directory's config ``old`` is another run than ``new``."""
+    return config_differences(old, new, NON_SEMANTIC_KEYS | DERIVED_KEYS)
 
 
 def load_ticket_for(model, path, reinit_stem=False):
@@ -249,8 +270,7 @@ def kept_state_text(save_dir, state):
 def check_finished_config(save_dir, args):
     """A finished run is only 'already done' for the command that made it."""
     old = json.loads((save_dir / "config.json").read_text())
-    derived = {"ticket_sparsity"}
-    diffs = config_differences(old, json.loads(json.dumps(vars(args))), NON_SEMANTIC_KEYS | derived)
+    diffs = config_changes(old, json.loads(json.dumps(run_config(args, None))))
     if diffs:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:12])
         raise UserError(f"--save-dir '{save_dir}' holds a finished run with a different configuration ({listed}); "
