@@ -7,13 +7,16 @@ deterministic directory below ``out``; ``expected_runs`` hands the same runs to 
 """
 
 import contextlib
+import difflib
 import io
-import json
+import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.records import read_config, read_results, read_sparsity
 
 try:
     import tomllib
@@ -35,6 +38,10 @@ REGIMES = ("st", "fat", "at")
 AXIS_FLAGS = {"dataset", "init", "pretrained", "pretrain", "ticket", "tickets_file", "mask", "regime", "data_rate",
               "data_number", "seed", "save_dir"}
 PATH_FLAGS = {"data"}  # [flags] values that are paths, hence relative to the grid file
+# main_downstream.py's settings the grid sets per run (by whatever alias a [flags] key names them)
+AXIS_DESTS = {"dataset", "init", "pretrain", "ticket", "regime", "data_rate", "seed", "save_dir"}
+# what may become one component of a run directory's path: a plain name, never "." or ".."
+NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Grid:
     rounds: object  # "all" or a list of ints
     dense: bool
     flags: dict
+    source: str = ""  # the grid file's text, to name the line of a refused entry
 
 
 @dataclass
@@ -92,11 +100,46 @@ class Run:
 
     @property
     def done(self):
-        return (self.run_dir / "results.json").exists()
+        """Whether the run's results.json is there and valid; a damaged one is a UserError naming it."""
+        return run_finished(self.run_dir)
+
+    def point(self):
+        """The grid point this run is, in words."""
+        where = "dense" if self.round is None else f"{self.method} round {self.round} ({self.sparsity:.2f}%)"
+        return (f"dataset {self.dataset}, data rate {self.data_rate!r}, regime {self.regime}, pretrain "
+                f"{self.pretrain}, {where}, seed {self.seed}")
 
 
-def _fail(grid_path, message):
-    raise UserError(f"grid file '{grid_path}': {message}")
+def run_finished(run_dir):
+    """A stage-2 run directory is finished when its results.json is a valid one (utils.records);
+    anything else in that place (a directory, an empty or damaged file) is a UserError naming it."""
+    path = Path(run_dir) / "results.json"
+    if not os.path.lexists(path):
+        return False
+    read_results(path)
+    return True
+
+
+def _fail(grid_path, message, line=None):
+    where = f"grid file '{grid_path}'" + (f", line {line}" if line else "")
+    raise UserError(f"{where}: {message}")
+
+
+def key_line(source, table, key):
+    """The line number of ``key`` in ``[table]`` of a TOML text (else of its first mention), or None."""
+    current, first = None, None
+    for number, line in enumerate(source.splitlines(), 1):
+        text = line.strip()
+        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", text)
+        if header:
+            current = header.group(1)
+            continue
+        for spelled in (key, f'"{key}"', f"'{key}'"):
+            if text.startswith(spelled) and text[len(spelled):].lstrip().startswith("="):
+                if current == table:
+                    return number
+                first = first or number
+    return first
 
 
 def _fmt_value(value):
@@ -146,26 +189,20 @@ def _read_ticket_dir(grid_path, label, path):
         _fail(grid_path, f"[pretrain.{label}] ticket directory '{path}' does not exist; give the --save-dir of a "
                          "main_imp_pretrain.py run (relative paths are relative to the grid file).")
     spars = path / "sparsity.json"
-    if not spars.is_file():
+    if not os.path.lexists(spars):
         _fail(grid_path, f"ticket directory '{path}' has no sparsity.json; it is not a finished main_imp_pretrain.py "
                          "--save-dir (rerun stage 1 until it writes its tickets).")
-    try:
-        levels = {int(k): float(v) for k, v in json.loads(spars.read_text()).items()}
-    except (ValueError, AttributeError):
-        _fail(grid_path, f"'{spars}' is not a {{round: sparsity}} JSON object; rerun stage 1 to rewrite it.")
+    levels = read_sparsity(spars)
     if not levels:
         _fail(grid_path, f"'{spars}' lists no rounds yet; let stage 1 finish at least one round.")
     import pruning_utils
 
     method = retrain = pattern = nm = None
     config = path / "config.json"
-    if config.is_file():
-        try:
-            cfg = json.loads(config.read_text())
-            method, retrain = cfg.get("method"), cfg.get("retrain")
-            pattern, nm = cfg.get("pattern"), cfg.get("nm")
-        except json.JSONDecodeError:
-            pass
+    if os.path.lexists(config):
+        cfg = read_config(config)
+        method, retrain = cfg.get("method"), cfg.get("retrain")
+        pattern, nm = cfg.get("pattern"), cfg.get("nm")
     if method is None:  # a directory without our config: the ticket file says what it is
         first = path / "tickets" / f"round_{min(levels):02d}.pt"
         ticket = pruning_utils.load_ticket(first)
@@ -174,8 +211,14 @@ def _read_ticket_dir(grid_path, label, path):
     if method not in ("imp", "omp", "rp", "lmp"):
         _fail(grid_path, f"cannot tell the pruning method of '{path}' (config.json and its tickets name none).")
     # structured tickets are their own family ("omp_channel"): own run directories, own verdict rows
+    if not (pattern is None or isinstance(pattern, str)) or not (nm is None or isinstance(nm, list) and len(nm) == 2):
+        _fail(grid_path, f"the stage-1 run in '{path}' names the sparsity pattern {pattern!r} (N:M {nm!r}), which "
+                         "this tool does not write; rerun stage 1 there.")
     method = pruning_utils.ticket_family(method, pattern, nm)
     name = f"{method}-at" if method == "imp" and retrain == "at" else method
+    if not is_name(name):
+        _fail(grid_path, f"the ticket family {name!r} of '{path}' is not a plain name (letters, digits, '.', '_', '-'), "
+                         "and it would become a directory of its runs; rerun stage 1 there.")
     return TicketDir(path=path, method=method, retrain=retrain, levels=levels, name=name)
 
 
@@ -187,14 +230,24 @@ def load_grid(grid_path):
     if tomllib is None:
         raise UserError("reading a grid file on Python < 3.11 needs the tomli package; `pip install tomli`.")
     try:
-        spec = tomllib.loads(grid_path.read_text())
+        source = grid_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = grid_path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"grid file '{grid_path}', line {line}: not UTF-8 text (byte {exc.start}); save the file as "
+                        "UTF-8.") from None
+    except OSError as exc:
+        raise UserError(f"grid file '{grid_path}' cannot be read ({exc.strerror or exc}).") from None
+    try:
+        spec = tomllib.loads(source)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"grid file '{grid_path}' is not valid TOML ({exc}); fix the line it names.") from None
-    return build_grid(spec, grid_path.resolve().parent, grid_path)
+        message = " ".join(str(exc).split())
+        raise UserError(f"grid file '{grid_path}' is not valid TOML ({message}); fix the line it names.") from None
+    return build_grid(spec, grid_path.resolve().parent, grid_path, source)
 
 
-def build_grid(spec, base, grid_path):
-    """A checked Grid from the parsed file ``spec``; relative paths are taken from ``base``.
+def build_grid(spec, base, grid_path, source=""):
+    """A checked Grid from the parsed file ``spec`` (whose text ``source``, when given, names the
+    lines of refused entries); relative paths are taken from ``base``.
     (script/demo.py builds its grid in code through this.)"""
     base = Path(base)
     unknown = sorted(set(spec) - GRID_KEYS)
@@ -206,15 +259,33 @@ def build_grid(spec, base, grid_path):
     pretrain = spec.get("pretrain")
     if not isinstance(pretrain, dict) or not pretrain:
         _fail(grid_path, "needs at least one [pretrain.LABEL] table with init = \"θ_p file\" and tickets = [...].")
+    for label in pretrain:
+        if not is_name(label):
+            _fail(grid_path, f"the pre-training label {label!r} is not a plain name (letters, digits, '.', '_', '-'; "
+                             "not '.' or '..'): it becomes a directory of every run; rename [pretrain.LABEL].",
+                  key_line(source, f"pretrain.{label}", "init") or _header_line(source, label))
     axes = _read_axes(grid_path, spec.get("axes"))
     pretrains = {label: _read_pretrain(grid_path, base, label, table, axes["rounds"])
                  for label, table in pretrain.items()}
     if not axes["dense"] and not any(p["tickets"] for p in pretrains.values()):
         _fail(grid_path, "implies no runs: no pre-training lists tickets and dense = false.")
-    flags = _read_flags(grid_path, base, spec.get("flags", {}))
+    flags = _read_flags(grid_path, base, spec.get("flags", {}), source)
     return Grid(path=Path(grid_path).resolve(), out=(base / spec["out"]).resolve(), pretrains=pretrains,
                 datasets=axes["datasets"], regimes=axes["regimes"], data_rates=[float(r) for r in axes["rates"]],
-                seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags)
+                seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source)
+
+
+def is_name(text):
+    """A string that may be one component of a path: [A-Za-z0-9._-]+, not "." or ".."."""
+    return isinstance(text, str) and NAME.fullmatch(text) is not None and text not in (".", "..")
+
+
+def _header_line(source, label):
+    """The line of the table header that names ``label`` (quoted labels included), or None."""
+    for number, line in enumerate(source.splitlines(), 1):
+        if line.strip().startswith("[") and label in line:
+            return number
+    return None
 
 
 def _read_axes(grid_path, axes):
@@ -234,6 +305,9 @@ def _read_axes(grid_path, axes):
         if not isinstance(rounds, list) or not rounds or not all(
                 isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rounds):
             _fail(grid_path, f"[axes] rounds must be \"all\" or a non-empty list of round numbers such as [1, 5, 10], "
+                             f"not {rounds!r}.")
+        if any(b <= a for a, b in zip(rounds, rounds[1:])):
+            _fail(grid_path, f"[axes] rounds must list each round once, in increasing order (such as [1, 5, 10]), "
                              f"not {rounds!r}.")
     dense = axes.get("dense", True)
     if not isinstance(dense, bool):
@@ -290,16 +364,19 @@ def _check_ticket_dirs(grid_path, label, dirs, rounds):
                                  "sparsity.json lists it; rerun stage 1 in that directory.")
 
 
-def _read_flags(grid_path, base, flags):
+def _read_flags(grid_path, base, flags, source=""):
     """The checked [flags] table; path values are taken from ``base``."""
     if not isinstance(flags, dict):
         _fail(grid_path, "[flags] must be a table of main_downstream.py flags.")
     clean = {}
     for key, value in flags.items():
         norm = key.replace("-", "_")
+        if "=" in key or not key.strip("-_") or key.startswith("-"):
+            _fail(grid_path, f"[flags] key {key!r} is not a flag name: write the name alone, without dashes or "
+                             "'=', and the value after it, e.g. epochs = 2.", key_line(source, "flags", key))
         if norm in AXIS_FLAGS:
             _fail(grid_path, f"[flags] sets '{key}', which the grid sets per run from [axes] and [pretrain.*]; "
-                             "remove it from [flags].")
+                             "remove it from [flags].", key_line(source, "flags", key))
         scalar = (str, int, float, bool)
         if isinstance(value, list):
             if not all(isinstance(v, scalar) and not isinstance(v, bool) for v in value):
@@ -341,7 +418,19 @@ def expand(grid, flags_for=None):
                             if flags_for is not None:
                                 run.flags.update(flags_for(run))
                             runs.append(run)
+    _refuse_shared_dirs(grid, runs)
     return runs
+
+
+def _refuse_shared_dirs(grid, runs):
+    """Two grid points in one run directory would make the second look finished by the first's results."""
+    seen = {}
+    for run in runs:
+        other = seen.setdefault(run.run_dir, run)
+        if other is not run:
+            _fail(grid.path, f"two runs map to one directory '{run.run_dir}': ({other.point()}) and ({run.point()}); "
+                             "their directory names round the data rate or the sparsity alike, so list only one "
+                             "of them ([axes] rounds, data_rate).")
 
 
 def expected_record(r):
@@ -353,6 +442,25 @@ def expected_record(r):
 def expected_runs(grid_path):
     """The runs a grid file implies, as plain dicts (for analysis/plot_curves.py --grid)."""
     return [expected_record(r) for r in expand(load_grid(grid_path))]
+
+
+def check_flag_keys(grid):
+    """Every [flags] key must be, spelt out in full, a flag of main_downstream.py's parser, and none
+    may set what the grid sets per run (an axis, the θ_p file, the ticket, the run directory)."""
+    import main_downstream
+
+    options = {o: a.dest for a in main_downstream.build_parser()._actions for o in a.option_strings}
+    for key in grid.flags:
+        flag = flag_args({key: True})[0]
+        line = key_line(grid.source, "flags", key)
+        if flag not in options:
+            near = difflib.get_close_matches(flag, [o for o in options if o.startswith("--")], n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            _fail(grid.path, f"main_downstream.py rejects the grid's flags: [flags] {key} would be {flag}, which is "
+                             f"not one of its flags{hint}; fix or remove it (python main_downstream.py --help).", line)
+        if options[flag] in AXIS_DESTS:
+            _fail(grid.path, f"[flags] sets '{key}' ({flag}, main_downstream.py's {options[flag]}), which the grid "
+                             "sets per run from [axes] and [pretrain.*]; remove it from [flags].", line)
 
 
 def check_flags(runs):
