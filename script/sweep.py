@@ -137,7 +137,7 @@ def move_stale(runs, states, rerun):
                 raise UserError(f"'{r.run_dir}' is stale but {lock_holder(r.run_dir) or 'another process'} holds "
                                 "it; wait for that process to end, then rerun.")
             os.rename(r.run_dir, aside)
-        print(f"sweep: stale run moved aside: {r.run_dir} -> {aside.name}", flush=True)
+        print(f"sweep: stale run moved aside: {r.run_dir} -> {aside.name}", file=sys.stderr, flush=True)
         states[id(r)] = ("pending", [])
 
 

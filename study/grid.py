@@ -263,7 +263,7 @@ def build_grid(spec, base, grid_path, source=""):
         if not is_name(label):
             _fail(grid_path, f"the pre-training label {label!r} is not a plain name (letters, digits, '.', '_', '-'; "
                              "not '.' or '..'): it becomes a directory of every run; rename [pretrain.LABEL].",
-                  key_line(source, f"pretrain.{label}", "init") or _header_line(source, label))
+                  _header_line(source, label))
     axes = _read_axes(grid_path, spec.get("axes"))
     pretrains = {label: _read_pretrain(grid_path, base, label, table, axes["rounds"])
                  for label, table in pretrain.items()}
@@ -281,9 +281,11 @@ def is_name(text):
 
 
 def _header_line(source, label):
-    """The line of the table header that names ``label`` (quoted labels included), or None."""
+    """The line of the [pretrain.LABEL] header (the label bare or quoted), or None."""
+    spelled = {f"pretrain.{label}", f'pretrain."{label}"', f"pretrain.'{label}'"}
     for number, line in enumerate(source.splitlines(), 1):
-        if line.strip().startswith("[") and label in line:
+        header = re.fullmatch(r"\[([^\[\]]+)\]\s*(#.*)?", line.strip())
+        if header and "".join(header.group(1).split()) in {"".join(h.split()) for h in spelled}:
             return number
     return None
 
@@ -464,16 +466,20 @@ def check_flag_keys(grid):
 
 
 def check_flags(runs):
-    """Let main_downstream.py's own parser judge the flags once, before hundreds of runs fail on them."""
+    """Let main_downstream.py's own parser and defaults judge the flags once, before hundreds of runs
+    fail on them."""
     if not runs:
         return
     import main_downstream
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            main_downstream.parse_args(runs[0].argv())
+            main_downstream.config_for(runs[0].argv())
     except SystemExit:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
         reason = lines[-1].split(" error: ", 1)[-1] if lines else "usage error"
-        raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); "
-                        "fix [flags] in the grid file.") from None
+    except UserError as exc:  # a value its defaults resolution refuses (e.g. epochs = 0)
+        reason = str(exc).rstrip(".")
+    else:
+        return
+    raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); fix [flags] in the grid file.")
