@@ -2,7 +2,8 @@
 
     python script/sweep.py plan   GRID.toml      # every run: its directory and exact command, and totals
     python script/sweep.py run    GRID.toml [--backend local|slurm] [--workers N] [--retries 1] [--print]
-    python script/sweep.py status GRID.toml      # per group: done / running / failed / pending, GPU-hours, disk
+                                            [--rerun-stale]
+    python script/sweep.py status GRID.toml      # per group: done / running / failed / pending / stale, GPU-hours, disk
 
 The grid file (DESIGN.md §5.7) names the θ_p file and the stage-1 ticket directories of each
 pre-training, the axes and extra flags. The paper's per-dataset protocol (lr, epochs, milestones,
