@@ -63,6 +63,7 @@ if __package__ in (None, ""):  # run as `python analysis/plot_companion.py`
 
 from analysis import common, plot_curves  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 DENSE = plot_curves.DENSE
@@ -706,7 +707,7 @@ def efficiency_figures(series, records, out_dir, tolerance):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR",
                    help="folders holding results.json files (searched recursively)")

@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as `python analysis/plot_curves.py`
 
 from analysis import common, verdict  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 TABLE_FIELDS = ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels"]
@@ -925,7 +926,7 @@ def _method_name(cells, label):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders holding results.json files (searched recursively)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the table, figures and their data")

@@ -28,6 +28,8 @@ for _path in (REPO, REPO / "script"):
 
 import sweep  # noqa: E402  (script/sweep.py: the one runner of the repository)
 
+from utils.cli import ArgumentParser  # noqa: E402
+
 # 8x8 grey digits with 17 intensity levels: 8/255 is below one level step, so the
 # threat model uses a larger radius that still keeps every digit recognisable to a person.
 EPS, ALPHA = "32/255", "8/255"
@@ -66,7 +68,7 @@ def run_tasks(tasks, workers, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the shortened demo (fewer rounds, one seed) CI runs")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: 1 on a GPU, else CPU cores)")

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402  (light: no torch at import)
 
 try:
@@ -1004,7 +1005,7 @@ def verdict_lines(grid, runs, states):
 # --------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["plan", "run", "status"])
     p.add_argument("grid", help="grid file (TOML, DESIGN.md §5.7)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
