@@ -12,7 +12,6 @@ other float rounding, do the cells the support calls settled stay settled? (READ
 the demo's table".)
 """
 
-import argparse
 import csv
 import sys
 from collections import Counter
@@ -23,7 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from analysis.verdict import support_label  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 LABELS = ("supported", "contradicted", "uncertain")
@@ -130,7 +129,7 @@ def report(reference, others):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("reference", help="--out directory of plot_curves.py (the reference table)")
     p.add_argument("others", nargs="+", help="--out directories to compare with it")
     args = p.parse_args(argv)

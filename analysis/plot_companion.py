@@ -65,6 +65,7 @@ from analysis.companion_runs import (  # noqa: E402
 )
 from analysis.runs import DENSE, csv_number  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 ZOOM = (90.0, 99.0)
@@ -476,7 +477,7 @@ def efficiency_figures(series, records, out_dir, tolerance):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR",
                    help="folders holding results.json files (searched recursively)")

@@ -33,6 +33,7 @@ from analysis.table import (  # noqa: E402, F401  (verdict_rows, collect: reache
     verdict_rows,
     write_tables,
 )
+from utils.cli import ArgumentParser  # noqa: E402
 
 FIGURE_FIELDS = ["figure", "panel", "regime", "metric", "series", "kind", "dataset", "data_rate", "pretrain", "method",
                  "sparsity", "x_position", "mean", "std", "n", "complete", "double_win_support"]
@@ -278,7 +279,7 @@ def _method_name(cells, label):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders holding results.json files (searched recursively)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the table, figures and their data")

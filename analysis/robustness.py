@@ -17,7 +17,6 @@ weaker attack.  The precision used is recorded in every row (``eval_precision``)
 Writes robustness.csv and robustness.md.
 """
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ if __package__ in (None, ""):  # run as `python analysis/robustness.py`
 
 from analysis import common  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 FIELDS = ["run", "dataset", "arch", "pretrain", "method", "sparsity", "regime", "data_rate", "seed", "n_images", "eps",
@@ -163,7 +163,7 @@ def _score(row, model, batches, key, data, eps, alpha, args, device, source_cach
 def parse_args(argv=None):
     from utils.cli import parse_fraction
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--data", default=None, help="dataset root (default: the run's own --data)")
