@@ -323,7 +323,7 @@ def main(argv=None):
     from utils.distributed import resolve_device
 
     device = resolve_device(args.device)
-    config = common.read_json_file(run_dir / "config.json", "run config")
+    config = common.read_run_config(run_dir)
     data = common.build_run_data(config, args.data, batch_size=args.batch_size, device=device)
     clean = common.take_images(data.test, args.num_images)
     model, mask, _ = common.load_run_model(run_dir, config, data, device, checkpoint=args.checkpoint)

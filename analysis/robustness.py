@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as `python analysis/robustness.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import common  # noqa: E402
+from utils import records  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -109,10 +110,10 @@ def _seeded(seed, device):
 def evaluate_run(run_dir, args, device, data_cache, source_cache):
     import pruning_utils as pu
 
-    config = common.read_json_file(run_dir / "config.json", "run config")
+    config = common.read_run_config(run_dir)
     results = {}
-    if (run_dir / "results.json").is_file():
-        results = common.read_json_file(run_dir / "results.json", "results file")
+    if (run_dir / "results.json").exists():  # a directory in its place is damage, not absence
+        results = records.read_results(run_dir / "results.json")
     key = _data_key(config, args.data)
     if key not in data_cache:
         data_cache.clear()  # one dataset in memory at a time
