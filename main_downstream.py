@@ -31,7 +31,7 @@ from training.engine import (
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
 from utils.checkpoint import atomic_save, atomic_write_json, safe_load
-from utils.cli import ArgumentParser, fraction, int_list, run_main
+from utils.cli import ArgumentParser, flag_applies_in, fraction, int_list, refuse_flags_without_effect, run_main
 from utils.errors import NonFiniteOutput, UserError
 from utils.preemption import StopRequest
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit
@@ -69,7 +69,8 @@ def _regime_defaults_text():
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, epilog=_regime_defaults_text(),
+    # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
+    p = ArgumentParser(prog=Path(__file__).name, description=__doc__, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
@@ -125,10 +126,53 @@ def build_parser():
     return p
 
 
+def _regime(*regimes):
+    return lambda c: c["regime"] in regimes
+
+
+def _robust_test(c):
+    return c["test_steps"] > 0
+
+
+# Flags that act on some runs only: dest -> (applies(context), where it applies), the context being
+# the run's values of FLAG_CONTEXT; every other flag acts on every run. parse_args refuses a flag
+# given without effect; flag_applies answers the same question for a sweep's [flags].
+FLAG_CONTEXT = ("regime", "data_rate", "subset", "test_steps", "test_eps", "dataset", "ticket", "init")
+TESTS_RA = "applies only with --test-steps above 0 (the robust evaluation)"
+FLAG_SCOPE = {
+    "subset": (lambda c: c["data_rate"] < 1, "applies only to a --data-rate below 1"),
+    "subset_seed": (lambda c: c["data_rate"] < 1 and c["subset"] == "random",
+                    "applies only to --subset random at a --data-rate below 1"),
+    "train_steps": (_regime("at"), "applies only to --regime at (fat trains with one FGSM step, st without attacks)"),
+    "alpha": (_regime("at", "fat"), "applies only to --regime at and fat (the step of the training attack)"),
+    "attack_bn": (_regime("at", "fat"), "applies only to --regime at and fat (the training attack)"),
+    "keep_sa_best": (_regime("at", "fat"), "applies only to --regime at and fat (st selects by validation SA)"),
+    "fat_guard": (_regime("fat"), "applies only to --regime fat"),
+    "eps": (lambda c: c["regime"] != "st" or (c["test_eps"] is None and _robust_test(c)),
+            "applies to --regime at and fat, and under st only as the radius of the robust evaluation "
+            "(without --test-eps, with --test-steps above 0)"),
+    "test_eps": (_robust_test, TESTS_RA),
+    "test_alpha": (_robust_test, TESTS_RA),
+    "workers": (lambda c: c["dataset"] in (None, "folder"),
+                "applies only to --dataset folder (the other datasets are held in memory)"),
+    "data": (lambda c: c["dataset"] != "digits", "applies to every --dataset but digits (bundled with scikit-learn)"),
+    "reinit_stem": (lambda c: str(c["init"]).lower() != "none" or str(c["ticket"]).lower() != "none",
+                    "applies only with θ_p from --init or with a --ticket (whose stem mask it drops)"),
+}
+
+
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     setup.check_common_args(args)
+    refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
     return args
+
+
+def flag_applies(dest, **context):
+    """Whether flag ``dest`` (e.g. "train_steps" or "--no-fat-guard") acts on a run described by
+    ``context`` (FLAG_CONTEXT's keys, e.g. regime="st", data_rate=0.1), and where it applies: (bool, text)."""
+    return flag_applies_in(build_parser, FLAG_SCOPE, FLAG_CONTEXT, dest, context)
 
 
 def resolve_defaults(args, n_train_full=None):

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 from study.grid import build_grid, expand  # noqa: E402
 from study.local import Task, run_local  # noqa: E402
 from study.rundirs import LOG_NAME, last_error_line  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 # 8x8 grey digits with 17 intensity levels: 8/255 is below one level step, so the
 # threat model uses a larger radius that still keeps every digit recognisable to a person.
@@ -68,7 +69,7 @@ def run_tasks(tasks, workers, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the shortened demo (fewer rounds, one seed) CI runs")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: 1 on a GPU, else CPU cores)")

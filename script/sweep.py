@@ -55,6 +55,7 @@ from study.rundirs import (  # noqa: E402
 )
 from study.slurm import SlurmRun, parse_minutes, run_slurm  # noqa: E402
 from study.status import status_lines  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402
 
 # what users and tests call as sweep.NAME from before the study/ package
@@ -64,7 +65,7 @@ __all__ = ["Grid", "Run", "Task", "SlurmRun", "UserError", "build_grid", "expand
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["plan", "run", "status"])
     p.add_argument("grid", help="grid file (TOML, DESIGN.md §5.7)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
