@@ -241,9 +241,16 @@ def config_for(argv):
     return json.loads(json.dumps(run_config(args, None)))
 
 
-def config_changes(old, new):
-    """(key, old, new) for every setting in which a run directory's config ``old`` is another run than ``new``."""
-    return config_differences(old, new, NON_SEMANTIC_KEYS | DERIVED_KEYS)
+def config_changes(old, new, finished=True):
+    """(key, old, new) for every setting in which a run directory's config ``old`` is another run than
+    ``new`` (a config_for). A finished run is compared on the settings that act on it (FLAG_SCOPE: a
+    flag without effect on it cannot make it another run); an unfinished one, which a rerun resumes,
+    on every setting, as the directory check of a resume does."""
+    diffs = config_differences(old, new, NON_SEMANTIC_KEYS | DERIVED_KEYS)
+    if not finished:
+        return diffs
+    context = {k: new.get(k) for k in FLAG_CONTEXT}
+    return [d for d in diffs if d[0] not in FLAG_SCOPE or FLAG_SCOPE[d[0]][0](context)]
 
 
 def load_ticket_for(model, path, reinit_stem=False):

@@ -40,6 +40,7 @@ from study.grid import (  # noqa: E402
     expand,
     expected_runs,
     flag_args,
+    flag_scope_lines,
     load_grid,
 )
 from study.local import Task, run_local  # noqa: E402
@@ -147,13 +148,16 @@ def main(argv=None):
     args = parse_args(argv)
     grid = load_grid(args.grid)
     runs = expand(grid)
+    check_flag_keys(grid)
+    scope = flag_scope_lines(grid, runs)
+    check_flags(runs)
     if args.command == "status":
         print("\n".join(status_lines(grid, runs)))
         return 0
-    check_flag_keys(grid)
-    check_flags(runs)
     states = {id(r): plan_state(r) for r in runs}
     if args.command == "plan":
+        for line in scope:  # on stderr: stdout stays one line per run and the totals
+            print(f"plan: {line}", file=sys.stderr)
         plan(runs, states)
         return 0
     refuse_linked_control_files(r.run_dir for r in runs if states[id(r)][0] != "done")

@@ -8,6 +8,7 @@ deterministic directory below ``out``; ``expected_runs`` hands the same runs to 
 
 import contextlib
 import difflib
+import functools
 import io
 import os
 import re
@@ -82,6 +83,7 @@ class Run:
     ticket: object  # Path or None
     run_dir: Path
     flags: dict = field(default_factory=dict)
+    _acting: object = field(default=None, repr=False, compare=False)
     entry = "main_downstream"
 
     @property
@@ -93,7 +95,14 @@ class Run:
         args = ["--dataset", self.dataset, "--init", self.init, "--pretrain", self.pretrain,
                 "--ticket", str(self.ticket) if self.ticket else "none", "--regime", self.regime,
                 "--data-rate", repr(float(self.data_rate)), "--seed", str(self.seed), "--save-dir", str(self.run_dir)]
-        return args + flag_args(self.flags)
+        return args + flag_args(self.acting_flags())
+
+    def acting_flags(self):
+        """The run's [flags] that act on it: main_downstream.flag_applies decides, as its parser
+        refuses a flag without effect (--keep-sa-best on an st run, say)."""
+        if self._acting is None or self._acting[0] != self.flags:
+            self._acting = (dict(self.flags), acting_flags(self))
+        return self._acting[1]
 
     def command(self, python="python"):
         return shlex.join([python, str(ENTRY), *self.argv()])
@@ -446,12 +455,66 @@ def expected_runs(grid_path):
     return [expected_record(r) for r in expand(load_grid(grid_path))]
 
 
+@functools.lru_cache(maxsize=None)
+def stage_options():
+    """main_downstream.py's option strings -> their argparse actions."""
+    import main_downstream
+
+    return {o: a for a in main_downstream.build_parser()._actions for o in a.option_strings}
+
+
+# what flag_applies needs to know of a run beyond its axes, when [flags] sets it
+CONTEXT_FLAGS = ("subset", "test_steps", "test_eps")
+
+
+def _typed(action, value):
+    """A [flags] value as the parser would read it (a string such as "2" for an int flag)."""
+    if isinstance(value, str) and callable(action.type):
+        with contextlib.suppress(Exception):  # a value the parser refuses: check_flags says so in one line
+            return action.type(value)
+    return value
+
+
+def acting_flags(run):
+    """The entries of ``run.flags`` that act on ``run`` (a false boolean, which passes nothing, stays)."""
+    import main_downstream
+
+    options = stage_options()
+    dests = {key: options[flag].dest for key in run.flags if (flag := flag_args({key: True})[0]) in options}
+    context = {"dataset": run.dataset, "regime": run.regime, "data_rate": float(run.data_rate),
+               "ticket": str(run.ticket) if run.ticket else "none", "init": run.init}
+    for key, dest in dests.items():
+        if dest in CONTEXT_FLAGS:
+            context[dest] = _typed(options[flag_args({key: True})[0]], run.flags[key])
+    return {key: value for key, value in run.flags.items()
+            if value is False or key not in dests or main_downstream.flag_applies(dests[key], **context)[0]}
+
+
+def flag_scope_lines(grid, runs):
+    """One line per [flags] entry that acts on some of the runs only (where it applies); an entry
+    that acts on none of them is refused, as main_downstream.py refuses a flag without effect."""
+    import main_downstream
+
+    lines = []
+    for key, value in grid.flags.items():
+        if value is False:
+            continue
+        n = sum(key in r.acting_flags() for r in runs)
+        if n == len(runs):
+            continue
+        flag = flag_args({key: True})[0]
+        where = main_downstream.flag_applies(stage_options()[flag].dest)[1]
+        if n == 0:
+            _fail(grid.path, f"[flags] {key} ({flag}) has no effect on any run of the grid: it {where}; drop it.",
+                  key_line(grid.source, "flags", key))
+        lines.append(f"{flag}: passed to {n} of {len(runs)} runs (it {where})")
+    return lines
+
+
 def check_flag_keys(grid):
     """Every [flags] key must be, spelt out in full, a flag of main_downstream.py's parser, and none
     may set what the grid sets per run (an axis, the θ_p file, the ticket, the run directory)."""
-    import main_downstream
-
-    options = {o: a.dest for a in main_downstream.build_parser()._actions for o in a.option_strings}
+    options = {o: a.dest for o, a in stage_options().items()}
     for key in grid.flags:
         flag = flag_args({key: True})[0]
         line = key_line(grid.source, "flags", key)
@@ -466,20 +529,23 @@ def check_flag_keys(grid):
 
 
 def check_flags(runs):
-    """Let main_downstream.py's own parser and defaults judge the flags once, before hundreds of runs
-    fail on them."""
-    if not runs:
-        return
+    """Let main_downstream.py's own parser and defaults judge the flags, before hundreds of runs fail
+    on them: once per kind of run (dataset, regime, data rate, dense or not: the flags each gets)."""
     import main_downstream
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            main_downstream.config_for(runs[0].argv())
-    except SystemExit:
-        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-        reason = lines[-1].split(" error: ", 1)[-1] if lines else "usage error"
-    except UserError as exc:  # a value its defaults resolution refuses (e.g. epochs = 0)
-        reason = str(exc).rstrip(".")
-    else:
-        return
-    raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); fix [flags] in the grid file.")
+
+    kinds = {}
+    for r in runs:
+        kinds.setdefault((r.dataset, r.regime, r.data_rate, r.ticket is None, str(r.init).lower() == "none",
+                          tuple(flag_args(r.acting_flags()))), r)
+    for run in kinds.values():
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                main_downstream.config_for(run.argv())
+            continue
+        except SystemExit:
+            lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+            reason = lines[-1].split(" error: ", 1)[-1].removeprefix("error: ") if lines else "usage error"
+        except UserError as exc:  # a value its defaults resolution refuses (e.g. epochs = 0)
+            reason = str(exc).rstrip(".")
+        raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); fix [flags] in the grid file.")

@@ -154,16 +154,17 @@ def recorded_config(run_dir):
     return read_config(path) if os.path.lexists(path) else None
 
 
-def stale_keys(run, old):
+def stale_keys(run, old, finished):
     """(key, recorded, now) for every setting in which ``old``, the run directory's config.json,
-    differs from the config the grid gives the run now ([] when they agree or ``old`` is None).
+    differs from the config the grid gives the run now ([] when they agree or ``old`` is None);
+    ``finished``: whether the run is (a finished run is compared on the settings that act on it).
     Compared by main_downstream.py's own config_for and config_changes, as a rerun of it would; a
     UserError here is the grid's flags, not the run directory."""
     if old is None:
         return []
     import main_downstream
 
-    return main_downstream.config_changes(old, main_downstream.config_for(run.argv()))
+    return main_downstream.config_changes(old, main_downstream.config_for(run.argv()), finished=finished)
 
 
 def stale_text(diffs, limit=6):
@@ -175,14 +176,14 @@ def run_state(run):
     detail: the differences), running (a live process holds it), failed (a failure record, or a
     damaged file; detail: why) or pending. A damaged file of the run is its state, never an error."""
     try:
-        old = recorded_config(run.run_dir)
+        old, finished = recorded_config(run.run_dir), run_finished(run.run_dir)
     except UserError as exc:
         return "failed", f"invalid: {exc}"
-    diffs = stale_keys(run, old)
+    diffs = stale_keys(run, old, finished)
     try:
         if diffs:
             return ("running", "") if lock_holder(run.run_dir) else ("stale", diffs)
-        if run_finished(run.run_dir):
+        if finished:
             return "done", ""
         if lock_holder(run.run_dir):
             return "running", ""
@@ -200,7 +201,8 @@ def run_state(run):
 def plan_state(run):
     """(state, differences) as plan and run see a run: done, stale or pending. A damaged
     results.json or config.json is a UserError naming it: nothing is run over it."""
-    diffs = stale_keys(run, recorded_config(run.run_dir))
+    old, finished = recorded_config(run.run_dir), run_finished(run.run_dir)
+    diffs = stale_keys(run, old, finished)
     if diffs:
         return "stale", diffs
-    return ("done" if run_finished(run.run_dir) else "pending"), []
+    return ("done" if finished else "pending"), []

@@ -374,3 +374,37 @@ def test_a_grid_that_is_not_utf8_is_one_line(tmp_path):
     line = grid.read_bytes().split(b"\n").index(b'classes = "5-9\xff"') + 1
     for command in ("plan", "status"):
         _one_line_refusal(_sweep(command, grid), "not UTF-8", f"line {line}")
+
+
+# --------------------------------------------------------------------------- [flags] only where they apply
+
+def test_flags_go_only_to_the_runs_they_act_on(tmp_path):
+    grid = _grid(tmp_path, axes=['regime = ["st", "at"]'], flags=["keep_sa_best = true", "train_steps = 1"])
+    grid.write_text(grid.read_text().replace('regime = ["st"]\n', ""))
+    runs = {r.regime: r for r in sweep.expand(sweep.load_grid(grid))}
+    assert "--keep-sa-best" not in runs["st"].argv() and "--train-steps" not in runs["st"].argv()
+    assert "--keep-sa-best" in runs["at"].argv() and "--train-steps" in runs["at"].argv()
+    proc = _sweep("plan", grid)
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stderr.strip().splitlines()
+    assert len(notes) == 2 and all(n.startswith("plan: --") and "passed to 1 of 2 runs" in n for n in notes), notes
+    assert any(n.startswith("plan: --keep-sa-best:") and "--regime at and fat" in n for n in notes), notes
+    assert proc.stdout.strip().splitlines()[-1] == "2 runs: 0 done, 2 pending"
+
+
+def test_a_flag_that_acts_on_no_run_is_refused(tmp_path):
+    grid = _grid(tmp_path, flags=["keep_sa_best = true"])
+    line = grid.read_text().splitlines().index("keep_sa_best = true") + 1
+    _one_line_refusal(_sweep("plan", grid), "keep_sa_best", "no effect on any run", f"line {line}")
+
+
+def test_a_setting_without_effect_does_not_make_a_finished_run_stale(tmp_path):
+    """A run made when the grid still passed --train-steps to st runs is not another run for it."""
+    grid = _grid(tmp_path)
+    run = _run_dir(grid)
+    _finished(run)
+    config = json.loads((run.run_dir / "config.json").read_text())
+    (run.run_dir / "config.json").write_text(json.dumps({**config, "train_steps": 1}))
+    assert _status(grid)[-1] == "done 1 of 1 runs (0 failed, 0 pending, 0 running)"
+    (run.run_dir / "results.json").unlink()  # unfinished: a resume compares every setting, so it is stale
+    assert _status(grid)[-1] == "done 0 of 1 runs (0 failed, 0 pending, 0 running, 1 stale)"
