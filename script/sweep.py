@@ -89,6 +89,16 @@ def parse_args(argv=None):
     return args
 
 
+def left_out_lines(runs):
+    """One line per [flags] entry that some runs do not get, because it has no effect on them."""
+    left_out = {}
+    for r in runs:
+        for flag, where in r.acting_flags()[1].items():
+            left_out.setdefault(flag, [where, 0])[1] += 1
+    return [f"{flag}: left out of {n} of {len(runs)} runs, where it has no effect ({where})"
+            for flag, (where, n) in sorted(left_out.items())]
+
+
 def main(argv=None):
     args = parse_args(argv)
     grid = load_grid(args.grid)
@@ -103,6 +113,8 @@ def main(argv=None):
             done += r.done
             print(f"{'done' if r.done else 'pending':7}  {r.run_dir}  {r.command()}")
         print(f"{len(runs)} runs: {done} done, {len(runs) - done} pending")
+        for line in left_out_lines(runs):  # on stderr: stdout stays one line per run and the total
+            print(f"note: {line}", file=sys.stderr)
         return 0
     if args.print_only:
         for r in runs:

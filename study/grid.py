@@ -85,7 +85,29 @@ class Run:
         args = ["--dataset", self.dataset, "--init", self.init, "--pretrain", self.pretrain,
                 "--ticket", str(self.ticket) if self.ticket else "none", "--regime", self.regime,
                 "--data-rate", repr(float(self.data_rate)), "--seed", str(self.seed), "--save-dir", str(self.run_dir)]
-        return args + flag_args(self.flags)
+        return args + flag_args(self.acting_flags()[0])
+
+    def acting_flags(self):
+        """(the grid's flags that act on this run, {flag: where it applies} of those left out). A grid's
+        [flags] holds every run's extras, but a flag without effect on a run (--train-steps on an st
+        run) is refused by main_downstream.py, so each run gets only the flags that act on it."""
+        import main_downstream  # the stage's own rule of where each of its flags acts
+
+        context = {"dataset": self.dataset, "regime": self.regime, "data_rate": float(self.data_rate),
+                   "ticket": str(self.ticket) if self.ticket else "none", "init": self.init,
+                   **{k: self.flags[k] for k in ("subset", "test_steps", "test_eps") if k in self.flags}}
+        acting, left_out = {}, {}
+        for key, value in self.flags.items():
+            flag = "--" + key.replace("_", "-")
+            try:
+                applies, where = main_downstream.flag_applies(flag, **context)
+            except UserError:  # not a flag of the stage: check_flags reports it with the parser's words
+                applies = True
+            if applies or value is False:
+                acting[key] = value
+            else:
+                left_out[flag] = where
+        return acting, left_out
 
     def command(self, python="python"):
         return shlex.join([python, str(ENTRY), *self.argv()])
@@ -366,6 +388,6 @@ def check_flags(runs):
             main_downstream.parse_args(runs[0].argv())
     except SystemExit:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-        reason = lines[-1].split(" error: ", 1)[-1] if lines else "usage error"
+        reason = lines[-1].split("error: ", 1)[-1] if lines else "usage error"
         raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); "
                         "fix [flags] in the grid file.") from None
