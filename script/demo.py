@@ -34,8 +34,9 @@ from utils.cli import ArgumentParser  # noqa: E402
 # 8x8 grey digits with 17 intensity levels: 8/255 is below one level step, so the
 # threat model uses a larger radius that still keeps every digit recognisable to a person.
 EPS, ALPHA = "32/255", "8/255"
-COMMON = ["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem", "--batch-size", "64",
-          "--eps", EPS, "--alpha", ALPHA, "--no-progress"]
+# Every stage refuses a flag that has no effect on its run, so each command carries only what acts on it.
+MODEL = ["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem"]
+TRAINING = ["--batch-size", "64", "--no-progress"]
 PRETRAINS = {"std": "st", "fat": "fat", "at": "at"}  # label -> source training regime
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
 
@@ -78,7 +79,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     s = settings(args.quick)
-    common = COMMON + (["--no-channels-last"] if args.no_channels_last else [])
+    training = TRAINING + (["--no-channels-last"] if args.no_channels_last else [])
     import torch
     on_gpu = torch.cuda.is_available()
     # on a GPU the sweep's default: one worker per visible GPU
@@ -96,10 +97,10 @@ def main(argv=None):
 
     # 1. dense source models on digits 0-4
     source = {label: out / "source" / label for label in PRETRAINS}
-    run_tasks([Task("main_downstream", common + [
+    run_tasks([Task("main_downstream", MODEL + training + source_attack_flags(regime) + [
         "--classes", SOURCE_CLASSES, "--init", "none", "--pretrain", label, "--regime", regime,
         "--epochs", str(s["source_epochs"]), "--lr", "0.1", "--milestones", str(int(s["source_epochs"] * 0.7)),
-        "--train-steps", "3", "--test-steps", "5", "--seed", "0", "--save-dir", str(source[label])],
+        "--test-steps", "5", "--seed", "0", "--save-dir", str(source[label])],
         source[label]) for label, regime in PRETRAINS.items()], workers and min(workers, 3), "1/4 pre-train sources")
     stage_done("1/4 pre-train sources")
 
@@ -112,10 +113,9 @@ def main(argv=None):
                         ("at", "rp", out / "tickets" / "at_rp", [], s["rounds"])]
     ticket_jobs += [(label, "omp", out / "tickets" / f"{label}_omp_channel", ["--pattern", "channel"],
                      s["channel_rounds"]) for label in ("at", "std")]
-    run_tasks([Task("main_imp_pretrain", common + [
+    run_tasks([Task("main_imp_pretrain", MODEL + ticket_flags(method, s, training) + [
         "--classes", SOURCE_CLASSES, "--init", str(source[label] / "model_best.pt"), "--pretrain", label,
-        "--method", method, "--retrain", "st", "--rate", str(s["rate"]), "--rounds", str(rounds),
-        "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01", "--seed", "0", *extra,
+        "--method", method, "--rate", str(s["rate"]), "--rounds", str(rounds), *extra,
         "--save-dir", str(save_dir)], save_dir, f"tickets/round_{rounds:02d}.pt")
         for label, method, save_dir, extra, rounds in ticket_jobs], workers, "2/4 find tickets")
     stage_done("2/4 find tickets")
@@ -137,6 +137,22 @@ def main(argv=None):
     stage_done("4/4 analysis")
     print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; results under {out}")
     return 0
+
+
+def source_attack_flags(regime):
+    """The threat model of a source model's training: st trains without an attack (its ε still sets the
+    robust evaluation), fat takes one FGSM step of α, at PGD-3."""
+    return (["--eps", EPS] + (["--alpha", ALPHA] if regime != "st" else [])
+            + (["--train-steps", "3"] if regime == "at" else []))
+
+
+def ticket_flags(method, s, training):
+    """IMP re-trains (standard, so no attack flags); OMP and RP only rank or draw, so they take no
+    training flags, and only RP's draw has a seed."""
+    if method == "imp":
+        return training + ["--retrain", "st", "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01",
+                           "--seed", "0"]
+    return ["--seed", "0"] if method == "rp" else []
 
 
 def transfer_grid(s, ticket_jobs, no_channels_last=False):

@@ -40,8 +40,8 @@ from study.grid import (  # noqa: E402
     expand,
     expected_runs,
     flag_args,
-    flag_scope_lines,
     load_grid,
+    refuse_flags_acting_nowhere,
 )
 from study.local import Task, run_local  # noqa: E402
 from study.rundirs import (  # noqa: E402
@@ -144,21 +144,31 @@ def move_stale(runs, states, rerun):
         states[id(r)] = ("pending", [])
 
 
+def left_out_lines(runs):
+    """One line per [flags] entry that some runs do not get, because it has no effect on them."""
+    left_out = {}
+    for r in runs:
+        for flag, where in r.acting_flags()[1].items():
+            left_out.setdefault(flag, [where, 0])[1] += 1
+    return [f"{flag}: left out of {n} of {len(runs)} runs, where it has no effect ({where})"
+            for flag, (where, n) in sorted(left_out.items())]
+
+
 def main(argv=None):
     args = parse_args(argv)
     grid = load_grid(args.grid)
     runs = expand(grid)
     check_flag_keys(grid)
-    scope = flag_scope_lines(grid, runs)
+    refuse_flags_acting_nowhere(grid, runs)
     check_flags(runs)
     if args.command == "status":
         print("\n".join(status_lines(grid, runs)))
         return 0
     states = {id(r): plan_state(r) for r in runs}
     if args.command == "plan":
-        for line in scope:  # on stderr: stdout stays one line per run and the totals
-            print(f"plan: {line}", file=sys.stderr)
         plan(runs, states)
+        for line in left_out_lines(runs):  # on stderr: stdout stays one line per run and the total
+            print(f"note: {line}", file=sys.stderr)
         return 0
     refuse_linked_control_files(r.run_dir for r in runs if states[id(r)][0] != "done")
     move_stale(runs, states, args.rerun_stale)

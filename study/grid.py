@@ -83,7 +83,6 @@ class Run:
     ticket: object  # Path or None
     run_dir: Path
     flags: dict = field(default_factory=dict)
-    _acting: object = field(default=None, repr=False, compare=False)
     entry = "main_downstream"
 
     @property
@@ -95,14 +94,29 @@ class Run:
         args = ["--dataset", self.dataset, "--init", self.init, "--pretrain", self.pretrain,
                 "--ticket", str(self.ticket) if self.ticket else "none", "--regime", self.regime,
                 "--data-rate", repr(float(self.data_rate)), "--seed", str(self.seed), "--save-dir", str(self.run_dir)]
-        return args + flag_args(self.acting_flags())
+        return args + flag_args(self.acting_flags()[0])
 
     def acting_flags(self):
-        """The run's [flags] that act on it: main_downstream.flag_applies decides, as its parser
-        refuses a flag without effect (--keep-sa-best on an st run, say)."""
-        if self._acting is None or self._acting[0] != self.flags:
-            self._acting = (dict(self.flags), acting_flags(self))
-        return self._acting[1]
+        """(the grid's flags that act on this run, {flag: where it applies} of those left out). A grid's
+        [flags] holds every run's extras, but a flag without effect on a run (--train-steps on an st
+        run) is refused by main_downstream.py, so each run gets only the flags that act on it."""
+        import main_downstream  # the stage's own rule of where each of its flags acts
+
+        context = {"dataset": self.dataset, "regime": self.regime, "data_rate": float(self.data_rate),
+                   "ticket": str(self.ticket) if self.ticket else "none", "init": self.init,
+                   **{k: self.flags[k] for k in ("subset", "test_steps", "test_eps") if k in self.flags}}
+        acting, left_out = {}, {}
+        for key, value in self.flags.items():
+            flag = "--" + key.replace("_", "-")
+            try:
+                applies, where = main_downstream.flag_applies(flag, **context)
+            except UserError:  # not a flag of the stage: check_flags reports it with the parser's words
+                applies = True
+            if applies or value is False:
+                acting[key] = value
+            else:
+                left_out[flag] = where
+        return acting, left_out
 
     def command(self, python="python"):
         return shlex.join([python, str(ENTRY), *self.argv()])
@@ -463,52 +477,18 @@ def stage_options():
     return {o: a for a in main_downstream.build_parser()._actions for o in a.option_strings}
 
 
-# what flag_applies needs to know of a run beyond its axes, when [flags] sets it
-CONTEXT_FLAGS = ("subset", "test_steps", "test_eps")
-
-
-def _typed(action, value):
-    """A [flags] value as the parser would read it (a string such as "2" for an int flag)."""
-    if isinstance(value, str) and callable(action.type):
-        with contextlib.suppress(Exception):  # a value the parser refuses: check_flags says so in one line
-            return action.type(value)
-    return value
-
-
-def acting_flags(run):
-    """The entries of ``run.flags`` that act on ``run`` (a false boolean, which passes nothing, stays)."""
-    import main_downstream
-
-    options = stage_options()
-    dests = {key: options[flag].dest for key in run.flags if (flag := flag_args({key: True})[0]) in options}
-    context = {"dataset": run.dataset, "regime": run.regime, "data_rate": float(run.data_rate),
-               "ticket": str(run.ticket) if run.ticket else "none", "init": run.init}
-    for key, dest in dests.items():
-        if dest in CONTEXT_FLAGS:
-            context[dest] = _typed(options[flag_args({key: True})[0]], run.flags[key])
-    return {key: value for key, value in run.flags.items()
-            if value is False or key not in dests or main_downstream.flag_applies(dests[key], **context)[0]}
-
-
-def flag_scope_lines(grid, runs):
-    """One line per [flags] entry that acts on some of the runs only (where it applies); an entry
-    that acts on none of them is refused, as main_downstream.py refuses a flag without effect."""
-    import main_downstream
-
-    lines = []
-    for key, value in grid.flags.items():
-        if value is False:
-            continue
-        n = sum(key in r.acting_flags() for r in runs)
-        if n == len(runs):
-            continue
+def refuse_flags_acting_nowhere(grid, runs):
+    """A [flags] entry left out of every run (Run.acting_flags: it has no effect on any of them) is
+    refused with its line, as main_downstream.py refuses a flag without effect."""
+    left_out = {}
+    for r in runs:
+        for flag, where in r.acting_flags()[1].items():
+            left_out.setdefault(flag, [where, 0])[1] += 1
+    for key in grid.flags:
         flag = flag_args({key: True})[0]
-        where = main_downstream.flag_applies(stage_options()[flag].dest)[1]
-        if n == 0:
-            _fail(grid.path, f"[flags] {key} ({flag}) has no effect on any run of the grid: it {where}; drop it.",
-                  key_line(grid.source, "flags", key))
-        lines.append(f"{flag}: passed to {n} of {len(runs)} runs (it {where})")
-    return lines
+        if runs and left_out.get(flag, [None, 0])[1] == len(runs):
+            _fail(grid.path, f"[flags] {key} ({flag}) has no effect on any run of the grid: it {left_out[flag][0]}; "
+                             "drop it.", key_line(grid.source, "flags", key))
 
 
 def check_flag_keys(grid):
@@ -536,7 +516,7 @@ def check_flags(runs):
     kinds = {}
     for r in runs:
         kinds.setdefault((r.dataset, r.regime, r.data_rate, r.ticket is None, str(r.init).lower() == "none",
-                          tuple(flag_args(r.acting_flags()))), r)
+                          tuple(flag_args(r.acting_flags()[0]))), r)
     for run in kinds.values():
         err = io.StringIO()
         try:

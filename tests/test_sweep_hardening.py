@@ -387,8 +387,8 @@ def test_flags_go_only_to_the_runs_they_act_on(tmp_path):
     proc = _sweep("plan", grid)
     assert proc.returncode == 0, proc.stderr
     notes = proc.stderr.strip().splitlines()
-    assert len(notes) == 2 and all(n.startswith("plan: --") and "passed to 1 of 2 runs" in n for n in notes), notes
-    assert any(n.startswith("plan: --keep-sa-best:") and "--regime at and fat" in n for n in notes), notes
+    assert len(notes) == 2 and all(n.startswith("note: --") and "left out of 1 of 2 runs" in n for n in notes), notes
+    assert any(n.startswith("note: --keep-sa-best:") and "--regime at and fat" in n for n in notes), notes
     assert proc.stdout.strip().splitlines()[-1] == "2 runs: 0 done, 2 pending"
 
 
