@@ -104,7 +104,7 @@ class Run:
 
         context = {"dataset": self.dataset, "regime": self.regime, "data_rate": float(self.data_rate),
                    "ticket": str(self.ticket) if self.ticket else "none", "init": self.init,
-                   **{k: self.flags[k] for k in ("subset", "test_steps", "test_eps") if k in self.flags}}
+                   **{k: _typed(k, self.flags[k]) for k in ("subset", "test_steps", "test_eps") if k in self.flags}}
         acting, left_out = {}, {}
         for key, value in self.flags.items():
             flag = "--" + key.replace("_", "-")
@@ -475,6 +475,15 @@ def stage_options():
     import main_downstream
 
     return {o: a for a in main_downstream.build_parser()._actions for o in a.option_strings}
+
+
+def _typed(key, value):
+    """A [flags] value as main_downstream.py's parser reads it (test_steps = "2" is the number 2)."""
+    action = stage_options().get(flag_args({key: True})[0])
+    if isinstance(value, str) and action is not None and callable(action.type):
+        with contextlib.suppress(Exception):  # a value the parser refuses: check_flags says so in one line
+            return action.type(value)
+    return value
 
 
 def refuse_flags_acting_nowhere(grid, runs):

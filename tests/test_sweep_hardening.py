@@ -408,3 +408,10 @@ def test_a_setting_without_effect_does_not_make_a_finished_run_stale(tmp_path):
     assert _status(grid)[-1] == "done 1 of 1 runs (0 failed, 0 pending, 0 running)"
     (run.run_dir / "results.json").unlink()  # unfinished: a resume compares every setting, so it is stale
     assert _status(grid)[-1] == "done 0 of 1 runs (0 failed, 0 pending, 0 running, 1 stale)"
+
+
+def test_a_context_flag_written_as_a_string_is_read_as_the_parser_reads_it(tmp_path):
+    grid = _grid(tmp_path, axes=['regime = ["at"]'], flags=['test_steps = "2"', "keep_sa_best = true"])
+    grid.write_text(grid.read_text().replace('regime = ["st"]\n', ""))
+    (run,) = sweep.expand(sweep.load_grid(grid))
+    assert "--keep-sa-best" in run.argv() and "--test-steps" in run.argv()
