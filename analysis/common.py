@@ -141,7 +141,7 @@ def find_result_files(dirs):
 
 
 def is_dense(obj):
-    """A dense (unpruned) run: method "dense" or sparsity 0 (DESIGN.md §5.5)."""
+    """A dense (unpruned) run: method "dense" or sparsity 0 (docs/contracts.md §5)."""
     return records.is_dense_result(obj)
 
 
@@ -156,7 +156,7 @@ def read_results(paths):
             continue
         problem = records.result_problem(obj)
         if problem:
-            warnings.append(f"skipped '{path}': {problem} (DESIGN §5.3 lists the results.json keys).")
+            warnings.append(f"skipped '{path}': {problem} (docs/contracts.md §3 lists the results.json keys).")
             continue
         good.append((Path(path), obj))
     return good, warnings

@@ -8,8 +8,8 @@ pretrain, method). For every other table the report counts, by the reference's s
 the cell (supported: double-win support >= 0.9; contradicted: <= 0.1; uncertain: between), how
 many cells changed their double-win verdict, and how many rows changed any of their extreme
 sparsities. The question it answers: when the same runs are repeated on another machine or with
-other float rounding, do the cells the support calls settled stay settled? (README, "How sure is
-the demo's table".)
+other float rounding, do the cells the support calls settled stay settled? (docs/demo.md §3, "How
+sure is the demo's table".)
 """
 
 import csv

@@ -1,4 +1,4 @@
-"""SA/RA-vs-sparsity curves and the double-win table from downstream results (DESIGN §5.5).
+"""SA/RA-vs-sparsity curves and the double-win table from downstream results (docs/contracts.md §5).
 
     python analysis/plot_curves.py RUNS_DIR [RUNS_DIR ...] --out OUT_DIR [--grid GRID.toml]
 

@@ -1,4 +1,4 @@
-"""The stage-2 runs as the double-win table reads them, grouped into cells (DESIGN §5.5).
+"""The stage-2 runs as the double-win table reads them, grouped into cells (docs/contracts.md §5).
 
 Every results.json under the given directories is one Run. Method labels: the results' "method"
 (a structured ticket adds its pattern, pruning_utils.ticket_family); when the IMP runs of the
@@ -100,7 +100,7 @@ def _ticket_candidates(obj, results_path):
 
 
 def _stage1_dir(candidates):
-    """The stage-1 save dir of SAVE_DIR/tickets/round_XX.pt (DESIGN §5.2) holding sparsity.json, or None."""
+    """The stage-1 save dir of SAVE_DIR/tickets/round_XX.pt (docs/contracts.md §2) holding sparsity.json, or None."""
     for cand in candidates:
         # exists, not is_file: a damaged sparsity.json (a directory, say) is reported, not passed over
         if cand.parent.name == "tickets" and (cand.parent.parent / "sparsity.json").exists():

@@ -1,4 +1,4 @@
-"""The double-win table: expected runs, the verdict of every group, and its outputs (DESIGN §5.5).
+"""The double-win table: expected runs, the verdict of every group, and its outputs (docs/contracts.md §5).
 
 A group is (dataset, data rate, pretrain label, method label); its baseline for a regime is the
 dense runs of the same dataset, data rate, pretrain label and regime. Each (group, regime, sparsity)
@@ -50,7 +50,7 @@ from utils.checkpoint import atomic_write_text
 from utils.errors import UserError
 
 TABLE_FIELDS = ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels"]
-# appended after the six contract columns, in this order (DESIGN §5.5)
+# appended after the six contract columns, in this order (docs/contracts.md §5)
 EXTRA_FIELDS = ["extreme_sparsity_contiguous", "verdict", "extreme_sparsity_supported"]
 CSV_FIELDS = TABLE_FIELDS + EXTRA_FIELDS
 SUMMARY_FIELDS = ["dataset", "data_rate", "pretrain", "method", "regime", "sparsity", "n", "seeds", "complete",
@@ -67,7 +67,7 @@ VERDICT_REGIMES = ("st", "at")
 
 
 def _stage1_levels(runs, warnings):
-    """{ticket group: levels its stage-1 directories' sparsity.json list} (DESIGN §5.2)."""
+    """{ticket group: levels its stage-1 directories' sparsity.json list} (docs/contracts.md §2)."""
     read, levels = {}, defaultdict(set)
     for r in runs:
         if r.dense or r.stage1 is None:
@@ -113,7 +113,7 @@ def expected_from_results(runs, cells, stage1_levels):
 
 
 def expected_from_records(records, runs, base=None):
-    """Run keys of the records of ``study.grid.expected_runs`` (DESIGN §5.7).
+    """Run keys of the records of ``study.grid.expected_runs`` (docs/contracts.md §7).
 
     A record whose ``run_dir`` holds a loaded run takes that run's key; any other record is keyed by
     its fields, its method standing for every label of that method in its group (IMP runs split
@@ -431,7 +431,7 @@ class Analysis:
 def collect(dirs, expected=None, grid_base=None):
     """Read, group and judge the runs under ``dirs``.
 
-    ``expected``: records of ``study.grid.expected_runs`` (DESIGN §5.7) naming the runs
+    ``expected``: records of ``study.grid.expected_runs`` (docs/contracts.md §7) naming the runs
     that should exist; None infers them from the results (levels from the tickets' sparsity.json,
     seeds from the group and its dense baseline).
     """

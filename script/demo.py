@@ -50,7 +50,7 @@ def settings(quick):
     # Channel tickets get three levels (40, 64, 78% of the prunable filters): enough for a curve,
     # within the demo's time budget. Five seeds, not the paper's three: with a few hundred 8x8
     # images the seed-to-seed spread is wide, and three seeds left most cells' support uncertain
-    # (README, "How sure is the demo's table").
+    # (docs/demo.md §3, "How sure is the demo's table").
     return {"source_epochs": 15, "rounds": 4, "rate": 0.4, "epochs_per_round": 3, "epochs": 6,
             "scarce_epochs": 24, "seeds": [1, 2, 3, 4, 5], "rates": [1.0, 0.1], "omp_rp": True,
             "channel_rounds": 3}
@@ -156,7 +156,7 @@ def ticket_flags(method, s, training):
 
 
 def transfer_grid(s, ticket_jobs, no_channels_last=False):
-    """Every ticket and dense model of each pre-training, to digits 5-9 under ST and AT (DESIGN.md §5.7)."""
+    """Every ticket and dense model of each pre-training, to digits 5-9 under ST and AT (docs/contracts.md §7)."""
     pretrain = {label: {"init": f"source/{label}/model_best.pt",
                         "tickets": [f"tickets/{d.name}" for lab, _, d, _, _ in ticket_jobs if lab == label]}
                 for label in PRETRAINS}

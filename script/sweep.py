@@ -5,7 +5,7 @@
                                             [--rerun-stale]
     python script/sweep.py status GRID.toml      # per group: done / running / failed / pending / stale, GPU-hours, disk
 
-The grid file (DESIGN.md §5.7) names the θ_p file and the stage-1 ticket directories of each
+The grid file (docs/contracts.md §7) names the θ_p file and the stage-1 ticket directories of each
 pre-training, the axes and extra flags. The paper's per-dataset protocol (lr, epochs, milestones,
 batch size, weight decay, SVHN's cosine schedule, --eval-from) is NOT repeated here: flags the
 grid leaves unset are filled by main_downstream.py's own defaults, the one place they live.
@@ -68,7 +68,7 @@ __all__ = ["Grid", "Run", "Task", "SlurmRun", "UserError", "build_grid", "expand
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["plan", "run", "status"])
-    p.add_argument("grid", help="grid file (TOML, DESIGN.md §5.7)")
+    p.add_argument("grid", help="grid file (TOML, docs/contracts.md §7)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
     p.add_argument("--workers", type=int, default=None,
                    help="local: parallel runs (default: one per visible GPU; on a CPU-only machine 1)")

@@ -1,4 +1,4 @@
-"""The grid model: a grid file (TOML, DESIGN.md §5.7) -> a checked Grid -> every run it implies.
+"""The grid model: a grid file (TOML, docs/contracts.md §7) -> a checked Grid -> every run it implies.
 
 The grid names the θ_p file and the stage-1 ticket directories of each pre-training, the axes and
 extra flags. The paper's per-dataset protocol is NOT repeated here: flags the grid leaves unset are
@@ -276,7 +276,7 @@ def build_grid(spec, base, grid_path, source=""):
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         _fail(grid_path, f"unknown key(s) {', '.join(unknown)}; the file holds only out, [pretrain.LABEL], [axes] "
-                         "and [flags] (DESIGN.md §5.7).")
+                         "and [flags] (docs/contracts.md §7).")
     if not isinstance(spec.get("out"), str) or not spec["out"]:
         _fail(grid_path, "needs out = \"DIR\", the folder every run directory goes below.")
     pretrain = spec.get("pretrain")

@@ -156,4 +156,4 @@ def verdict_lines(grid, runs, states):
              r.get("extreme_sparsity", "") or "-", r.get("extreme_sparsity_contiguous", "") or "-",
              r.get("extreme_sparsity_supported", "") or "-", r.get("double_win_levels", "") or "-"] for r in rows]
     return ["verdicts of finished groups (support: the fraction of seed resamples under which the rule holds; "
-            "see README 'How sure is a verdict'):", *_table(header, body)]
+            "see docs/analysis.md §1, 'Support'):", *_table(header, body)]
