@@ -7,6 +7,7 @@ parse -> build -> for each epoch: train_epoch, evaluate on held-out validation, 
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from utils.checkpoint import atomic_save, atomic_write_json, safe_load
 from utils.cli import ArgumentParser, fraction, int_list, run_main
 from utils.errors import NonFiniteOutput, UserError
 from utils.preemption import StopRequest
+from utils.records import read_config, read_results
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit
 from utils.seeding import seed_everything
 
@@ -52,6 +54,7 @@ SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones"
 EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
 FAT_GUARD_DROP = 20.0  # percentage points of robust accuracy lost in one epoch = catastrophic overfitting
 FAT_GUARD_STEPS = 5
+CHANCE_MARGIN = 2.0  # percentage points of validation SA above 100/classes that still count as chance level
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_sa", "val_ra", "seconds"]
 
 
@@ -122,6 +125,9 @@ def parse_args(argv=None):
                    help="keep the weights of every epoch (for analysis/loss_landscape.py)")
     p.add_argument("--keep-sa-best", action="store_true",
                    help="adversarial regimes: also test the epoch with the best validation SA")
+    p.add_argument("--allow-chance", action="store_true", default=argparse.SUPPRESS,
+                   help="write results.json even when the selected model is at chance level (an expected outcome, "
+                        "e.g. an extreme random ticket); without it such a run fails with exit status 2")
     args = p.parse_args(argv)
     setup.check_common_args(args)
     return args
@@ -248,7 +254,7 @@ def kept_state_text(save_dir, state):
 
 def check_finished_config(save_dir, args):
     """A finished run is only 'already done' for the command that made it."""
-    old = json.loads((save_dir / "config.json").read_text())
+    old = read_config(save_dir / "config.json")
     derived = {"ticket_sparsity"}
     diffs = config_differences(old, json.loads(json.dumps(vars(args))), NON_SEMANTIC_KEYS | derived)
     if diffs:
@@ -258,10 +264,10 @@ def check_finished_config(save_dir, args):
 
 
 def print_finished(save_dir):
-    res = json.loads((Path(save_dir) / "results.json").read_text())
+    res = read_results(Path(save_dir) / "results.json")
     ra = "n/a" if res["ra"] is None else f"{res['ra']:.2f}"
     setup.log(f"already finished: {save_dir}: SA {res['sa']:.2f}  RA {ra}  sparsity {res['sparsity']:.2f}% "
-              f"(epoch {res['selected_epoch']})")
+              f"(epoch {res.get('selected_epoch', '?')})")
 
 
 def main(argv=None):
@@ -275,7 +281,8 @@ def run(args, stop):
     seed_everything(args.seed + dist_info.rank)
     resolve_defaults(args)
     Precision.resolve(args.eval_amp, dist_info.device)  # a test precision the device lacks fails now, not after training
-    if (save_dir / "results.json").exists():
+    setup.claim_dir(save_dir, dist_info)  # finished, resumed or new is decided under the lock
+    if os.path.lexists(save_dir / "results.json"):
         return report_finished(args, save_dir, dist_info)
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
                             val_size=args.val_size)
@@ -302,8 +309,9 @@ def run(args, stop):
     progress = ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
                             checkpoint_minutes=args.checkpoint_minutes,
                             loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes)).run()
+    chance = check_chance_level(args, policy.state(progress), data.num_classes, save_dir)
     finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
-           dist_info)
+           dist_info, chance)
     du.cleanup()
     return 0
 
@@ -470,6 +478,23 @@ class FineTuning(Policy):
         return f"{exc} in epoch {progress.epoch + 1}; {kept_state_text(self.save_dir, self.state(progress))}"
 
 
+def check_chance_level(args, state, classes, save_dir):
+    """A selected model no better than chance on the validation split is a failed run, not a result
+    (docs/reliability.md §1): its validation SA is at most CHANCE_MARGIN points above 100/classes.
+    ``--allow-chance`` keeps it as a result; the returned keys then mark it in results.json's config."""
+    row = next((r for r in state["history"] if r["epoch"] == (state["best"] or {}).get("epoch")), None)
+    sa = None if row is None else row["val_sa"]
+    at_chance = sa is not None and sa <= 100.0 / classes + CHANCE_MARGIN
+    if getattr(args, "allow_chance", False):
+        return {"chance_level": at_chance}
+    if at_chance:
+        raise UserError(f"the selected model (epoch {row['epoch'] + 1}) is at chance level: validation SA {sa:.2f}% with "
+                        f"{classes} classes (chance {100.0 / classes:.2f}%), most likely from too high a learning rate "
+                        f"(--lr {args.lr:g}); {kept_state_text(save_dir, state)} If chance level is the expected "
+                        "outcome, rerun with --allow-chance.")
+    return {}
+
+
 def save_weights(model, path):
     """A plain state dict on the CPU: what analysis/loss_landscape.py reads as a trajectory point."""
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
@@ -517,7 +542,7 @@ def precision_name(precision):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
 
 
-def finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info):
+def finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info, chance):
     if mask is not None:
         verify_sparse(model, mask, "after training")
     # validation may run in the training precision; the reported numbers are fp32 unless asked otherwise
@@ -542,7 +567,7 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
         # first validated epoch, the subset rule, the precisions) is recorded in the config
         "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": args.eval_from,
                    "precision": {"train": precision_name(precision), "validation": precision_name(precision),
-                                 "test": precision_name(test_precision)}},
+                                 "test": precision_name(test_precision)}, **chance},
         "git": git_commit(),
     }
     if dist_info.primary:
