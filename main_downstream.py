@@ -32,7 +32,7 @@ from training.engine import (
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
 from utils.checkpoint import atomic_save, atomic_write_json, safe_load
-from utils.cli import ArgumentParser, fraction, int_list, run_main
+from utils.cli import ArgumentParser, flag_applies_in, fraction, int_list, refuse_flags_without_effect, run_main
 from utils.errors import NonFiniteOutput, UserError
 from utils.preemption import StopRequest
 from utils.records import read_config, read_results
@@ -71,8 +71,9 @@ def _regime_defaults_text():
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, epilog=_regime_defaults_text(),
+def build_parser():
+    # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
+    p = ArgumentParser(prog=Path(__file__).name, description=__doc__, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
@@ -128,9 +129,56 @@ def parse_args(argv=None):
     p.add_argument("--allow-chance", action="store_true", default=argparse.SUPPRESS,
                    help="write results.json even when the selected model is at chance level (an expected outcome, "
                         "e.g. an extreme random ticket); without it such a run fails with exit status 2")
+    return p
+
+
+def _regime(*regimes):
+    return lambda c: c["regime"] in regimes
+
+
+def _robust_test(c):
+    return c["test_steps"] > 0
+
+
+# Flags that act on some runs only: dest -> (applies(context), where it applies), the context being
+# the run's values of FLAG_CONTEXT; every other flag acts on every run. parse_args refuses a flag
+# given without effect; flag_applies answers the same question for a sweep's [flags].
+FLAG_CONTEXT = ("regime", "data_rate", "subset", "test_steps", "test_eps", "dataset", "ticket", "init")
+TESTS_RA = "applies only with --test-steps above 0 (the robust evaluation)"
+FLAG_SCOPE = {
+    "subset": (lambda c: c["data_rate"] < 1, "applies only to a --data-rate below 1"),
+    "subset_seed": (lambda c: c["data_rate"] < 1 and c["subset"] == "random",
+                    "applies only to --subset random at a --data-rate below 1"),
+    "train_steps": (_regime("at"), "applies only to --regime at (fat trains with one FGSM step, st without attacks)"),
+    "alpha": (_regime("at", "fat"), "applies only to --regime at and fat (the step of the training attack)"),
+    "attack_bn": (_regime("at", "fat"), "applies only to --regime at and fat (the training attack)"),
+    "keep_sa_best": (_regime("at", "fat"), "applies only to --regime at and fat (st selects by validation SA)"),
+    "fat_guard": (_regime("fat"), "applies only to --regime fat"),
+    "eps": (lambda c: c["regime"] != "st" or (c["test_eps"] is None and _robust_test(c)),
+            "applies to --regime at and fat, and under st only as the radius of the robust evaluation "
+            "(without --test-eps, with --test-steps above 0)"),
+    "test_eps": (_robust_test, TESTS_RA),
+    "test_alpha": (_robust_test, TESTS_RA),
+    "workers": (lambda c: c["dataset"] in (None, "folder"),
+                "applies only to --dataset folder (the other datasets are held in memory)"),
+    "data": (lambda c: c["dataset"] != "digits", "applies to every --dataset but digits (bundled with scikit-learn)"),
+    "reinit_stem": (lambda c: str(c["init"]).lower() != "none" or str(c["ticket"]).lower() != "none",
+                    "applies only with θ_p from --init or with a --ticket (whose stem mask it drops)"),
+}
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     setup.check_common_args(args)
+    refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
     return args
+
+
+def flag_applies(dest, **context):
+    """Whether flag ``dest`` (e.g. "train_steps" or "--no-fat-guard") acts on a run described by
+    ``context`` (FLAG_CONTEXT's keys, e.g. regime="st", data_rate=0.1), and where it applies: (bool, text)."""
+    return flag_applies_in(build_parser, FLAG_SCOPE, FLAG_CONTEXT, dest, context)
 
 
 def resolve_defaults(args, n_train_full=None):
@@ -185,6 +233,30 @@ def run_config(args, ticket):
     cfg = {k: v for k, v in vars(args).items()}
     cfg["ticket_sparsity"] = None if ticket is None else float(ticket["sparsity"])
     return cfg
+
+
+# config.json keys read from a run's inputs (its ticket), not set by its command
+DERIVED_KEYS = frozenset({"ticket_sparsity"})
+
+
+def config_for(argv):
+    """The config.json a run of ``argv`` records (its DERIVED_KEYS left None), reading no file:
+    what script/sweep.py compares an existing run directory with (config_changes)."""
+    args = parse_args(argv)
+    resolve_defaults(args)
+    return json.loads(json.dumps(run_config(args, None)))
+
+
+def config_changes(old, new, finished=True):
+    """(key, old, new) for every setting in which a run directory's config ``old`` is another run than
+    ``new`` (a config_for). A finished run is compared on the settings that act on it (FLAG_SCOPE: a
+    flag without effect on it cannot make it another run); an unfinished one, which a rerun resumes,
+    on every setting, as the directory check of a resume does."""
+    diffs = config_differences(old, new, NON_SEMANTIC_KEYS | DERIVED_KEYS)
+    if not finished:
+        return diffs
+    context = {k: new.get(k) for k in FLAG_CONTEXT}
+    return [d for d in diffs if d[0] not in FLAG_SCOPE or FLAG_SCOPE[d[0]][0](context)]
 
 
 def load_ticket_for(model, path, reinit_stem=False):
@@ -255,8 +327,7 @@ def kept_state_text(save_dir, state):
 def check_finished_config(save_dir, args):
     """A finished run is only 'already done' for the command that made it."""
     old = read_config(save_dir / "config.json")
-    derived = {"ticket_sparsity"}
-    diffs = config_differences(old, json.loads(json.dumps(vars(args))), NON_SEMANTIC_KEYS | derived)
+    diffs = config_changes(old, json.loads(json.dumps(run_config(args, None))))
     if diffs:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:12])
         raise UserError(f"--save-dir '{save_dir}' holds a finished run with a different configuration ({listed}); "

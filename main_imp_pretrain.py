@@ -25,7 +25,7 @@ from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, LossGuard, make_
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
 from utils.checkpoint import atomic_write_json
-from utils.cli import ArgumentParser, run_main
+from utils.cli import ArgumentParser, flag_applies_in, refuse_flags_without_effect, run_main
 from utils.errors import UserError
 from utils.preemption import StopRequest
 from utils.records import read_config, read_sparsity
@@ -36,8 +36,9 @@ PAPER_DEFAULTS = {"lr": 5e-4, "weight_decay": 1e-4, "batch_size": 2048}
 LOG_FIELDS = ["round", "epoch", "lr", "train_loss", "train_acc", "sparsity", "seconds"]
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__)
+def build_parser():
+    # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
+    p = ArgumentParser(prog=Path(__file__).name, description=__doc__)
     setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
     p.add_argument("--method", choices=["imp", "omp", "rp", "lmp"], default="imp",
                    help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, README 'LMP')")
@@ -68,7 +69,57 @@ def parse_args(argv=None):
     p.add_argument("--max-loss", "--max_loss", type=float, default=None,
                    help=f"stop as diverged when the re-training loss stays above this for {MAX_LOSS_PATIENCE} steps "
                         f"(default {MAX_LOSS_FACTOR} x ln(classes), the loss of a uniform prediction)")
-    p.set_defaults(attack_bn=None)  # resolved below: LMP keeps θ_p's BatchNorm frozen, so its default differs
+    p.set_defaults(attack_bn=None)  # resolved in parse_args: LMP keeps θ_p's BatchNorm frozen, so its default differs
+    return p
+
+
+def _trains(c):
+    """IMP re-trains between rounds (never after the last one); LMP trains the scores of every level."""
+    return (c["method"] == "lmp" or (c["method"] == "imp" and c["rounds"] > 1)) and c["epochs_per_round"] > 0
+
+
+def _attacks(c):
+    return _trains(c) and c["retrain"] == "at"
+
+
+WHEN_TRAINING = "--method imp with --rounds 2 or more, or --method lmp; --epochs-per-round 1 or more"
+TRAINS = f"applies only when stage 1 trains ({WHEN_TRAINING})"
+ATTACKS = f"applies only to --retrain at when stage 1 trains ({WHEN_TRAINING})"
+# Flags that act on some runs only: dest -> (applies(context), where it applies), the context being
+# the run's values of FLAG_CONTEXT; every other flag acts on every run. parse_args refuses a flag
+# given without effect; flag_applies answers the same question for a grid's [flags].
+FLAG_CONTEXT = ("method", "retrain", "rounds", "epochs_per_round", "pattern", "init", "reinit_stem", "dataset")
+FLAG_SCOPE = {
+    **{dest: (_trains, TRAINS) for dest in (
+        "retrain", "lr", "momentum", "weight_decay", "batch_size", "max_loss", "checkpoint_minutes", "amp",
+        "compile", "channels_last", "cudnn_benchmark", "progress", "augment", "image_size")},
+    **{dest: (_attacks, ATTACKS) for dest in ("eps", "alpha", "attack_steps")},
+    "attack_bn": (lambda c: _attacks(c) and c["method"] == "imp",
+                  "applies only to --method imp with --retrain at (LMP crafts its attacks in eval mode)"),
+    "epochs_per_round": (lambda c: c["method"] == "lmp" or (c["method"] == "imp" and c["rounds"] > 1),
+                         "applies only to --method lmp and to imp with --rounds 2 or more (the last round "
+                         "is not re-trained)"),
+    "data": (lambda c: c["method"] in ("imp", "lmp") and c["dataset"] != "digits",
+             "applies only to --method imp and lmp (OMP and RP read no images), and not to --dataset digits"),
+    "workers": (lambda c: c["method"] in ("imp", "lmp") and c["dataset"] in (None, "imagenet", "folder"),
+                "applies only to --method imp and lmp on --dataset imagenet or folder"),
+    "rewind": (lambda c: c["method"] == "imp" and _trains(c),
+               "applies only to --method imp when it re-trains (--rounds 2 or more, --epochs-per-round 1 or more)"),
+    "score_init": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),
+    "rate": (lambda c: c["pattern"] != "nm", "applies to every --pattern but nm (N:M is one level)"),
+    "nm": (lambda c: c["pattern"] == "nm", "applies only to --pattern nm"),
+    "layerwise": (lambda c: c["method"] != "rp" and c["pattern"] == "unstructured",
+                  "applies only to --pattern unstructured with --method imp, omp or lmp"),
+    "seed": (lambda c: c["method"] == "rp" or _trains(c) or str(c["init"]).lower() == "none" or c["reinit_stem"],
+             f"applies only to --method rp, to random weights (--init none, --reinit-stem) and when stage 1 "
+             f"trains ({WHEN_TRAINING}): masks by magnitude of θ_p are deterministic"),
+    "reinit_stem": (lambda c: c["method"] != "rp" and str(c["init"]).lower() != "none",
+                    "applies only with θ_p from --init, to --method imp, omp and lmp (RP's masks ignore weights)"),
+}
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     setup.check_common_args(args)
     if args.method == "lmp":
@@ -101,7 +152,14 @@ def parse_args(argv=None):
     if args.method not in ("imp", "lmp"):
         args.retrain = None
     check_pattern_args(args)
+    refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
     return args
+
+
+def flag_applies(dest, **context):
+    """Whether flag ``dest`` (e.g. "eps" or "--no-progress") acts on a run described by ``context``
+    (FLAG_CONTEXT's keys, e.g. method="omp"), and where it applies: (bool, text)."""
+    return flag_applies_in(build_parser, FLAG_SCOPE, FLAG_CONTEXT, dest, context)
 
 
 def check_pattern_args(args):

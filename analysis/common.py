@@ -132,7 +132,8 @@ def find_result_files(dirs):
                 raise UserError(f"'{d}' is a file, not a runs directory; pass the folder holding the runs.")
             found.add(d.resolve())
             continue
-        found.update(p.resolve() for p in d.rglob("results.json") if p.is_file())
+        # a directory in a results.json's place is kept, so the reader reports it rather than pass it over
+        found.update(p.resolve() for p in d.rglob("results.json") if p.is_file() or p.is_dir())
     if not found:
         raise UserError(f"no results.json found under {', '.join(repr(str(d)) for d in dirs)}; pass the folders "
                         "main_downstream.py wrote (--save-dir), runs that have not finished have none.")
@@ -140,7 +141,7 @@ def find_result_files(dirs):
 
 
 def is_dense(obj):
-    """A dense (unpruned) run: method "dense" or sparsity 0 (DESIGN.md §5.5)."""
+    """A dense (unpruned) run: method "dense" or sparsity 0 (docs/contracts.md §5)."""
     return records.is_dense_result(obj)
 
 
@@ -155,7 +156,7 @@ def read_results(paths):
             continue
         problem = records.result_problem(obj)
         if problem:
-            warnings.append(f"skipped '{path}': {problem} (DESIGN §5.3 lists the results.json keys).")
+            warnings.append(f"skipped '{path}': {problem} (docs/contracts.md §3 lists the results.json keys).")
             continue
         good.append((Path(path), obj))
     return good, warnings
@@ -170,8 +171,42 @@ def _reason(exc, path):
 
 # --------------------------------------------------------------------------- trained runs
 
-def read_json_file(path, what):
-    return records.read_json(path, what)
+# The config.json fields the tools below read back, with what each may hold (None: null, the
+# stage's default); a missing key is read as its default as well.
+_CONFIG_FIELDS = {"dataset": (str,), "arch": (str, None), "data": (str, None), "image_size": (int, None),
+                  "val_size": (int, None), "seed": (int, None), "workers": (int, None), "augment": (str, None),
+                  "classes": (list, None), "eps": (float,), "test_eps": (float, None), "test_alpha": (float, None),
+                  "test_steps": (int, None)}
+
+
+def _holds(value, kinds):
+    if value is None:
+        return None in kinds
+    if int in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    if float in kinds and records.is_number(value):
+        return True
+    if list in kinds and isinstance(value, list):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return str in kinds and isinstance(value, str) and bool(value)
+
+
+def read_run_config(run_dir):
+    """A stage-2 run's config.json (utils.records.read_config), with the fields the analysis tools
+    read back checked, so a damaged one is one line naming the file and the field."""
+    path = Path(run_dir) / "config.json"
+    config = records.read_config(path)
+    for key, kinds in _CONFIG_FIELDS.items():
+        if key not in config and (None in kinds or key == "eps"):
+            continue
+        if not _holds(config.get(key), kinds):
+            names = {str: "a non-empty string", int: "an integer", float: "a finite number", list: "a list of integers",
+                     None: "null"}
+            wanted = " or ".join(names[k] for k in kinds)
+            found = f"has '{key}' = {config[key]!r}, not {wanted}" if key in config else f"lacks '{key}' ({wanted})"
+            raise UserError(f"run config '{path}' {found}; the run directory is damaged: rerun the run (--restart) "
+                            "or pass another.")
+    return config
 
 
 def run_image_size(config):

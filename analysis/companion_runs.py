@@ -15,7 +15,6 @@ A cell is (dataset, data rate, pretrain, pattern, N:M, method, rewind, linear ev
 sparsity); it is drawn as mean ± std over its seeds (sample std, ddof=1; 0 for one seed).
 """
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ def load_runs(dirs):
     assign_labels(base)
     cache, runs = {}, []
     for r in base:
-        obj = json.loads(r.path.read_text(encoding="utf-8"))
+        obj = r.results  # as analysis.runs read and checked it: one read per file
         cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
         linear = cfg.get("linear_eval", False)
         if linear not in (True, False, None):

@@ -8,11 +8,10 @@ pretrain, method). For every other table the report counts, by the reference's s
 the cell (supported: double-win support >= 0.9; contradicted: <= 0.1; uncertain: between), how
 many cells changed their double-win verdict, and how many rows changed any of their extreme
 sparsities. The question it answers: when the same runs are repeated on another machine or with
-other float rounding, do the cells the support calls settled stay settled? (README, "How sure is
-the demo's table".)
+other float rounding, do the cells the support calls settled stay settled? (docs/demo.md §3, "How
+sure is the demo's table".)
 """
 
-import argparse
 import csv
 import sys
 from collections import Counter
@@ -23,8 +22,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from analysis.verdict import support_label  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.records import check_table_rows  # noqa: E402
 
 LABELS = ("supported", "contradicted", "uncertain")
 ROW_KEY = ("dataset", "data_rate", "pretrain", "method")
@@ -45,7 +45,7 @@ def _read_csv(path, required):
     if missing:
         raise UserError(f"'{path}' is not a verdict table of analysis/plot_curves.py (it lacks the columns "
                         f"{missing}); pass the --out directory plot_curves.py wrote, or rerun it with this version.")
-    return rows
+    return check_table_rows(path, rows)
 
 
 def level_key(method, rank, sparsity_text):
@@ -65,10 +65,15 @@ def read_cells(out_dir):
             continue
         try:
             support = float(r["double_win_support"])
-        except (KeyError, ValueError):
+            sparsity = float(r["sparsity"])
+        except KeyError:
             raise UserError(f"'{out_dir}/double_win_details.csv' has no double_win_support column; rerun "
                             "analysis/plot_curves.py with this version.") from None
-        by_row.setdefault(tuple(r[k] for k in ROW_KEY), []).append((float(r["sparsity"]), r["double_win"] == "True",
+        except ValueError:
+            raise UserError(f"'{out_dir}/double_win_details.csv' gives a judged level the sparsity {r['sparsity']!r} "
+                            f"and support {r['double_win_support']!r}, not numbers; rerun analysis/plot_curves.py to "
+                            "write it again.") from None
+        by_row.setdefault(tuple(r[k] for k in ROW_KEY), []).append((sparsity, r["double_win"] == "True",
                                                                       support, r["sparsity"]))
     cells = {}
     for row, levels in by_row.items():
@@ -130,7 +135,7 @@ def report(reference, others):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("reference", help="--out directory of plot_curves.py (the reference table)")
     p.add_argument("others", nargs="+", help="--out directories to compare with it")
     args = p.parse_args(argv)

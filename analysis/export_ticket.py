@@ -18,7 +18,6 @@
 THETA is any checkpoint the importers read: θ_p or a stage-2 ``model_best.pt``.
 """
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -31,12 +30,13 @@ import torch  # noqa: E402
 import models  # noqa: E402
 import pruning_utils as pu  # noqa: E402
 from models.export import check_semi_structured_support, export_channel_model, to_semi_structured  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.records import refuse_overwriting_inputs  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ticket", help="ticket file from main_imp_pretrain.py (--pattern channel or nm)")
     p.add_argument("--init", required=True, help="weights to export: θ_p or a stage-2 model_best.pt")
     p.add_argument("--arch", required=True, choices=list(models.ARCHS))

@@ -21,7 +21,6 @@ the share of that ‖w_epoch − w‖ off the plane.
 Writes landscape.png, landscape.json (grid and trajectory), landscape.csv and trajectory.csv.
 """
 
-import argparse
 import json
 import math
 import re
@@ -33,6 +32,7 @@ if __package__ in (None, ""):  # run as `python analysis/loss_landscape.py`
 
 from analysis import common  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 GRID_FIELDS = ["x", "y", "loss_clean", "acc_clean", "loss_pgd", "acc_pgd"]
@@ -275,7 +275,7 @@ def plot(out_path, coords, grid, trajectory, title, axis_labels=("direction 1 (f
 def parse_args(argv=None):
     from utils.cli import parse_fraction
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", metavar="RUN_DIR", help="a --save-dir of main_downstream.py")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--data", default=None, help="dataset root (default: the run's own --data)")
@@ -323,7 +323,7 @@ def main(argv=None):
     from utils.distributed import resolve_device
 
     device = resolve_device(args.device)
-    config = common.read_json_file(run_dir / "config.json", "run config")
+    config = common.read_run_config(run_dir)
     data = common.build_run_data(config, args.data, batch_size=args.batch_size, device=device)
     clean = common.take_images(data.test, args.num_images)
     model, mask, _ = common.load_run_model(run_dir, config, data, device, checkpoint=args.checkpoint)

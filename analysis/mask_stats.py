@@ -17,7 +17,6 @@ widest layer has more kernels than --heatmap-width, a pixel is the fraction of z
 consecutive kernels).  Tickets of different architectures exit with status 2.
 """
 
-import argparse
 import itertools
 import json
 import math
@@ -32,6 +31,7 @@ if __package__ in (None, ""):  # run as `python analysis/mask_stats.py`
 import pruning_utils as pu  # noqa: E402
 from analysis import common  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 IOU_FIELDS = ["round", "sparsity_a", "sparsity_b", "label_a", "label_b", "iou", "ticket_a", "ticket_b"]
@@ -315,7 +315,7 @@ def heatmap(ticket_path, out_dir, max_width):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("tickets", nargs="+", metavar="TICKET_DIR_OR_FILE")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--heatmap", default=None, metavar="TICKET", help="ticket file whose kernels to draw")

@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.records import check_table_rows  # noqa: E402
 
 try:
     import tomllib
@@ -170,7 +171,7 @@ def read_double_win(out_dir):
         raise UserError(f"'{path}' lacks the column(s) {', '.join(missing)} of docs/contracts.md §5; rerun "
                         "analysis/plot_curves.py (this version) to rewrite it.")
     table = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in enumerate(check_table_rows(path, rows), start=2):
         try:
             rate = float(row["data_rate"])
         except (TypeError, ValueError):

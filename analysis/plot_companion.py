@@ -34,7 +34,8 @@ the tickets' filter levels for closer matches.
 
 Also written: companion_summary.csv (every cell) and companion_warnings.txt. Bad input (no
 results.json found, no usable ticket run, a missing directory or benchmark file, a file that is not
-a bench_inference record) exits with status 2 and one line, before anything is written.
+a bench_inference record, a latency, FLOP count or throughput that is negative or not finite) exits
+with status 2 and one line, before anything is written.
 """
 
 import argparse
@@ -65,6 +66,7 @@ from analysis.companion_runs import (  # noqa: E402
 )
 from analysis.runs import DENSE, csv_number  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 ZOOM = (90.0, 99.0)
@@ -310,6 +312,22 @@ def _finite(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MEASURES = ("latency_ms", "flops_per_image", "throughput_images_per_s")
+
+
+def _check_measures(path, rows):
+    """UserError naming the first measure that is there but no finite non-negative number: a
+    negative time or FLOP count is a broken or hand-edited record, and drawing it would mislead.
+    (null stays allowed: the benchmark writes it for FLOPs it could not count.)"""
+    for r in rows:
+        for key in MEASURES:
+            value = r.get(key)
+            if value is not None and not (_finite(value) and value >= 0):
+                raise UserError(f"benchmark record '{path}' gives variant '{r['variant']}' the {key} {value!r}, not a "
+                                "finite non-negative number; rerun benchmarks/bench_inference.py --json to write it "
+                                "again.")
+
+
 def load_bench(path):
     """A benchmarks/bench_inference.py record (its --json); UserError when the file is not one."""
     path = Path(path)
@@ -325,6 +343,7 @@ def load_bench(path):
             or not all(isinstance(r, dict) and isinstance(r.get("variant"), str) for r in obj["rows"])):
         raise UserError(f"'{path}' is not a record of benchmarks/bench_inference.py (it needs 'arch' and 'rows' with "
                         "a 'variant' each); pass that script's --json output.")
+    _check_measures(path, obj["rows"])
     record = BenchRecord(path, common.safe_name(path.stem), str(obj.get("device", "unknown device")), obj["arch"],
                          obj.get("image_size") if _finite(obj.get("image_size")) else None)
     for r in obj["rows"]:
@@ -476,7 +495,7 @@ def efficiency_figures(series, records, out_dir, tolerance):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR",
                    help="folders holding results.json files (searched recursively)")

@@ -1,4 +1,4 @@
-"""SA/RA-vs-sparsity curves and the double-win table from downstream results (DESIGN §5.5).
+"""SA/RA-vs-sparsity curves and the double-win table from downstream results (docs/contracts.md §5).
 
     python analysis/plot_curves.py RUNS_DIR [RUNS_DIR ...] --out OUT_DIR [--grid GRID.toml]
 
@@ -10,7 +10,10 @@ Outputs in OUT_DIR: double_win.csv, double_win.md, double_win_details.csv, summa
 warnings.txt (analysis/table.py), and PNG figures each with a CSV of the data drawn: curves_* (per
 dataset and data rate, one line per pretrain label; hollow markers at levels whose double-win is
 uncertain), data_rate_* (data rates side by side), methods_* (pruning methods of one pre-training).
-Bad input (no results.json found, a missing directory, no readable results) exits with status 2.
+Bad input (no results.json found, a missing directory, no readable results) exits with status 2,
+and so do runs of one group (dataset, data rate, pretrain, method, regime) made with different
+protocols (epochs, lr, ε, ...: analysis.runs.PROTOCOL_KEYS), unless ``--mix-protocols`` draws them
+together with a warning.
 """
 
 import argparse
@@ -33,6 +36,8 @@ from analysis.table import (  # noqa: E402, F401  (verdict_rows, collect: reache
     verdict_rows,
     write_tables,
 )
+from utils.cli import ArgumentParser  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 FIGURE_FIELDS = ["figure", "panel", "regime", "metric", "series", "kind", "dataset", "data_rate", "pretrain", "method",
                  "sparsity", "x_position", "mean", "std", "n", "complete", "double_win_support"]
@@ -278,7 +283,7 @@ def _method_name(cells, label):
 # --------------------------------------------------------------------------- entry point
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders holding results.json files (searched recursively)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the table, figures and their data")
@@ -286,14 +291,27 @@ def parse_args(argv=None):
     p.add_argument("--grid", default=None, metavar="GRID.toml",
                    help="the sweep's grid file: its runs are the expected set, and every one without a result "
                         "is listed (default: the levels of each ticket's sparsity.json and the seeds present)")
+    p.add_argument("--mix-protocols", action="store_true",
+                   help="draw and judge together runs of one group that differ in a protocol setting (epochs, lr, "
+                        "ε, ...; docs/analysis.md lists them) with a warning, instead of refusing them")
     return p.parse_args(argv)
 
 
 
-def analyse(dirs, out_dir, figures=True, expected=None, grid_base=None):
-    """Everything main does, returning (table rows, warnings, figure paths); missing runs are warnings too."""
+def analyse(dirs, out_dir, figures=True, expected=None, grid_base=None, mix_protocols=False):
+    """Everything main does, returning (table rows, warnings, figure paths); missing runs are warnings too.
+
+    Runs of one group (dataset, data rate, pretrain, method, regime) that differ in a protocol setting
+    (analysis.runs.PROTOCOL_KEYS) are refused before anything is written, unless ``mix_protocols``."""
     out_dir = Path(out_dir)
     result = collect(dirs, expected, grid_base)
+    conflicts = result.protocol_conflicts
+    if conflicts and not mix_protocols:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise UserError(f"runs of one group differ in their protocol: {conflicts[0]}{more}; pass runs of one protocol "
+                        "(rerun the others, or analyse them from separate folders), or --mix-protocols to draw them "
+                        "together anyway.")
+    result.warnings.extend(f"runs of one group differ in their protocol (--mix-protocols): {c}." for c in conflicts)
     warnings = write_tables(result, out_dir)
     paths = make_figures(result.cells, out_dir, level_supports(result.rows)) if figures else []
     return result.rows, warnings, paths
@@ -304,7 +322,7 @@ def main(argv=None):
     expected = grid_expected_runs(args.grid) if args.grid else None
     grid_base = Path(args.grid).resolve().parent if args.grid else None
     rows, warnings, paths = analyse(args.runs, args.out, figures=not args.no_figures, expected=expected,
-                                    grid_base=grid_base)
+                                    grid_base=grid_base, mix_protocols=args.mix_protocols)
     out = Path(args.out)
     print(common.markdown_table(rows, CSV_FIELDS), end="")
     if warnings:

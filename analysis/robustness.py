@@ -17,7 +17,6 @@ weaker attack.  The precision used is recorded in every row (``eval_precision``)
 Writes robustness.csv and robustness.md.
 """
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -26,7 +25,9 @@ if __package__ in (None, ""):  # run as `python analysis/robustness.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import common  # noqa: E402
+from utils import records  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 FIELDS = ["run", "dataset", "arch", "pretrain", "method", "sparsity", "regime", "data_rate", "seed", "n_images", "eps",
@@ -109,10 +110,10 @@ def _seeded(seed, device):
 def evaluate_run(run_dir, args, device, data_cache, source_cache):
     import pruning_utils as pu
 
-    config = common.read_json_file(run_dir / "config.json", "run config")
+    config = common.read_run_config(run_dir)
     results = {}
-    if (run_dir / "results.json").is_file():
-        results = common.read_json_file(run_dir / "results.json", "results file")
+    if (run_dir / "results.json").exists():  # a directory in its place is damage, not absence
+        results = records.read_results(run_dir / "results.json")
     key = _data_key(config, args.data)
     if key not in data_cache:
         data_cache.clear()  # one dataset in memory at a time
@@ -163,7 +164,7 @@ def _score(row, model, batches, key, data, eps, alpha, args, device, source_cach
 def parse_args(argv=None):
     from utils.cli import parse_fraction
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--data", default=None, help="dataset root (default: the run's own --data)")

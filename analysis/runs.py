@@ -1,4 +1,4 @@
-"""The stage-2 runs as the double-win table reads them, grouped into cells (DESIGN §5.5).
+"""The stage-2 runs as the double-win table reads them, grouped into cells (docs/contracts.md §5).
 
 Every results.json under the given directories is one Run. Method labels: the results' "method"
 (a structured ticket adds its pattern, pruning_utils.ticket_family); when the IMP runs of the
@@ -11,10 +11,13 @@ verdict (analysis/plot_companion.py draws them).
 A cell is (dataset, data rate, pretrain label, method label, regime, sparsity); its runs are
 averaged over seeds only when complete: a level with fewer seeds than the most any level of its
 group has (or a duplicated seed, or an AT run without RA) is marked incomplete with a warning.
-Runs of one cell trained or tested with different ε, α or attack steps are refused (UserError).
+Runs of one cell trained or tested with different ε, α, attack steps or norm are refused (UserError).
+
+Each Run also keeps its protocol (:data:`PROTOCOL_KEYS`, the settings that change what a run
+computes) and whether stage 2 recorded it as ending at chance level (``config.chance_level``, a run
+kept with ``--allow-chance``); :func:`protocol_conflicts` lists the groups whose runs differ in one.
 """
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from analysis import common
+from utils import records
 from utils.errors import UserError
 
 DENSE = "dense"
@@ -45,6 +49,9 @@ class Run:
     label: str = ""
     attack: dict = field(default_factory=dict)
     stage1: Optional[Path] = None
+    protocol: dict = field(default_factory=dict)
+    chance: bool = False  # stage 2 found it at chance level and kept it (--allow-chance)
+    results: dict = field(default_factory=dict, repr=False)  # the results.json as read, so no tool reads it twice
 
     @property
     def dense(self):
@@ -93,9 +100,10 @@ def _ticket_candidates(obj, results_path):
 
 
 def _stage1_dir(candidates):
-    """The stage-1 save dir of SAVE_DIR/tickets/round_XX.pt (DESIGN §5.2) holding sparsity.json, or None."""
+    """The stage-1 save dir of SAVE_DIR/tickets/round_XX.pt (docs/contracts.md §2) holding sparsity.json, or None."""
     for cand in candidates:
-        if cand.parent.name == "tickets" and (cand.parent.parent / "sparsity.json").is_file():
+        # exists, not is_file: a damaged sparsity.json (a directory, say) is reported, not passed over
+        if cand.parent.name == "tickets" and (cand.parent.parent / "sparsity.json").exists():
             return cand.parent.parent
     return None
 
@@ -124,12 +132,11 @@ def _ticket_family(ticket_path, method, cache):
     key = ("family", str(ticket_path.resolve()))
     if key not in cache:
         family = None
-        try:
-            cfg = json.loads((ticket_path.parent.parent / "config.json").read_text(encoding="utf-8"))
-            if isinstance(cfg, dict) and cfg.get("method") == method:
-                family = pruning_utils.ticket_family(method, cfg.get("pattern"), cfg.get("nm"))
-        except (OSError, ValueError):
-            pass
+        cfg = _stage1_config(ticket_path)
+        nm = cfg.get("nm")
+        if (cfg.get("method") == method and isinstance(cfg.get("pattern"), (str, type(None)))
+                and (nm is None or (isinstance(nm, list) and len(nm) == 2))):
+            family = pruning_utils.ticket_family(method, cfg.get("pattern"), nm)
         if family is None:
             try:
                 t = pruning_utils.load_ticket(ticket_path)
@@ -138,6 +145,18 @@ def _ticket_family(ticket_path, method, cache):
                 family = method
         cache[key] = family
     return cache[key]
+
+
+def _stage1_config(ticket_path):
+    """The stage-1 config.json beside SAVE_DIR/tickets/, or {} when there is none or it is damaged:
+    it only spares loading the ticket file, which then answers instead."""
+    path = ticket_path.parent.parent / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return records.read_config(path)
+    except UserError:
+        return {}
 
 
 def _torch_file_problem(path):
@@ -163,13 +182,9 @@ def _read_retrain(ticket_path, method):
         return None, problem
     # stage 1 writes SAVE_DIR/tickets/round_XX.pt beside SAVE_DIR/config.json: reading the small
     # config avoids loading every mask of a ResNet-50 ticket just for one field
-    stage1 = ticket_path.parent.parent / "config.json"
-    try:
-        cfg = json.loads(stage1.read_text(encoding="utf-8"))
-        if isinstance(cfg, dict) and cfg.get("method") == method and cfg.get("retrain") in ("st", "at"):
-            return cfg["retrain"], None
-    except (OSError, ValueError):
-        pass
+    cfg = _stage1_config(ticket_path)
+    if cfg.get("method") == method and cfg.get("retrain") in ("st", "at"):
+        return cfg["retrain"], None
     import pruning_utils
 
     try:
@@ -183,6 +198,29 @@ def _read_retrain(ticket_path, method):
 
 ATTACK_KEYS = ("eps", "alpha", "train_steps", "test_eps", "test_alpha", "test_steps")
 TRAIN_ATTACK_KEYS = ("eps", "alpha", "train_steps")
+# the threat model: a ticket cell and its dense baseline are compared only when these agree
+THREAT_KEYS = ATTACK_KEYS + ("norm",)
+# What else changes what a run computes, so runs of one figure group must agree on it
+# (docs/analysis.md). Left out: the seed (an axis), paths (init, data, save dir: the same file has
+# other paths on other machines), the numeric precision (the machine's; compare_verdicts.py measures
+# its effect) and settings that only stop, time or log a run (max_loss, checkpointing, progress).
+PROTOCOL_KEYS = ("arch", "cifar_stem", "reinit_stem", "image_size", "classes", "augment", "val_size", "subset",
+                 "subset_seed", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "milestones",
+                 "eval_from", "attack_bn", "fat_guard") + THREAT_KEYS
+# settings a regime does not use: ST trains without an attack, and only FAT has the guard
+_UNUSED = {"st": TRAIN_ATTACK_KEYS + ("attack_bn", "fat_guard"), "at": ("fat_guard",)}
+
+
+def _setting(value):
+    """A config value as runs are compared on it: numbers as rounded floats, lists as tuples; None
+    when it is none of those (or not finite)."""
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return round(float(value), 9) if math.isfinite(value) else None
+    if isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value):
+        return tuple(_setting(v) for v in value)
+    return None
 
 
 def _attack_settings(obj):
@@ -191,16 +229,40 @@ def _attack_settings(obj):
     ST trains without an attack, so only the test attack counts for it.  Unrecorded settings (older
     results) are left out rather than guessed, so they never conflict.
     """
-    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    cfg = _config(obj)
     out = {}
-    for key in ATTACK_KEYS:
+    for key in THREAT_KEYS:
         if obj["regime"] == "st" and key in TRAIN_ATTACK_KEYS:
             continue
         value = cfg.get(key, obj.get(key))
         if key == "test_eps" and value is None:
             value = cfg.get("eps", obj.get("eps"))  # main_downstream.py: --test-eps defaults to --eps
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if key == "norm":
+            if isinstance(value, str) and value:
+                out[key] = value.lower()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[key] = round(float(value), 9)
+    return out
+
+
+def _protocol(obj, attack):
+    """{key: value} of the PROTOCOL_KEYS a run records and its regime uses (recorded ones only, as above)."""
+    cfg = _config(obj)
+    out = {"arch": obj["arch"]}
+    for key in PROTOCOL_KEYS:
+        if key in THREAT_KEYS or key == "arch" or key in _UNUSED.get(obj["regime"], ()):
+            continue
+        if key == "milestones" and cfg.get("schedule") == "cosine":
+            continue  # a cosine schedule ignores them
+        if key not in cfg:
+            continue
+        value = cfg[key]  # null is a value of its own: "the default"
+        if value is not None:
+            value = _setting(value)
+            if value is None:  # not a number, string or list of them: nothing to compare
+                continue
+        out[key] = value
+    out.update(attack)
     return out
 
 
@@ -237,12 +299,22 @@ def load_runs(dirs, linear_eval=False):
                         seed=str(obj["seed"]), sa=float(obj["sa"]),
                         ra=None if obj["ra"] is None else float(obj["ra"]), arch=obj["arch"],
                         retrain=retrain, family=family, attack=_attack_settings(obj),
-                        stage1=_stage1_dir(candidates)))
+                        stage1=_stage1_dir(candidates), chance=_config(obj).get("chance_level") is True,
+                        results=obj))
+        runs[-1].protocol = _protocol(obj, runs[-1].attack)
     if not runs:
         raise UserError(f"none of the {len(paths)} results.json files found is usable ({warnings[0]}); "
                         "pass directories of finished main_downstream.py runs.")
     assign_labels(runs)
+    chance = [str(r.path.parent) for r in runs if r.chance]
+    if chance:
+        warnings.append(f"{len(chance)} run(s) ended at chance level on validation SA and were kept with --allow-chance "
+                        f"({', '.join(chance)}); the double-win table marks their levels * (double_win.md).")
     return runs, warnings
+
+
+def _config(obj):
+    return obj["config"] if isinstance(obj.get("config"), dict) else {}
 
 
 def assign_labels(runs):
@@ -306,10 +378,15 @@ def build_cells(runs):
     return cells, warnings
 
 
-def _fmt_setting(key, value):
-    if key.endswith("steps"):
-        return f"{key} {value:g}"
-    return f"{key} {value:.6g} (= {value * 255:.4g}/255)"
+def fmt_setting(key, value):
+    """How messages name a setting: "test_eps 0.0313725 (= 8/255)", "epochs 2", "val_size unset"."""
+    if value is None:
+        return f"{key} unset (the default)"
+    if isinstance(value, bool) or not isinstance(value, float):
+        return f"{key} {list(value) if isinstance(value, tuple) else value}"
+    if key in ("eps", "alpha", "test_eps", "test_alpha"):
+        return f"{key} {value:.6g} (= {value * 255:.4g}/255)"
+    return f"{key} {value:g}"
 
 
 def check_attack_settings(cells):
@@ -322,20 +399,62 @@ def check_attack_settings(cells):
     for key in sorted(cells, key=cell_sort_key):
         ds, rate, pre, label, regime, s = key
         runs = cells[key].runs
-        for setting in ATTACK_KEYS:
+        for setting in THREAT_KEYS:
             by_value = defaultdict(list)
             for r in runs:
                 if setting in r.attack:
                     by_value[r.attack[setting]].append(str(r.path.parent))
             if len(by_value) > 1:
                 level = "dense baseline" if label == DENSE else f"level {common.fmt_sparsity(s)}%"
-                listed = "; ".join(f"{_fmt_setting(setting, v)} in {', '.join(dirs)}"
+                listed = "; ".join(f"{fmt_setting(setting, v)} in {', '.join(dirs)}"
                                    for v, dirs in sorted(by_value.items()))
                 conflicts.append(f"{group_text(ds, rate, pre, label, regime)}, {level}: {listed}")
     if conflicts:
         raise UserError("runs that would be averaged into one cell were run with different attack settings ("
-                        + " | ".join(conflicts) + "); pass runs of one ε, α and step count per analysis "
+                        + " | ".join(conflicts) + "); pass runs of one ε, α, step count and norm per analysis "
                         "(separate folders, separate plot_curves.py calls) or rerun them with one setting.")
+
+
+def cell_threat(cell):
+    """The threat model of a cell's runs: the settings any of them records (check_attack_settings has
+    made them agree)."""
+    out = {}
+    for r in cell.runs:
+        out.update(r.attack)
+    return out
+
+
+def threat_differences(cell, base):
+    """[(setting, the cell's value, the baseline's value)] of the threat-model settings both record
+    and differ in: a ticket cell is only compared with a dense baseline that faced the same attack."""
+    mine, theirs = cell_threat(cell), cell_threat(base)
+    return [(k, mine[k], theirs[k]) for k in THREAT_KEYS if k in mine and k in theirs and mine[k] != theirs[k]]
+
+
+def protocol_conflicts(runs):
+    """One text per (figure group, setting) whose runs differ in that setting of :data:`PROTOCOL_KEYS`:
+    the group, then each value with one run directory that has it.
+
+    A figure group is (dataset, data rate, pretrain, method label, regime): its levels are drawn as one
+    line and judged together, so a level trained for other epochs (a grid changed after some runs
+    finished, say) would bend the curve without a trace.
+    """
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r.dataset, r.data_rate, r.pretrain, r.label, r.regime)].append(r)
+    out = []
+    for key in sorted(groups, key=lambda k: cell_sort_key(k + (0.0,))):
+        for setting in PROTOCOL_KEYS:
+            by_value = {}
+            for r in sorted(groups[key], key=lambda r: str(r.path)):
+                if setting in r.protocol:
+                    by_value.setdefault(r.protocol[setting], r.path.parent)
+            if len(by_value) > 1:
+                values = sorted(by_value.items(), key=lambda kv: (kv[0] is not None, type(kv[0]).__name__,
+                                                                  "" if kv[0] is None else kv[0]))
+                out.append(f"{group_text(*key)}: " + " vs ".join(f"{fmt_setting(setting, v)} (e.g. '{d}')"
+                                                                  for v, d in values))
+    return out
 
 
 def cell_sort_key(key):

@@ -1,4 +1,4 @@
-"""The double-win table: expected runs, the verdict of every group, and its outputs (DESIGN §5.5).
+"""The double-win table: expected runs, the verdict of every group, and its outputs (docs/contracts.md §5).
 
 A group is (dataset, data rate, pretrain label, method label); its baseline for a regime is the
 dense runs of the same dataset, data rate, pretrain label and regime. Each (group, regime, sparsity)
@@ -13,7 +13,10 @@ level missing a run is not judged, and a row with an unjudged level at or below 
 extreme (verdict "incomplete"). Rows never change because runs are missing in another group.
 A level that is incomplete is not judged; a group whose dense baseline is missing, short of seeds,
 or mixes architectures with its tickets gets no verdict (empty extreme_sparsity, verdict
-"no-baseline"). Each case is a warning.
+"no-baseline"); so does a group whose ticket runs of a regime faced another threat model than that
+regime's dense baseline (ε, α, steps, test ε/α/steps, norm: verdict "threat-mismatch", both settings
+named). Each case is a warning. Levels whose comparison holds a run kept at chance level
+(--allow-chance) are marked * in double_win.md's per-level table.
 
 Outputs: double_win.csv (the six §5.5 columns, then extreme_sparsity_contiguous, verdict,
 extreme_sparsity_supported), double_win.md (the same table, the per-level verdicts with their
@@ -22,20 +25,32 @@ and the support of each comparison and of the level's double-win), summary.csv (
 warnings.txt. ``verdict_rows(dirs, expected=None)`` returns the double_win.csv rows without writing.
 """
 
-import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import study.grid
 from analysis import common, verdict
-from analysis.runs import DENSE, build_cells, cell_sort_key, csv_number, group_text, groups_of, load_runs
+from analysis.runs import (
+    DENSE,
+    THREAT_KEYS,
+    build_cells,
+    cell_sort_key,
+    csv_number,
+    fmt_setting,
+    group_text,
+    groups_of,
+    load_runs,
+    protocol_conflicts,
+    threat_differences,
+)
+from utils import records
 from utils.checkpoint import atomic_write_text
 from utils.errors import UserError
 
 TABLE_FIELDS = ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels"]
-# appended after the six contract columns, in this order (DESIGN §5.5)
+# appended after the six contract columns, in this order (docs/contracts.md §5)
 EXTRA_FIELDS = ["extreme_sparsity_contiguous", "verdict", "extreme_sparsity_supported"]
 CSV_FIELDS = TABLE_FIELDS + EXTRA_FIELDS
 SUMMARY_FIELDS = ["dataset", "data_rate", "pretrain", "method", "regime", "sparsity", "n", "seeds", "complete",
@@ -52,7 +67,7 @@ VERDICT_REGIMES = ("st", "at")
 
 
 def _stage1_levels(runs, warnings):
-    """{ticket group: levels its stage-1 directories' sparsity.json list} (DESIGN §5.2)."""
+    """{ticket group: levels its stage-1 directories' sparsity.json list} (docs/contracts.md §2)."""
     read, levels = {}, defaultdict(set)
     for r in runs:
         if r.dense or r.stage1 is None:
@@ -61,13 +76,11 @@ def _stage1_levels(runs, warnings):
         if key not in read:
             path = r.stage1 / "sparsity.json"
             try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-                values = [float(v) for v in obj.values()] if isinstance(obj, dict) else None
-            except (OSError, ValueError, TypeError) as exc:
+                values = list(records.read_sparsity(path).values())
+            except UserError as exc:
                 values = None
-                warnings.append(f"'{path}' cannot be read ({exc.__class__.__name__}); its levels are not "
-                                "checked for missing runs.")
-            if values is not None and not all(math.isfinite(v) and 0.0 < v <= 100.0 for v in values):
+                warnings.append(f"{str(exc).rstrip('.')}; its levels are not checked for missing runs.")
+            if values is not None and not all(0.0 < v <= 100.0 for v in values):
                 warnings.append(f"'{path}' holds values that are not sparsities in percent; its levels are not "
                                 "checked for missing runs.")
                 values = None
@@ -100,7 +113,7 @@ def expected_from_results(runs, cells, stage1_levels):
 
 
 def expected_from_records(records, runs, base=None):
-    """Run keys of the records of ``study.grid.expected_runs`` (DESIGN §5.7).
+    """Run keys of the records of ``study.grid.expected_runs`` (docs/contracts.md §7).
 
     A record whose ``run_dir`` holds a loaded run takes that run's key; any other record is keyed by
     its fields, its method standing for every label of that method in its group (IMP runs split
@@ -198,6 +211,8 @@ def judge(cells, missing=None):
         group_regimes = {k[4] for k in cells if k[:4] == group}
         reasons, base_reasons = _no_verdict_reasons(cells, group, base, n_seeds, group_regimes,
                                                     missing.get((ds, rate, pre, DENSE), {}).get(0.0, {}))
+        mismatch, mismatch_notes = _threat_mismatch(cells, group, base)
+        reasons += mismatch
         if reasons:
             warnings.append(f"{where}: no double-win verdict because {'; '.join(reasons)}.")
         elif n_seeds < 2:
@@ -208,10 +223,12 @@ def judge(cells, missing=None):
         levels = sorted({k[5] for k in cells if k[:4] == group}
                         | {s for s, by_regime in gone.items() if any(r in by_regime for r in VERDICT_REGIMES)})
         wins, judged, supports = {}, [], {}
+        chance = _chance_levels(cells, group, base, levels)
         for s in levels:
             st, at = cells.get(group + ("st", s)), cells.get(group + ("at", s))
             absent = {r: seeds for r, seeds in gone.get(s, {}).items() if r in VERDICT_REGIMES}
             row, support = _level_row(group, s, st, at, base, absent, bool(reasons))
+            _add_notes(row, mismatch_notes.get(s, []) + (["chance-level runs (--allow-chance)"] if s in chance else []))
             if row["judged"]:
                 judged.append(s)
                 supports[s] = support
@@ -224,8 +241,45 @@ def judge(cells, missing=None):
                                     "it is not judged double-win.")
             level_rows.append(row)
         unjudged = [s for s in levels if s not in judged]
-        rows.append(_table_row(group, wins, supports, unjudged, reasons, base_reasons))
+        rows.append(_table_row(group, wins, supports, unjudged, reasons, base_reasons, mismatch))
+        rows[-1]["chance"] = chance
     return rows, level_rows, warnings
+
+
+def _threat_mismatch(cells, group, base):
+    """(one reason per setting in which the group's ticket cells of a regime and that regime's dense
+    baseline differ, naming both values; {level: notes}). Such a group gets no verdict: matching a
+    baseline that faced another attack says nothing about the ticket."""
+    found = defaultdict(list)  # (regime, setting, ticket value, dense value) -> levels
+    for key, cell in cells.items():
+        if key[:4] == group and key[4] in VERDICT_REGIMES and base[key[4]] is not None:
+            for setting, mine, theirs in threat_differences(cell, base[key[4]]):
+                found[(key[4], setting, mine, theirs)].append(key[5])
+    reasons, notes = [], defaultdict(list)
+    for (regime, setting, mine, theirs), levels in sorted(
+            found.items(), key=lambda kv: (kv[0][0], THREAT_KEYS.index(kv[0][1]), min(kv[1]))):
+        listed = ", ".join(common.fmt_sparsity(s) for s in sorted(levels))
+        reasons.append(f"its regime-{regime} tickets (level(s) {listed}) were run with {fmt_setting(setting, mine)} "
+                       f"but its regime-{regime} dense baseline with {fmt_setting(setting, theirs)}: another "
+                       "threat model")
+        for s in levels:
+            notes[s].append(f"{regime}: {fmt_setting(setting, mine)} here, {fmt_setting(setting, theirs)} in the "
+                            "dense baseline")
+    return reasons, notes
+
+
+def _chance_levels(cells, group, base, levels):
+    """The levels whose comparison involves a run kept at chance level (--allow-chance): its own
+    ST/AT runs, or any level when the dense baseline holds one."""
+    if any(c is not None and any(r.chance for r in c.runs) for c in base.values()):
+        return set(levels)
+    return {k[5] for k, c in cells.items()
+            if k[:4] == group and k[4] in VERDICT_REGIMES and any(r.chance for r in c.runs)}
+
+
+def _add_notes(row, notes):
+    if notes:
+        row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes)
 
 
 def _no_verdict_reasons(cells, group, base, n_seeds, group_regimes, dense_missing):
@@ -295,7 +349,7 @@ def _level_row(group, s, st, at, base, absent, no_verdict):
     return row, sup["double_win_support"]
 
 
-def _table_row(group, wins, supports, unjudged, reasons, base_reasons):
+def _table_row(group, wins, supports, unjudged, reasons, base_reasons, mismatch=()):
     """One double_win.csv row; an extreme with an unjudged level at or below it is withheld."""
     ds, rate, pre, label = group
     won = [s for s in sorted(wins) if wins[s]]
@@ -308,6 +362,8 @@ def _table_row(group, wins, supports, unjudged, reasons, base_reasons):
     contiguous = verdict.contiguous_extreme(wins) if not reasons else None
     if base_reasons:
         state = "no-baseline"
+    elif mismatch:
+        state = "threat-mismatch"
     elif reasons or unjudged:
         state = "incomplete"
     else:
@@ -318,14 +374,14 @@ def _table_row(group, wins, supports, unjudged, reasons, base_reasons):
             "extreme_sparsity_contiguous": "" if contiguous is None else common.fmt_sparsity(contiguous),
             "verdict": state,
             "extreme_sparsity_supported": bounded(verdict.supported_extreme(supports)),
-            "incomplete": _incompleteness(reasons, won, unjudged),
+            "incomplete": _incompleteness(reasons, won, unjudged, mismatch),
             "supports": supports, "wins": wins, "unjudged": unjudged}
 
 
-def _incompleteness(reasons, wins, unjudged):
+def _incompleteness(reasons, wins, unjudged, mismatch=()):
     """What a table row cannot say by itself: '' when every level of the group was judged."""
     if reasons:
-        return "no verdict (see warnings)"
+        return "no verdict (see warnings)" + (f": {'; '.join(mismatch)}" if mismatch else "")
     if not unjudged:
         return ""
     listed = ", ".join(common.fmt_sparsity(s) for s in unjudged)
@@ -369,12 +425,13 @@ class Analysis:
     level_rows: list
     warnings: list
     missing: list       # one line per level with expected runs that have no result
+    protocol_conflicts: list = field(default_factory=list)  # analysis.runs.protocol_conflicts of the runs
 
 
 def collect(dirs, expected=None, grid_base=None):
     """Read, group and judge the runs under ``dirs``.
 
-    ``expected``: records of ``study.grid.expected_runs`` (DESIGN §5.7) naming the runs
+    ``expected``: records of ``study.grid.expected_runs`` (docs/contracts.md §7) naming the runs
     that should exist; None infers them from the results (levels from the tickets' sparsity.json,
     seeds from the group and its dense baseline).
     """
@@ -387,7 +444,7 @@ def collect(dirs, expected=None, grid_base=None):
     missing = missing_runs(keys, cells)
     rows, level_rows, verdict_warnings = judge(cells, missing)
     return Analysis(runs, cells, rows, level_rows, warnings + cell_warnings + verdict_warnings,
-                    missing_messages(missing))
+                    missing_messages(missing), protocol_conflicts(runs))
 
 
 def verdict_rows(dirs, expected=None):
@@ -425,12 +482,17 @@ def levels_markdown(rows):
                 p = r["supports"].get(s)
                 mark = "?" if verdict.support_label(p) == "uncertain" else ""
                 cell = f"{'win' if r['wins'][s] else 'no'}{mark} ({p:.2f})"
+            if s in r.get("chance", ()):
+                cell += " *"
             line[common.fmt_sparsity(s)] = cell
         table.append(line)
     return ("\n## Double-win per level\n\n" + common.markdown_table(table, fields)
             + "\nwin / no: the verdict of the rule; the number is its support, the fraction of seed resamples "
               "under which the level is double-win. **?** marks an uncertain cell (support between "
-              f"{verdict.CONTRADICTED} and {verdict.SUPPORTED}): other seeds could well flip it.\n")
+              f"{verdict.CONTRADICTED} and {verdict.SUPPORTED}): other seeds could well flip it."
+            + (" **\\*** marks a level whose comparison holds a run that ended at chance level on validation SA "
+               "and was kept with --allow-chance (its own runs or the dense baseline's; see the warnings)."
+               if any(r.get("chance") for r in rows) else "") + "\n")
 
 
 def missing_markdown(missing):
@@ -451,7 +513,8 @@ def notes_markdown(warnings):
              "double-win; extreme_sparsity_supported: the largest level whose double-win support (the "
              f"fraction of seed resamples under which the rule holds) is ≥ {verdict.SUPPORTED}.",
              "- verdict: complete (every expected run present and judged), incomplete (runs missing: the "
-             "extremes are lower bounds at best), no-baseline (no usable dense baseline).",
+             "extremes are lower bounds at best), no-baseline (no usable dense baseline), threat-mismatch "
+             "(the tickets and their dense baseline faced different attacks: not compared).",
              "- levels with missing seeds are never averaged into a verdict; double_win_details.csv lists "
              "every level with its comparison and supports."]
     if warnings:

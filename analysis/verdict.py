@@ -3,7 +3,7 @@
 No I/O and no plotting, so ``analysis/plot_curves.py`` and ``script/sweep.py status`` judge a grid
 with the same code.
 
-Rule (DESIGN §2, the paper's reading):
+Rule (docs/protocol.md §1, the paper's reading):
 
 - a metric of a ticket is *matching* when its mean over seeds is ≥ the dense model's mean minus one
   dense std, the std being the sample standard deviation (ddof=1) for two or more seeds and 0 for

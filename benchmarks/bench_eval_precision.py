@@ -14,7 +14,6 @@ and RA mean something; ``--ticket`` applies a ticket's masks first. On the CPU i
 autocast exists there), but the question is a GPU one: ResNet-50 at 224 px on an H100/H200.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,12 @@ from attacks import evaluation_attack  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from training.engine import Precision, evaluate  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import class_list, fraction, run_main  # noqa: E402
+from utils.cli import ArgumentParser, class_list, fraction, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="digits", choices=["cifar10", "cifar100", "svhn", "digits", "folder"])
     p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
     p.add_argument("--classes", type=class_list, default=None)

@@ -14,7 +14,6 @@ reported.
         --json inference_cpu.json
 """
 
-import argparse
 import copy
 import statistics
 import sys
@@ -32,14 +31,14 @@ import pruning_utils as pu  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from benchmarks.bench_step import FlopCountUnavailable, flop_counter  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import int_list, run_main  # noqa: E402
+from utils.cli import ArgumentParser, int_list, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 GPU_BATCH, CPU_BATCH = 256, 16
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem for native 32 px inputs")
     p.add_argument("--num-classes", type=_common.positive_int, default=1000)

@@ -15,7 +15,6 @@ for the CPU meanwhile).  The tensor loader makes each batch only when asked, so 
     python benchmarks/bench_loader.py --device cuda --workers 16 --json loader.json
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import dataset  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 
@@ -49,7 +48,7 @@ class ArrayImages(torch.utils.data.Dataset):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image-size", type=_common.positive_int, default=224)
     p.add_argument("--native-size", type=_common.positive_int, default=32, help="side of the stored images")
     p.add_argument("--batch-size", type=_common.positive_int, default=128)

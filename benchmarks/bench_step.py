@@ -13,7 +13,6 @@ batches, alternating block by block after a warm-up; the medians are reported.
         --sparsity 89.26 --regime at --device cuda --json step_at.json
 """
 
-import argparse
 import contextlib
 import copy
 import json
@@ -35,7 +34,7 @@ from attacks import REGIMES, evaluation_attack, training_attack  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from training.engine import Precision, evaluate, make_sgd, train_epoch  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import fraction, run_main  # noqa: E402
+from utils.cli import ArgumentParser, fraction, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched in order as
@@ -48,7 +47,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem for native 32 px inputs")
     p.add_argument("--num-classes", type=_common.positive_int, default=10)

@@ -10,7 +10,6 @@ The data path is added in series, since the tensor loader shares the GPU with tr
     python benchmarks/estimate_run.py step_at.json --loader loader.json
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import atomic_write_json  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 TARGET_MINUTES = 75.0
@@ -28,7 +27,7 @@ TARGET_DATA_RATIO = 10.0
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("step_json", type=Path, help="bench_step.py --regime at --json output (with its evaluation)")
     p.add_argument("--loader", type=Path, default=None, help="bench_loader.py --json output")
     p.add_argument("--epochs", type=int, default=100)

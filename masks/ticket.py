@@ -1,4 +1,4 @@
-"""The ticket file (DESIGN §5.1): make, validate, save and load tickets, and read the seed repository's
+"""The ticket file (docs/contracts.md §1): make, validate, save and load tickets, and read the seed repository's
 IMP checkpoints as tickets."""
 
 import builtins
@@ -43,7 +43,7 @@ def ticket_family(method, pattern="unstructured", nm=None):
 
 def make_ticket(mask, *, round, method, retrain, arch, pretrain, init, source_dataset,
                 pattern="unstructured", nm=None, rewind="theta_p"):
-    """The ticket dict of DESIGN §5.1, version 2 (masks copied to CPU; sparsity in percent, 2 decimals).
+    """The ticket dict of docs/contracts.md §1, version 2 (masks copied to CPU; sparsity in percent, 2 decimals).
 
     ``pattern`` is "unstructured", "channel" or "nm" (then ``nm=[N, M]``); ``rewind`` is "theta_p"
     (IMP rewinds to θ_p; also OMP/RP, which prune θ_p itself) or "none".
@@ -77,7 +77,7 @@ def _check_mask_entry(name, m, where):
 
 
 def validate_ticket(ticket, where="ticket"):
-    """Raise :class:`UserError` unless ``ticket`` follows the ticket format (DESIGN §5.1) and its
+    """Raise :class:`UserError` unless ``ticket`` follows the ticket format (docs/contracts.md §1) and its
     masks back its claims: conv weights only, dense bool tensors, the recorded sparsity (to the
     0.01 points of its 2-decimal rounding) and the recorded pattern."""
     if not isinstance(ticket, dict):

@@ -29,12 +29,14 @@ if str(REPO) not in sys.path:
 from study.grid import build_grid, expand  # noqa: E402
 from study.local import Task, run_local  # noqa: E402
 from study.rundirs import LOG_NAME, last_error_line  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 # 8x8 grey digits with 17 intensity levels: 8/255 is below one level step, so the
 # threat model uses a larger radius that still keeps every digit recognisable to a person.
 EPS, ALPHA = "32/255", "8/255"
-COMMON = ["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem", "--batch-size", "64",
-          "--eps", EPS, "--alpha", ALPHA, "--no-progress"]
+# Every stage refuses a flag that has no effect on its run, so each command carries only what acts on it.
+MODEL = ["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem"]
+TRAINING = ["--batch-size", "64", "--no-progress"]
 PRETRAINS = {"std": "st", "fat": "fat", "at": "at"}  # label -> source training regime
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
 
@@ -48,7 +50,7 @@ def settings(quick):
     # Channel tickets get three levels (40, 64, 78% of the prunable filters): enough for a curve,
     # within the demo's time budget. Five seeds, not the paper's three: with a few hundred 8x8
     # images the seed-to-seed spread is wide, and three seeds left most cells' support uncertain
-    # (README, "How sure is the demo's table").
+    # (docs/demo.md §3, "How sure is the demo's table").
     return {"source_epochs": 15, "rounds": 4, "rate": 0.4, "epochs_per_round": 3, "epochs": 6,
             "scarce_epochs": 24, "seeds": [1, 2, 3, 4, 5], "rates": [1.0, 0.1], "omp_rp": True,
             "channel_rounds": 3}
@@ -68,7 +70,7 @@ def run_tasks(tasks, workers, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="the shortened demo (fewer rounds, one seed) CI runs")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: 1 on a GPU, else CPU cores)")
@@ -77,7 +79,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     s = settings(args.quick)
-    common = COMMON + (["--no-channels-last"] if args.no_channels_last else [])
+    training = TRAINING + (["--no-channels-last"] if args.no_channels_last else [])
     import torch
     on_gpu = torch.cuda.is_available()
     # on a GPU the sweep's default: one worker per visible GPU
@@ -95,10 +97,10 @@ def main(argv=None):
 
     # 1. dense source models on digits 0-4
     source = {label: out / "source" / label for label in PRETRAINS}
-    run_tasks([Task("main_downstream", common + [
+    run_tasks([Task("main_downstream", MODEL + training + source_attack_flags(regime) + [
         "--classes", SOURCE_CLASSES, "--init", "none", "--pretrain", label, "--regime", regime,
         "--epochs", str(s["source_epochs"]), "--lr", "0.1", "--milestones", str(int(s["source_epochs"] * 0.7)),
-        "--train-steps", "3", "--test-steps", "5", "--seed", "0", "--save-dir", str(source[label])],
+        "--test-steps", "5", "--seed", "0", "--save-dir", str(source[label])],
         source[label]) for label, regime in PRETRAINS.items()], workers and min(workers, 3), "1/4 pre-train sources")
     stage_done("1/4 pre-train sources")
 
@@ -111,10 +113,9 @@ def main(argv=None):
                         ("at", "rp", out / "tickets" / "at_rp", [], s["rounds"])]
     ticket_jobs += [(label, "omp", out / "tickets" / f"{label}_omp_channel", ["--pattern", "channel"],
                      s["channel_rounds"]) for label in ("at", "std")]
-    run_tasks([Task("main_imp_pretrain", common + [
+    run_tasks([Task("main_imp_pretrain", MODEL + ticket_flags(method, s, training) + [
         "--classes", SOURCE_CLASSES, "--init", str(source[label] / "model_best.pt"), "--pretrain", label,
-        "--method", method, "--retrain", "st", "--rate", str(s["rate"]), "--rounds", str(rounds),
-        "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01", "--seed", "0", *extra,
+        "--method", method, "--rate", str(s["rate"]), "--rounds", str(rounds), *extra,
         "--save-dir", str(save_dir)], save_dir, f"tickets/round_{rounds:02d}.pt")
         for label, method, save_dir, extra, rounds in ticket_jobs], workers, "2/4 find tickets")
     stage_done("2/4 find tickets")
@@ -138,8 +139,24 @@ def main(argv=None):
     return 0
 
 
+def source_attack_flags(regime):
+    """The threat model of a source model's training: st trains without an attack (its ε still sets the
+    robust evaluation), fat takes one FGSM step of α, at PGD-3."""
+    return (["--eps", EPS] + (["--alpha", ALPHA] if regime != "st" else [])
+            + (["--train-steps", "3"] if regime == "at" else []))
+
+
+def ticket_flags(method, s, training):
+    """IMP re-trains (standard, so no attack flags); OMP and RP only rank or draw, so they take no
+    training flags, and only RP's draw has a seed."""
+    if method == "imp":
+        return training + ["--retrain", "st", "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01",
+                           "--seed", "0"]
+    return ["--seed", "0"] if method == "rp" else []
+
+
 def transfer_grid(s, ticket_jobs, no_channels_last=False):
-    """Every ticket and dense model of each pre-training, to digits 5-9 under ST and AT (DESIGN.md §5.7)."""
+    """Every ticket and dense model of each pre-training, to digits 5-9 under ST and AT (docs/contracts.md §7)."""
     pretrain = {label: {"init": f"source/{label}/model_best.pt",
                         "tickets": [f"tickets/{d.name}" for lab, _, d, _, _ in ticket_jobs if lab == label]}
                 for label in PRETRAINS}

@@ -2,22 +2,28 @@
 
     python script/sweep.py plan   GRID.toml      # every run: its directory and exact command, and totals
     python script/sweep.py run    GRID.toml [--backend local|slurm] [--workers N] [--retries 1] [--print]
-    python script/sweep.py status GRID.toml      # per group: done / running / failed / pending, GPU-hours, disk
+                                            [--rerun-stale]
+    python script/sweep.py status GRID.toml      # per group: done / running / failed / pending / stale, GPU-hours, disk
 
-The grid file (DESIGN.md §5.7) names the θ_p file and the stage-1 ticket directories of each
+The grid file (docs/contracts.md §7) names the θ_p file and the stage-1 ticket directories of each
 pre-training, the axes and extra flags. The paper's per-dataset protocol (lr, epochs, milestones,
 batch size, weight decay, SVHN's cosine schedule, --eval-from) is NOT repeated here: flags the
 grid leaves unset are filled by main_downstream.py's own defaults, the one place they live.
 
 Every run gets one deterministic directory below ``out``; ``run`` skips runs whose results.json
 exists, so rerunning the same command after any interruption finishes the grid without rework.
+A run directory whose config.json differs from what the grid gives that run now (a [flags] value
+changed since) is ``stale``: ``run`` refuses the grid until ``--rerun-stale`` moves such
+directories aside (to ``DIR.stale-TIMESTAMP``, never deleted) and runs them again.
 A run's output goes to ``.sweep.log`` inside its directory (a dot-file, which main_downstream.py
 ignores when it checks that a new run directory is empty); a run that failed leaves
 ``.sweep-failed.json`` there for ``status``.
 """
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +35,28 @@ from study.grid import (  # noqa: E402
     Grid,
     Run,
     build_grid,
+    check_flag_keys,
     check_flags,
     expand,
     expected_runs,
     flag_args,
     load_grid,
+    refuse_flags_acting_nowhere,
 )
 from study.local import Task, run_local  # noqa: E402
-from study.rundirs import LOG_NAME, last_error_line, lock_holder, sweep_lock  # noqa: E402
+from study.rundirs import (  # noqa: E402
+    LOG_NAME,
+    entry_lock_holder,
+    last_error_line,
+    lock_holder,
+    plan_state,
+    refuse_linked_control_files,
+    stale_text,
+    sweep_lock,
+)
 from study.slurm import SlurmRun, parse_minutes, run_slurm  # noqa: E402
 from study.status import status_lines  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402
 
 # what users and tests call as sweep.NAME from before the study/ package
@@ -48,15 +66,18 @@ __all__ = ["Grid", "Run", "Task", "SlurmRun", "UserError", "build_grid", "expand
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["plan", "run", "status"])
-    p.add_argument("grid", help="grid file (TOML, DESIGN.md §5.7)")
+    p.add_argument("grid", help="grid file (TOML, docs/contracts.md §7)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
     p.add_argument("--workers", type=int, default=None,
                    help="local: parallel runs (default: one per visible GPU; on a CPU-only machine 1)")
     p.add_argument("--retries", type=int, default=1, help="local: retries of a failed run (default 1)")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="write the pending runs' commands, one per line, instead of running them")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="move each stale run directory (config.json differs from what the grid gives it now) "
+                        "aside to DIR.stale-TIMESTAMP and run it again; without it `run` refuses such a grid")
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--slurm-time", default="24:00:00", help="time limit per task: minutes or HH:MM:SS")
     p.add_argument("--slurm-array-parallelism", type=int, default=256, help="tasks running at once")
@@ -88,24 +109,72 @@ def parse_args(argv=None):
     return args
 
 
+def plan(runs, states):
+    for r in runs:
+        state, diffs = states[id(r)]
+        print(f"{state:7}  {r.run_dir}  {r.command()}")
+        if diffs:
+            print(f"         differs from its config.json: {stale_text(diffs)}")
+    count = {s: sum(state == s for state, _ in states.values()) for s in ("done", "pending", "stale")}
+    stale = f", {count['stale']} stale (`run --rerun-stale` moves them aside and runs them again)"
+    print(f"{len(runs)} runs: {count['done']} done, {count['pending']} pending" + (stale if count["stale"] else ""))
+
+
+def move_stale(runs, states, rerun):
+    """Refuse stale runs in one line, or (``rerun``) move each stale directory aside, never deleting it."""
+    stale = [r for r in runs if states[id(r)][0] == "stale"]
+    if stale and not rerun:
+        first = stale[0]
+        raise UserError(f"{len(stale)} run(s) of the grid are stale: their config.json differs from what the grid "
+                        f"gives them now (e.g. '{first.run_dir}': {stale_text(states[id(first)][1], 3)}); restore "
+                        "the grid's values, or rerun with --rerun-stale to move them aside and run them again "
+                        "(`status` lists them all).")
+    for r in stale:
+        aside = Path(f"{r.run_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while os.path.lexists(aside):
+            n += 1
+            aside = Path(f"{r.run_dir}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        with sweep_lock(r.run_dir) as mine:
+            if not mine or entry_lock_holder(r.run_dir):
+                raise UserError(f"'{r.run_dir}' is stale but {lock_holder(r.run_dir) or 'another process'} holds "
+                                "it; wait for that process to end, then rerun.")
+            os.rename(r.run_dir, aside)
+        print(f"sweep: stale run moved aside: {r.run_dir} -> {aside.name}", file=sys.stderr, flush=True)
+        states[id(r)] = ("pending", [])
+
+
+def left_out_lines(runs):
+    """One line per [flags] entry that some runs do not get, because it has no effect on them."""
+    left_out = {}
+    for r in runs:
+        for flag, where in r.acting_flags()[1].items():
+            left_out.setdefault(flag, [where, 0])[1] += 1
+    return [f"{flag}: left out of {n} of {len(runs)} runs, where it has no effect ({where})"
+            for flag, (where, n) in sorted(left_out.items())]
+
+
 def main(argv=None):
     args = parse_args(argv)
     grid = load_grid(args.grid)
     runs = expand(grid)
+    check_flag_keys(grid)
+    refuse_flags_acting_nowhere(grid, runs)
+    check_flags(runs)
     if args.command == "status":
         print("\n".join(status_lines(grid, runs)))
         return 0
-    check_flags(runs)
+    states = {id(r): plan_state(r) for r in runs}
     if args.command == "plan":
-        done = 0
-        for r in runs:
-            done += r.done
-            print(f"{'done' if r.done else 'pending':7}  {r.run_dir}  {r.command()}")
-        print(f"{len(runs)} runs: {done} done, {len(runs) - done} pending")
+        plan(runs, states)
+        for line in left_out_lines(runs):  # on stderr: stdout stays one line per run and the total
+            print(f"note: {line}", file=sys.stderr)
         return 0
+    refuse_linked_control_files(r.run_dir for r in runs if states[id(r)][0] != "done")
+    move_stale(runs, states, args.rerun_stale)
     if args.print_only:
         for r in runs:
-            if not r.done:
+            if states[id(r)][0] != "done":
                 print(r.command())
         return 0
     if args.backend == "slurm":

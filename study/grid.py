@@ -1,4 +1,4 @@
-"""The grid model: a grid file (TOML, DESIGN.md §5.7) -> a checked Grid -> every run it implies.
+"""The grid model: a grid file (TOML, docs/contracts.md §7) -> a checked Grid -> every run it implies.
 
 The grid names the θ_p file and the stage-1 ticket directories of each pre-training, the axes and
 extra flags. The paper's per-dataset protocol is NOT repeated here: flags the grid leaves unset are
@@ -7,13 +7,17 @@ deterministic directory below ``out``; ``expected_runs`` hands the same runs to 
 """
 
 import contextlib
+import difflib
+import functools
 import io
-import json
+import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.records import read_config, read_results, read_sparsity
 
 try:
     import tomllib
@@ -35,6 +39,10 @@ REGIMES = ("st", "fat", "at")
 AXIS_FLAGS = {"dataset", "init", "pretrained", "pretrain", "ticket", "tickets_file", "mask", "regime", "data_rate",
               "data_number", "seed", "save_dir"}
 PATH_FLAGS = {"data"}  # [flags] values that are paths, hence relative to the grid file
+# main_downstream.py's settings the grid sets per run (by whatever alias a [flags] key names them)
+AXIS_DESTS = {"dataset", "init", "pretrain", "ticket", "regime", "data_rate", "seed", "save_dir"}
+# what may become one component of a run directory's path: a plain name, never "." or ".."
+NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Grid:
     rounds: object  # "all" or a list of ints
     dense: bool
     flags: dict
+    source: str = ""  # the grid file's text, to name the line of a refused entry
 
 
 @dataclass
@@ -85,18 +94,75 @@ class Run:
         args = ["--dataset", self.dataset, "--init", self.init, "--pretrain", self.pretrain,
                 "--ticket", str(self.ticket) if self.ticket else "none", "--regime", self.regime,
                 "--data-rate", repr(float(self.data_rate)), "--seed", str(self.seed), "--save-dir", str(self.run_dir)]
-        return args + flag_args(self.flags)
+        return args + flag_args(self.acting_flags()[0])
+
+    def acting_flags(self):
+        """(the grid's flags that act on this run, {flag: where it applies} of those left out). A grid's
+        [flags] holds every run's extras, but a flag without effect on a run (--train-steps on an st
+        run) is refused by main_downstream.py, so each run gets only the flags that act on it."""
+        import main_downstream  # the stage's own rule of where each of its flags acts
+
+        context = {"dataset": self.dataset, "regime": self.regime, "data_rate": float(self.data_rate),
+                   "ticket": str(self.ticket) if self.ticket else "none", "init": self.init,
+                   **{k: _typed(k, self.flags[k]) for k in ("subset", "test_steps", "test_eps") if k in self.flags}}
+        acting, left_out = {}, {}
+        for key, value in self.flags.items():
+            flag = "--" + key.replace("_", "-")
+            try:
+                applies, where = main_downstream.flag_applies(flag, **context)
+            except UserError:  # not a flag of the stage: check_flags reports it with the parser's words
+                applies = True
+            if applies or value is False:
+                acting[key] = value
+            else:
+                left_out[flag] = where
+        return acting, left_out
 
     def command(self, python="python"):
         return shlex.join([python, str(ENTRY), *self.argv()])
 
     @property
     def done(self):
-        return (self.run_dir / "results.json").exists()
+        """Whether the run's results.json is there and valid; a damaged one is a UserError naming it."""
+        return run_finished(self.run_dir)
+
+    def point(self):
+        """The grid point this run is, in words."""
+        where = "dense" if self.round is None else f"{self.method} round {self.round} ({self.sparsity:.2f}%)"
+        return (f"dataset {self.dataset}, data rate {self.data_rate!r}, regime {self.regime}, pretrain "
+                f"{self.pretrain}, {where}, seed {self.seed}")
 
 
-def _fail(grid_path, message):
-    raise UserError(f"grid file '{grid_path}': {message}")
+def run_finished(run_dir):
+    """A stage-2 run directory is finished when its results.json is a valid one (utils.records);
+    anything else in that place (a directory, an empty or damaged file) is a UserError naming it."""
+    path = Path(run_dir) / "results.json"
+    if not os.path.lexists(path):
+        return False
+    read_results(path)
+    return True
+
+
+def _fail(grid_path, message, line=None):
+    where = f"grid file '{grid_path}'" + (f", line {line}" if line else "")
+    raise UserError(f"{where}: {message}")
+
+
+def key_line(source, table, key):
+    """The line number of ``key`` in ``[table]`` of a TOML text (else of its first mention), or None."""
+    current, first = None, None
+    for number, line in enumerate(source.splitlines(), 1):
+        text = line.strip()
+        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", text)
+        if header:
+            current = header.group(1)
+            continue
+        for spelled in (key, f'"{key}"', f"'{key}'"):
+            if text.startswith(spelled) and text[len(spelled):].lstrip().startswith("="):
+                if current == table:
+                    return number
+                first = first or number
+    return first
 
 
 def _fmt_value(value):
@@ -146,26 +212,20 @@ def _read_ticket_dir(grid_path, label, path):
         _fail(grid_path, f"[pretrain.{label}] ticket directory '{path}' does not exist; give the --save-dir of a "
                          "main_imp_pretrain.py run (relative paths are relative to the grid file).")
     spars = path / "sparsity.json"
-    if not spars.is_file():
+    if not os.path.lexists(spars):
         _fail(grid_path, f"ticket directory '{path}' has no sparsity.json; it is not a finished main_imp_pretrain.py "
                          "--save-dir (rerun stage 1 until it writes its tickets).")
-    try:
-        levels = {int(k): float(v) for k, v in json.loads(spars.read_text()).items()}
-    except (ValueError, AttributeError):
-        _fail(grid_path, f"'{spars}' is not a {{round: sparsity}} JSON object; rerun stage 1 to rewrite it.")
+    levels = read_sparsity(spars)
     if not levels:
         _fail(grid_path, f"'{spars}' lists no rounds yet; let stage 1 finish at least one round.")
     import pruning_utils
 
     method = retrain = pattern = nm = None
     config = path / "config.json"
-    if config.is_file():
-        try:
-            cfg = json.loads(config.read_text())
-            method, retrain = cfg.get("method"), cfg.get("retrain")
-            pattern, nm = cfg.get("pattern"), cfg.get("nm")
-        except json.JSONDecodeError:
-            pass
+    if os.path.lexists(config):
+        cfg = read_config(config)
+        method, retrain = cfg.get("method"), cfg.get("retrain")
+        pattern, nm = cfg.get("pattern"), cfg.get("nm")
     if method is None:  # a directory without our config: the ticket file says what it is
         first = path / "tickets" / f"round_{min(levels):02d}.pt"
         ticket = pruning_utils.load_ticket(first)
@@ -174,8 +234,14 @@ def _read_ticket_dir(grid_path, label, path):
     if method not in ("imp", "omp", "rp", "lmp"):
         _fail(grid_path, f"cannot tell the pruning method of '{path}' (config.json and its tickets name none).")
     # structured tickets are their own family ("omp_channel"): own run directories, own verdict rows
+    if not (pattern is None or isinstance(pattern, str)) or not (nm is None or isinstance(nm, list) and len(nm) == 2):
+        _fail(grid_path, f"the stage-1 run in '{path}' names the sparsity pattern {pattern!r} (N:M {nm!r}), which "
+                         "this tool does not write; rerun stage 1 there.")
     method = pruning_utils.ticket_family(method, pattern, nm)
     name = f"{method}-at" if method == "imp" and retrain == "at" else method
+    if not is_name(name):
+        _fail(grid_path, f"the ticket family {name!r} of '{path}' is not a plain name (letters, digits, '.', '_', '-'), "
+                         "and it would become a directory of its runs; rerun stage 1 there.")
     return TicketDir(path=path, method=method, retrain=retrain, levels=levels, name=name)
 
 
@@ -187,34 +253,64 @@ def load_grid(grid_path):
     if tomllib is None:
         raise UserError("reading a grid file on Python < 3.11 needs the tomli package; `pip install tomli`.")
     try:
-        spec = tomllib.loads(grid_path.read_text())
+        source = grid_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = grid_path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"grid file '{grid_path}', line {line}: not UTF-8 text (byte {exc.start}); save the file as "
+                        "UTF-8.") from None
+    except OSError as exc:
+        raise UserError(f"grid file '{grid_path}' cannot be read ({exc.strerror or exc}).") from None
+    try:
+        spec = tomllib.loads(source)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"grid file '{grid_path}' is not valid TOML ({exc}); fix the line it names.") from None
-    return build_grid(spec, grid_path.resolve().parent, grid_path)
+        message = " ".join(str(exc).split())
+        raise UserError(f"grid file '{grid_path}' is not valid TOML ({message}); fix the line it names.") from None
+    return build_grid(spec, grid_path.resolve().parent, grid_path, source)
 
 
-def build_grid(spec, base, grid_path):
-    """A checked Grid from the parsed file ``spec``; relative paths are taken from ``base``.
+def build_grid(spec, base, grid_path, source=""):
+    """A checked Grid from the parsed file ``spec`` (whose text ``source``, when given, names the
+    lines of refused entries); relative paths are taken from ``base``.
     (script/demo.py builds its grid in code through this.)"""
     base = Path(base)
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         _fail(grid_path, f"unknown key(s) {', '.join(unknown)}; the file holds only out, [pretrain.LABEL], [axes] "
-                         "and [flags] (DESIGN.md §5.7).")
+                         "and [flags] (docs/contracts.md §7).")
     if not isinstance(spec.get("out"), str) or not spec["out"]:
         _fail(grid_path, "needs out = \"DIR\", the folder every run directory goes below.")
     pretrain = spec.get("pretrain")
     if not isinstance(pretrain, dict) or not pretrain:
         _fail(grid_path, "needs at least one [pretrain.LABEL] table with init = \"θ_p file\" and tickets = [...].")
+    for label in pretrain:
+        if not is_name(label):
+            _fail(grid_path, f"the pre-training label {label!r} is not a plain name (letters, digits, '.', '_', '-'; "
+                             "not '.' or '..'): it becomes a directory of every run; rename [pretrain.LABEL].",
+                  _header_line(source, label))
     axes = _read_axes(grid_path, spec.get("axes"))
     pretrains = {label: _read_pretrain(grid_path, base, label, table, axes["rounds"])
                  for label, table in pretrain.items()}
     if not axes["dense"] and not any(p["tickets"] for p in pretrains.values()):
         _fail(grid_path, "implies no runs: no pre-training lists tickets and dense = false.")
-    flags = _read_flags(grid_path, base, spec.get("flags", {}))
+    flags = _read_flags(grid_path, base, spec.get("flags", {}), source)
     return Grid(path=Path(grid_path).resolve(), out=(base / spec["out"]).resolve(), pretrains=pretrains,
                 datasets=axes["datasets"], regimes=axes["regimes"], data_rates=[float(r) for r in axes["rates"]],
-                seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags)
+                seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source)
+
+
+def is_name(text):
+    """A string that may be one component of a path: [A-Za-z0-9._-]+, not "." or ".."."""
+    return isinstance(text, str) and NAME.fullmatch(text) is not None and text not in (".", "..")
+
+
+def _header_line(source, label):
+    """The line of the [pretrain.LABEL] header (the label bare or quoted), or None."""
+    spelled = {f"pretrain.{label}", f'pretrain."{label}"', f"pretrain.'{label}'"}
+    for number, line in enumerate(source.splitlines(), 1):
+        header = re.fullmatch(r"\[([^\[\]]+)\]\s*(#.*)?", line.strip())
+        if header and "".join(header.group(1).split()) in {"".join(h.split()) for h in spelled}:
+            return number
+    return None
 
 
 def _read_axes(grid_path, axes):
@@ -234,6 +330,9 @@ def _read_axes(grid_path, axes):
         if not isinstance(rounds, list) or not rounds or not all(
                 isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rounds):
             _fail(grid_path, f"[axes] rounds must be \"all\" or a non-empty list of round numbers such as [1, 5, 10], "
+                             f"not {rounds!r}.")
+        if any(b <= a for a, b in zip(rounds, rounds[1:])):
+            _fail(grid_path, f"[axes] rounds must list each round once, in increasing order (such as [1, 5, 10]), "
                              f"not {rounds!r}.")
     dense = axes.get("dense", True)
     if not isinstance(dense, bool):
@@ -290,16 +389,19 @@ def _check_ticket_dirs(grid_path, label, dirs, rounds):
                                  "sparsity.json lists it; rerun stage 1 in that directory.")
 
 
-def _read_flags(grid_path, base, flags):
+def _read_flags(grid_path, base, flags, source=""):
     """The checked [flags] table; path values are taken from ``base``."""
     if not isinstance(flags, dict):
         _fail(grid_path, "[flags] must be a table of main_downstream.py flags.")
     clean = {}
     for key, value in flags.items():
         norm = key.replace("-", "_")
+        if "=" in key or not key.strip("-_") or key.startswith("-"):
+            _fail(grid_path, f"[flags] key {key!r} is not a flag name: write the name alone, without dashes or "
+                             "'=', and the value after it, e.g. epochs = 2.", key_line(source, "flags", key))
         if norm in AXIS_FLAGS:
             _fail(grid_path, f"[flags] sets '{key}', which the grid sets per run from [axes] and [pretrain.*]; "
-                             "remove it from [flags].")
+                             "remove it from [flags].", key_line(source, "flags", key))
         scalar = (str, int, float, bool)
         if isinstance(value, list):
             if not all(isinstance(v, scalar) and not isinstance(v, bool) for v in value):
@@ -341,7 +443,19 @@ def expand(grid, flags_for=None):
                             if flags_for is not None:
                                 run.flags.update(flags_for(run))
                             runs.append(run)
+    _refuse_shared_dirs(grid, runs)
     return runs
+
+
+def _refuse_shared_dirs(grid, runs):
+    """Two grid points in one run directory would make the second look finished by the first's results."""
+    seen = {}
+    for run in runs:
+        other = seen.setdefault(run.run_dir, run)
+        if other is not run:
+            _fail(grid.path, f"two runs map to one directory '{run.run_dir}': ({other.point()}) and ({run.point()}); "
+                             "their directory names round the data rate or the sparsity alike, so list only one "
+                             "of them ([axes] rounds, data_rate).")
 
 
 def expected_record(r):
@@ -355,17 +469,72 @@ def expected_runs(grid_path):
     return [expected_record(r) for r in expand(load_grid(grid_path))]
 
 
-def check_flags(runs):
-    """Let main_downstream.py's own parser judge the flags once, before hundreds of runs fail on them."""
-    if not runs:
-        return
+@functools.lru_cache(maxsize=None)
+def stage_options():
+    """main_downstream.py's option strings -> their argparse actions."""
     import main_downstream
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            main_downstream.parse_args(runs[0].argv())
-    except SystemExit:
-        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-        reason = lines[-1].split(" error: ", 1)[-1] if lines else "usage error"
-        raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); "
-                        "fix [flags] in the grid file.") from None
+
+    return {o: a for a in main_downstream.build_parser()._actions for o in a.option_strings}
+
+
+def _typed(key, value):
+    """A [flags] value as main_downstream.py's parser reads it (test_steps = "2" is the number 2)."""
+    action = stage_options().get(flag_args({key: True})[0])
+    if isinstance(value, str) and action is not None and callable(action.type):
+        with contextlib.suppress(Exception):  # a value the parser refuses: check_flags says so in one line
+            return action.type(value)
+    return value
+
+
+def refuse_flags_acting_nowhere(grid, runs):
+    """A [flags] entry left out of every run (Run.acting_flags: it has no effect on any of them) is
+    refused with its line, as main_downstream.py refuses a flag without effect."""
+    left_out = {}
+    for r in runs:
+        for flag, where in r.acting_flags()[1].items():
+            left_out.setdefault(flag, [where, 0])[1] += 1
+    for key in grid.flags:
+        flag = flag_args({key: True})[0]
+        if runs and left_out.get(flag, [None, 0])[1] == len(runs):
+            _fail(grid.path, f"[flags] {key} ({flag}) has no effect on any run of the grid: it {left_out[flag][0]}; "
+                             "drop it.", key_line(grid.source, "flags", key))
+
+
+def check_flag_keys(grid):
+    """Every [flags] key must be, spelt out in full, a flag of main_downstream.py's parser, and none
+    may set what the grid sets per run (an axis, the θ_p file, the ticket, the run directory)."""
+    options = {o: a.dest for o, a in stage_options().items()}
+    for key in grid.flags:
+        flag = flag_args({key: True})[0]
+        line = key_line(grid.source, "flags", key)
+        if flag not in options:
+            near = difflib.get_close_matches(flag, [o for o in options if o.startswith("--")], n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            _fail(grid.path, f"main_downstream.py rejects the grid's flags: [flags] {key} would be {flag}, which is "
+                             f"not one of its flags{hint}; fix or remove it (python main_downstream.py --help).", line)
+        if options[flag] in AXIS_DESTS:
+            _fail(grid.path, f"[flags] sets '{key}' ({flag}, main_downstream.py's {options[flag]}), which the grid "
+                             "sets per run from [axes] and [pretrain.*]; remove it from [flags].", line)
+
+
+def check_flags(runs):
+    """Let main_downstream.py's own parser and defaults judge the flags, before hundreds of runs fail
+    on them: once per kind of run (dataset, regime, data rate, dense or not: the flags each gets)."""
+    import main_downstream
+
+    kinds = {}
+    for r in runs:
+        kinds.setdefault((r.dataset, r.regime, r.data_rate, r.ticket is None, str(r.init).lower() == "none",
+                          tuple(flag_args(r.acting_flags()[0]))), r)
+    for run in kinds.values():
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                main_downstream.config_for(run.argv())
+            continue
+        except SystemExit:
+            lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+            reason = lines[-1].split(" error: ", 1)[-1].removeprefix("error: ") if lines else "usage error"
+        except UserError as exc:  # a value its defaults resolution refuses (e.g. epochs = 0)
+            reason = str(exc).rstrip(".")
+        raise UserError(f"main_downstream.py rejects the grid's flags ({reason}); fix [flags] in the grid file.")

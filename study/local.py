@@ -20,17 +20,17 @@ from pathlib import Path
 
 from study.grid import REPO
 from study.rundirs import (
-    LOG_NAME,
     clear_failure,
     entry_lock_holder,
     last_error_line,
     lock_holder,
     log_header,
+    open_log,
     record_failure,
     sweep_lock,
 )
 from utils.cli import run_main
-from utils.errors import EXIT_PREEMPTED
+from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Task:
 
     @property
     def done(self):
-        return (Path(self.run_dir) / self.done_file).exists()
+        return (Path(self.run_dir) / self.done_file).is_file()
 
 
 def call_in_process(run, attempt):
@@ -65,7 +65,7 @@ def call_in_process(run, attempt):
         if not mine or entry_lock_holder(run.run_dir):  # another sweep, or a run started by hand
             return "busy"
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM))}
-        with open(run.run_dir / LOG_NAME, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        with open_log(run.run_dir) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
             log_header(fh, run, f"attempt {attempt}")
             try:
                 rc = run_main(entry.main, run.argv())
@@ -78,9 +78,16 @@ def call_in_process(run, attempt):
             finally:
                 for sig, handler in saved.items():  # a run's stop handler must not outlive it in this worker
                     signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        if rc == 0 and not run.done:
+        if rc == 0 and not _finished(run):
             rc = 1
         return rc
+
+
+def _finished(run):
+    try:
+        return run.done
+    except UserError:  # a results.json the run did not write whole: not finished
+        return False
 
 
 def _worker_main(conn, env, threads):
@@ -99,7 +106,11 @@ def _worker_main(conn, env, threads):
             return
         run, attempt = task
         start = time.perf_counter()
-        rc = call_in_process(run, attempt)
+        try:
+            rc = call_in_process(run, attempt)
+        except UserError as exc:  # a control file of the run refused (a symbolic link in its place)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            rc = EXIT_USER_ERROR
         conn.send((rc, time.perf_counter() - start))
 
 
@@ -249,7 +260,7 @@ def _bury(pool, w, retries, queue, result, progress, stops):
     if w["task"] is not None:
         code = w["proc"].exitcode
         run = w["task"][0]
-        with open(run.run_dir / LOG_NAME, "a") as fh:
+        with contextlib.suppress(UserError), open_log(run.run_dir) as fh:
             fh.write(f"# sweep: the worker process died (exit code {code}) during this run\n")
         _settle(w["task"], EXIT_PREEMPTED if stops else f"worker died ({code})", retries,
                 queue, result, progress, stops > 0)

@@ -2,7 +2,9 @@
 
 A run's output goes to ``.sweep.log`` inside its directory (a dot-file, which main_downstream.py
 ignores when it checks that a new run directory is empty); a run that failed leaves
-``.sweep-failed.json`` there for ``status``.
+``.sweep-failed.json`` there for ``status``. These control files are opened through
+utils.rundir.open_control_file, never through a symbolic link. A run directory whose config.json
+differs from the config the grid gives that run now is ``stale``.
 """
 
 import contextlib
@@ -13,7 +15,36 @@ import socket
 import time
 from pathlib import Path
 
+from study.grid import run_finished
+from utils.errors import UserError
+from utils.records import read_config, read_json
+
 LOG_NAME, FAILED_NAME, LOCK_NAME = ".sweep.log", ".sweep-failed.json", ".sweep.lock"
+CONTROL_NAMES = (LOCK_NAME, LOG_NAME, FAILED_NAME)
+
+
+def open_control(path, flags):
+    """A control file's descriptor, never through a symbolic link (utils.rundir.open_control_file)."""
+    # imported here: utils.rundir loads torch (through utils.checkpoint), and plan and the grid's
+    # error messages should not wait for it
+    from utils.rundir import open_control_file
+
+    return open_control_file(path, flags, 0o666)
+
+
+def open_log(run_dir):
+    """The run's log, opened for appending (text)."""
+    return os.fdopen(open_control(Path(run_dir) / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
+
+
+def refuse_linked_control_files(run_dirs):
+    """One line for the first control file that is a symbolic link, before any run starts."""
+    for run_dir in run_dirs:
+        for name in CONTROL_NAMES:
+            path = Path(run_dir) / name
+            if path.is_symlink():
+                raise UserError(f"'{path}' is a symbolic link, and control files are never followed; remove the "
+                                "link (its target is untouched) and rerun.")
 
 
 def lock_holder(run_dir):
@@ -24,8 +55,6 @@ def lock_holder(run_dir):
 
 def entry_lock_holder(run_dir):
     """The holder of the lock main_downstream.py takes on its --save-dir."""
-    # imported here: utils.rundir loads torch (through utils.checkpoint), and plan and the grid's
-    # error messages should not wait for it
     from utils import rundir
 
     return rundir.lock_holder(run_dir)
@@ -33,17 +62,18 @@ def entry_lock_holder(run_dir):
 
 def _sweep_lock_holder(run_dir):
     path = Path(run_dir) / LOCK_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        with open(path) as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return fh.read().strip() or "unknown"
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    except OSError:
+        fd = open_control(path, os.O_RDONLY)
+    except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return fh.read(256).decode("utf-8", "replace").strip() or "unknown"
+        fcntl.flock(fh, fcntl.LOCK_UN)
     return None
 
 
@@ -52,7 +82,7 @@ def sweep_lock(run_dir):
     """Hold ``run_dir``'s sweep lock; yields False (holding nothing) when another process has it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / LOCK_NAME, "a+")
+    fh = os.fdopen(open_control(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT), "r+")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,10 +101,10 @@ def sweep_lock(run_dir):
 def last_error_line(run_dir):
     """The last non-empty line of the run's log: what a failed run said last."""
     log = Path(run_dir) / LOG_NAME
-    if not log.exists():
+    if not os.path.lexists(log):
         return ""
-    with open(log, "rb") as fh:
-        fh.seek(max(0, log.stat().st_size - 8192))
+    with os.fdopen(open_control(log, os.O_RDONLY), "rb") as fh:
+        fh.seek(max(0, os.fstat(fh.fileno()).st_size - 8192))
         tail = fh.read().decode("utf-8", "replace")
     lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -85,8 +115,24 @@ def record_failure(run_dir, rc, attempts):
     record = {"exit_status": rc, "attempts": attempts, "error": last_error_line(run_dir),
               "host": socket.gethostname(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     tmp = Path(run_dir) / f"{FAILED_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, Path(run_dir) / FAILED_NAME)
+    with os.fdopen(open_control(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as fh:
+        fh.write(json.dumps(record, indent=1))
+    os.replace(tmp, Path(run_dir) / FAILED_NAME)  # replaces a link in its place, never writes through it
+
+
+def read_failure(run_dir):
+    """The failure record ``record_failure`` left, checked ({} when there is none)."""
+    path = Path(run_dir) / FAILED_NAME
+    if not os.path.lexists(path):
+        return {}
+    if path.is_symlink():
+        raise UserError(f"'{path}' is a symbolic link, and control files are never followed; remove the link.")
+    record = read_json(path, "failure record")
+    status, error = record.get("exit_status"), record.get("error")
+    if isinstance(status, bool) or not isinstance(status, (int, str)) or not isinstance(error, str):
+        raise UserError(f"failure record '{path}' lacks a readable exit status or error; remove it (the run is "
+                        "retried by `run` either way).")
+    return record
 
 
 def clear_failure(run_dir):
@@ -102,13 +148,61 @@ def log_header(fh, run, note):
 
 
 
+def recorded_config(run_dir):
+    """The run directory's config.json (checked), or None when there is none yet."""
+    path = Path(run_dir) / "config.json"
+    return read_config(path) if os.path.lexists(path) else None
+
+
+def stale_keys(run, old, finished):
+    """(key, recorded, now) for every setting in which ``old``, the run directory's config.json,
+    differs from the config the grid gives the run now ([] when they agree or ``old`` is None);
+    ``finished``: whether the run is (a finished run is compared on the settings that act on it).
+    Compared by main_downstream.py's own config_for and config_changes, as a rerun of it would; a
+    UserError here is the grid's flags, not the run directory."""
+    if old is None:
+        return []
+    import main_downstream
+
+    return main_downstream.config_changes(old, main_downstream.config_for(run.argv()), finished=finished)
+
+
+def stale_text(diffs, limit=6):
+    return "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:limit]) + (" ..." if len(diffs) > limit else "")
+
 
 def run_state(run):
-    """done, running (a live process holds it), failed (a failure record) or pending."""
-    if run.done:
-        return "done"
-    if lock_holder(run.run_dir):
-        return "running"
-    if (run.run_dir / FAILED_NAME).exists():
-        return "failed"
-    return "pending"
+    """(state, detail): done, stale (its config.json differs from what the grid gives it now;
+    detail: the differences), running (a live process holds it), failed (a failure record, or a
+    damaged file; detail: why) or pending. A damaged file of the run is its state, never an error."""
+    try:
+        old, finished = recorded_config(run.run_dir), run_finished(run.run_dir)
+    except UserError as exc:
+        return "failed", f"invalid: {exc}"
+    diffs = stale_keys(run, old, finished)
+    try:
+        if diffs:
+            return ("running", "") if lock_holder(run.run_dir) else ("stale", diffs)
+        if finished:
+            return "done", ""
+        if lock_holder(run.run_dir):
+            return "running", ""
+        record = read_failure(run.run_dir)
+    except UserError as exc:
+        return "failed", f"invalid: {exc}"
+    if record:
+        try:
+            return "failed", last_error_line(run.run_dir) or record.get("error", "")
+        except UserError as exc:
+            return "failed", f"invalid: {exc}"
+    return "pending", ""
+
+
+def plan_state(run):
+    """(state, differences) as plan and run see a run: done, stale or pending. A damaged
+    results.json or config.json is a UserError naming it: nothing is run over it."""
+    old, finished = recorded_config(run.run_dir), run_finished(run.run_dir)
+    diffs = stale_keys(run, old, finished)
+    if diffs:
+        return "stale", diffs
+    return ("done" if finished else "pending"), []

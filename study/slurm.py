@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from study.grid import ENTRY, REPO
+from study.grid import ENTRY, REPO, run_finished
 from study.rundirs import (
-    LOG_NAME,
     clear_failure,
     entry_lock_holder,
     last_error_line,
     lock_holder,
+    open_log,
     record_failure,
     sweep_lock,
 )
@@ -50,13 +50,19 @@ class SlurmRun:
 
     def __call__(self):
         run_dir = Path(self.run_dir)
-        if (run_dir / "results.json").exists():
-            return 0
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if run_finished(run_dir):
+                return 0
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return self._run_locked(run_dir)
+        except UserError as exc:  # a damaged results.json, a control file that is a link
+            raise RuntimeError(str(exc)) from None
+
+    def _run_locked(self, run_dir):
         with sweep_lock(run_dir) as mine:
             if not mine or entry_lock_holder(run_dir):
                 raise RuntimeError(f"{lock_holder(run_dir)} is already working on {run_dir}")
-            with open(run_dir / LOG_NAME, "a") as fh:
+            with open_log(run_dir) as fh:
                 fh.write(f"\n# sweep: slurm task {os.environ.get('SLURM_ARRAY_JOB_ID', '?')}_"
                          f"{os.environ.get('SLURM_ARRAY_TASK_ID', '?')} on {socket.gethostname()} at "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# {shlex.join(self.command())}\n")

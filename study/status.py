@@ -2,14 +2,15 @@
 double-win verdict of every group whose runs are all done (from analysis.table, the table's own code)."""
 
 import contextlib
-import csv
-import json
 import os
 from pathlib import Path
 
 from study.grid import REGIMES, expected_record
-from study.rundirs import FAILED_NAME, last_error_line, run_state
+from study.rundirs import run_state, stale_text
 from utils.errors import UserError
+from utils.records import read_log
+
+STATES = ("done", "running", "failed", "pending", "stale")
 
 
 def dir_bytes(path):
@@ -22,15 +23,28 @@ def dir_bytes(path):
 
 
 def gpu_seconds(run_dir):
+    """The summed ``seconds`` of the run's log.csv (utils.records.read_log: a damaged log is a UserError)."""
     path = Path(run_dir) / "log.csv"
-    if not path.exists():
+    if not os.path.lexists(path):
         return 0.0
     total = 0.0
-    with contextlib.suppress(OSError, csv.Error), open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            with contextlib.suppress(TypeError, ValueError):
-                total += float(row.get("seconds") or 0)
+    for row in read_log(path):
+        with contextlib.suppress(TypeError, ValueError):
+            total += float(row.get("seconds") or 0)
     return total
+
+
+def _states(runs):
+    """id(run) -> (state, detail, GPU-seconds); a run with a damaged file is failed, the damage its detail."""
+    out = {}
+    for r in runs:
+        state, detail = run_state(r)
+        try:
+            seconds = gpu_seconds(r.run_dir)
+        except UserError as exc:
+            seconds, state, detail = 0.0, "failed", f"invalid: {exc}"
+        out[id(r)] = (state, detail, seconds)
+    return out
 
 
 def human_bytes(n):
@@ -60,37 +74,38 @@ def status_lines(grid, runs):
     groups = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
-    states = {id(r): run_state(r) for r in runs}
-    rows, failed, total_bytes, total_gpu = [], [], 0, 0.0
+    full = _states(runs)
+    states = {key: state for key, (state, _, _) in full.items()}
+    rows, total_bytes, total_gpu = [], 0, 0.0
     order = {"dense": ""}
     for key in sorted(groups, key=lambda k: (k[0], -k[1], k[2], order.get(k[3], k[3]), REGIMES.index(k[4]))):
         members = groups[key]
         dataset, rate, pretrain, method, regime = key
-        counts = {s: sum(states[id(r)] == s for r in members) for s in ("done", "running", "failed", "pending")}
-        seconds = sum(gpu_seconds(r.run_dir) for r in members)
+        counts = {s: sum(states[id(r)] == s for r in members) for s in STATES}
+        seconds = sum(full[id(r)][2] for r in members)
         sizes = [dir_bytes(r.run_dir) for r in members if r.run_dir.exists()]
         total_bytes += sum(sizes)
         total_gpu += seconds
-        rows.append([dataset, f"{rate:g}", pretrain, method, regime, len(members), counts["done"], counts["running"],
-                     counts["failed"], counts["pending"], f"{seconds / 3600:.3f}",
+        rows.append([dataset, f"{rate:g}", pretrain, method, regime, len(members),
+                     *(counts[s] for s in STATES), f"{seconds / 3600:.3f}",
                      human_bytes(sum(sizes) / len(sizes)) if sizes else "-"])
-        failed += [r for r in members if states[id(r)] == "failed"]
-    header = ["dataset", "rate", "pretrain", "method", "regime", "runs", "done", "running", "failed", "pending",
-              "GPU-h", "disk/run"]
+    header = ["dataset", "rate", "pretrain", "method", "regime", "runs", *STATES, "GPU-h", "disk/run"]
     lines = [f"grid {_show(grid.path)} -> {_show(grid.out)}", *_table(header, rows)]
+    failed = [r for r in runs if states[id(r)] == "failed"]
     if failed:
         lines += ["", f"failed runs ({len(failed)}; `run` retries them):"]
-        for r in failed:
-            info = {}
-            with contextlib.suppress(OSError, json.JSONDecodeError):
-                info = json.loads((r.run_dir / FAILED_NAME).read_text())
-            lines.append(f"  {_show(r.run_dir)}: {last_error_line(r.run_dir) or info.get('error', '')}")
+        lines += [f"  {_show(r.run_dir)}: {full[id(r)][1]}" for r in failed]
+    stale = [r for r in runs if states[id(r)] == "stale"]
+    if stale:
+        lines += ["", f"stale runs ({len(stale)}; their config.json differs from what the grid gives them now; "
+                      "`run --rerun-stale` moves them aside and runs them again):"]
+        lines += [f"  {_show(r.run_dir)}: {stale_text(full[id(r)][1])}" for r in stale]
     lines += ["", *verdict_lines(grid, runs, states)]
     n = len(runs)
-    count = {s: sum(v == s for v in states.values()) for s in ("done", "running", "failed", "pending")}
+    count = {s: sum(v == s for v in states.values()) for s in STATES}
     lines += ["", f"GPU-hours {total_gpu / 3600:.3f}, disk {human_bytes(total_bytes)}",
               f"done {count['done']} of {n} runs ({count['failed']} failed, {count['pending']} pending, "
-              f"{count['running']} running)"]
+              f"{count['running']} running" + (f", {count['stale']} stale)" if count["stale"] else ")")]
     return lines
 
 
@@ -141,4 +156,4 @@ def verdict_lines(grid, runs, states):
              r.get("extreme_sparsity", "") or "-", r.get("extreme_sparsity_contiguous", "") or "-",
              r.get("extreme_sparsity_supported", "") or "-", r.get("double_win_levels", "") or "-"] for r in rows]
     return ["verdicts of finished groups (support: the fraction of seed resamples under which the rule holds; "
-            "see README 'How sure is a verdict'):", *_table(header, body)]
+            "see docs/analysis.md §1, 'Support'):", *_table(header, body)]

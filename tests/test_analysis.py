@@ -16,14 +16,14 @@ from analysis import common, mask_stats, plot_curves
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-# DESIGN §2: sparsity after IMP round k
+# docs/protocol.md §1: sparsity after IMP round k
 LEVELS = [20.00, 36.00, 48.80, 59.04, 67.23, 73.79, 79.03, 83.22, 86.58, 89.26, 91.41, 93.13]
 SEEDS = (1, 2, 3)
 
 
 def write_result(root, *, dataset="cifar10", pretrain="at", method="imp", sparsity=0.0, regime="st", data_rate=1.0,
                  seed=1, sa=90.0, ra=None, arch="resnet50", ticket=None, name=None):
-    """One results.json in the DESIGN §5.3 schema, in its own run directory."""
+    """One results.json in the docs/contracts.md §3 schema, in its own run directory."""
     name = name or f"{dataset}_{data_rate}_{pretrain}_{method}_{sparsity:.2f}_{regime}_s{seed}"
     run = Path(root) / name
     run.mkdir(parents=True)
@@ -116,7 +116,7 @@ def test_double_win_table_known_answer(tmp_path):
 
 
 def test_dense_runs_are_recognised_by_sparsity_zero(tmp_path):
-    """DESIGN §5.5: the dense runs are those of sparsity 0, whatever their method field says."""
+    """docs/contracts.md §5: the dense runs are those of sparsity 0, whatever their method field says."""
     write_at_study(tmp_path / "runs")
     for path in (tmp_path / "runs").glob("*/results.json"):
         obj = json.loads(path.read_text())

@@ -554,8 +554,8 @@ def test_crop_resize_matches_torchvision_resized_crop(size, boxes):
     top, left, h, w = (torch.tensor([float(b[i]) for b in boxes]) for i in range(4))
     flip = torch.tensor([b[4] for b in boxes])
     out = dataset._crop_resize(x, top, left, h, w, size, flip)
-    for i, (t, l, bh, bw, mirrored) in enumerate(boxes):
-        expected = TF.resized_crop(x[i], t, l, bh, bw, [size, size], antialias=True)
+    for i, (t, left_, bh, bw, mirrored) in enumerate(boxes):
+        expected = TF.resized_crop(x[i], t, left_, bh, bw, [size, size], antialias=True)
         if mirrored:
             expected = TF.hflip(expected)
         torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-4,

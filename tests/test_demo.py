@@ -19,7 +19,7 @@ def test_quick_demo_produces_table_and_figures(tmp_path):
     analysis = out / "analysis"
     with open(analysis / "double_win.csv") as fh:
         rows = list(csv.DictReader(fh))
-    # DESIGN §5.5: these six first, in this order; columns may be appended after them
+    # docs/contracts.md §5: these six first, in this order; columns may be appended after them
     assert rows and list(rows[0])[:6] == ["dataset", "data_rate", "pretrain", "method", "extreme_sparsity",
                                           "double_win_levels"]
     assert {r["pretrain"] for r in rows} == {"std", "fat", "at"}

@@ -61,8 +61,9 @@ def check_contract(res, regime, ra=True):
 def test_regimes_on_digits_write_the_results_contract(tmp_path, regime):
     ticket, init, meta = make_ticket(tmp_path)
     out = tmp_path / "run"
+    train_steps = ["--train-steps", "2"] if regime == "at" else []  # fat takes one FGSM step, st none
     run(["--dataset", "digits", "--classes", "5-9", "--init", init, "--ticket", ticket, "--regime", regime,
-         "--epochs", "2", "--lr", "0.05", "--train-steps", "2", "--eps", "8/255",
+         "--epochs", "2", "--lr", "0.05", *train_steps, "--eps", "8/255",
          "--test-steps", "2", "--test-alpha", "2/255", "--save-trajectory", "--save-dir", out, *TINY])
     res = json.loads((out / "results.json").read_text())
     check_contract(res, regime)
@@ -86,8 +87,9 @@ def test_regimes_on_cifar10_fixture_with_reduced_data_rate(tmp_path, regime):
     write_cifar10(tmp_path / "data", per_batch=40, n_test=20)
     ticket, init, meta = make_ticket(tmp_path, num_classes=10)
     out = tmp_path / "run"
+    train_steps = ["--train-steps", "1"] if regime == "at" else []  # fat takes one FGSM step, st none
     run(["--data", tmp_path / "data", "--dataset", "cifar10", "--init", init, "--ticket", ticket,
-         "--regime", regime, "--epochs", "1", "--train-steps", "1", "--test-steps", "1", "--image-size", "32",
+         "--regime", regime, "--epochs", "1", *train_steps, "--test-steps", "1", "--image-size", "32",
          "--data-rate", "0.5", "--save-dir", out, *TINY, "--allow-chance"])  # random images and labels: chance by design
     res = json.loads((out / "results.json").read_text())
     check_contract(res, regime)

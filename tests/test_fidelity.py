@@ -91,7 +91,8 @@ def test_stage1_scripts_refuse_to_run_without_a_pretrain_label(tmp_path, script)
 
 def test_stage1_warns_without_pretrain(tmp_path, capsys):
     main_imp_pretrain.main(["--dataset", "digits", "--classes", "0-4", "--init", "none", "--method", "omp",
-                            "--rounds", "1", "--save-dir", str(tmp_path / "omp"), *TINY])
+                            "--rounds", "1", "--save-dir", str(tmp_path / "omp"), "--arch", "resnet_tiny",
+                            "--cifar-stem"])
     assert "--pretrain is not set" in capsys.readouterr().out
 
 

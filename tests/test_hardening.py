@@ -469,7 +469,7 @@ def test_omp_on_nan_conv_weights_writes_no_ticket(tmp_path):
     out = tmp_path / "omp"
     with pytest.raises(UserError, match="layer1.0.conv1.weight"):
         main_imp_pretrain.main(["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem", "--method", "omp",
-                                "--rounds", "2", "--init", str(init), "--save-dir", str(out), "--no-progress"])
+                                "--rounds", "2", "--init", str(init), "--save-dir", str(out)])
     assert not (out / "tickets").exists() and not (out / "config.json").exists()
 
 
@@ -529,7 +529,7 @@ def test_bad_flag_on_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_legal_edge_values_pass(tmp_path):
     main_downstream.main(_stage2(tmp_path / "run", "--seed", "0", "--momentum", "0", "--weight-decay", "0",
-                                 "--eps", "1", "--workers", "0"))
+                                 "--eps", "1"))
     assert json.loads((tmp_path / "run" / "results.json").read_text())["seed"] == 0
 
 

@@ -25,10 +25,11 @@ def theta_p(tmp_path_factory):
     return path
 
 
-def stage1(init, out, *extra):
+def stage1(init, out, *extra, trains=True):
+    """``trains=False``: OMP, or LMP with --epochs-per-round 0, where the training flags have no effect."""
+    training = ["--epochs-per-round", "1", "--batch-size", "32", "--no-progress"] if trains else []
     return ["--dataset", "digits", "--classes", "0-2", "--arch", "resnet_tiny", "--cifar-stem", "--init", str(init),
-            "--pretrain", "std", "--rounds", "3", "--epochs-per-round", "1", "--batch-size", "32",
-            "--no-progress", "--save-dir", str(out), *map(str, extra)]
+            "--pretrain", "std", "--rounds", "3", *training, "--save-dir", str(out), *map(str, extra)]
 
 
 def masks(out, k):
@@ -112,7 +113,7 @@ def test_lmp_levels_are_exact_theta_p_is_untouched_and_training_moves_the_mask(t
     levels = json.loads((out / "sparsity.json").read_text())
     assert [levels[str(k)] for k in (1, 2, 3)] == LEVELS
     untrained = tmp_path / "untrained"
-    main_imp_pretrain.main(stage1(theta_p, untrained, "--method", "lmp", "--epochs-per-round", "0"))
+    main_imp_pretrain.main(stage1(theta_p, untrained, "--method", "lmp", "--epochs-per-round", "0", trains=False))
     for k in (1, 2, 3):
         ticket = pruning_utils.load_ticket(out / "tickets" / f"round_{k:02d}.pt")
         total = sum(m.numel() for m in ticket["masks"].values())
@@ -130,10 +131,10 @@ def test_lmp_levels_are_exact_theta_p_is_untouched_and_training_moves_the_mask(t
 
 def test_lmp_masks_differ_from_omp_after_training(tmp_path, theta_p):
     omp = tmp_path / "omp"
-    main_imp_pretrain.main(stage1(theta_p, omp, "--method", "omp"))
+    main_imp_pretrain.main(stage1(theta_p, omp, "--method", "omp", trains=False))
     untrained = tmp_path / "untrained"
     main_imp_pretrain.main(stage1(theta_p, untrained, "--method", "lmp", "--score-init", "magnitude",
-                                  "--epochs-per-round", "0", "--rounds", "2"))
+                                  "--epochs-per-round", "0", "--rounds", "2", trains=False))
     trained = tmp_path / "trained"
     main_imp_pretrain.main(stage1(theta_p, trained, "--method", "lmp", "--score-init", "magnitude", "--rounds", "2"))
     for k in (1, 2):

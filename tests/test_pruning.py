@@ -13,7 +13,7 @@ import pruning_utils as pu
 from masks import enforce
 from utils.errors import UserError
 
-# DESIGN §2: sparsity after IMP round k, k = 1..19
+# docs/protocol.md §1: sparsity after IMP round k, k = 1..19
 PAPER_LEVELS = [20.00, 36.00, 48.80, 59.04, 67.23, 73.79, 79.03, 83.22, 86.58, 89.26, 91.41,
                 93.13, 94.50, 95.60, 96.48, 97.19, 97.75, 98.20, 98.56]
 

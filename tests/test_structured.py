@@ -32,9 +32,10 @@ def tiny_init(tmp_path, num_classes=5, seed=0):
 
 
 def stage1(tmp_path, out, *extra):
+    """OMP / RP, which do not train: without TINY's --no-progress, which would have no effect."""
     init, _ = tiny_init(tmp_path)
     main_imp_pretrain.main(["--dataset", "digits", "--init", str(init), "--pretrain", "std", "--save-dir", str(out),
-                            *TINY, *map(str, extra)])
+                            "--arch", "resnet_tiny", "--cifar-stem", *map(str, extra)])
     return init
 
 

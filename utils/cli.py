@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import functools
 import math
 import numbers
 import re
@@ -72,7 +73,81 @@ def class_list(text):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors also exit with status 2 and one clear line (argparse's default)."""
+    """The project's command-line parser: a flag is read only by its full name, so a misspelt
+    ``--see 7`` is an error rather than ``--seed 7``, and a usage error is one line naming the
+    problem with a pointer to ``--help`` (exit status 2); the full usage stays in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        message = " ".join(str(message).split()).rstrip(".")
+        self.exit(EXIT_USER_ERROR, f"error: {message}; see {self.prog} --help\n")
+
+
+def given_flags(parser, argv=None):
+    """The flags given on the command line ``argv`` (default ``sys.argv[1:]``): dest -> the option
+    string as typed (an alias such as ``--train_steps`` counts for its dest).
+
+    Read from the arguments themselves, not by comparing values with defaults, so a flag given
+    with its default value counts as given. Exact option strings only: the project's parser
+    takes no abbreviations, and argparse reads such a string as that option wherever it stands.
+    """
+    options = {option: action.dest for action in parser._actions for option in action.option_strings}
+    given = {}
+    for token in sys.argv[1:] if argv is None else argv:
+        if token == "--":
+            break
+        option = token.split("=", 1)[0] if token.startswith("--") else token
+        if option in options:
+            given.setdefault(options[option], option)
+    return given
+
+
+@functools.lru_cache(maxsize=None)
+def _built(build_parser):
+    return build_parser()
+
+
+def flag_applies_in(build_parser, scope, context_keys, name, context):
+    """Whether the flag ``name`` (a dest such as ``train_steps`` or an option string) of the parser
+    ``build_parser()`` has an effect on a run described by ``context``, and where it applies:
+    (bool, text). ``scope`` is as in refuse_flags_without_effect.
+
+    ``context`` holds some of ``context_keys``; the others take the parser's defaults. A required
+    flag left out (default None) is unknown, and a flag whose rule needs it is taken to apply.
+    """
+    parser = _built(build_parser)
+    options = {option: action.dest for action in parser._actions for option in action.option_strings}
+    dest = options.get(name, name)
+    if dest not in options.values():
+        raise UserError(f"'{name}' is not a flag of {parser.prog}.")
+    unknown = sorted(set(context) - set(context_keys))
+    if unknown:
+        raise TypeError(f"unknown run context {', '.join(unknown)}; known: {', '.join(context_keys)}")
+    if dest not in scope:
+        return True, "applies to every run"
+    applies, where = scope[dest]
+    return bool(applies({**{k: parser.get_default(k) for k in context_keys}, **context})), where
+
+
+def refuse_flags_without_effect(parser, argv, scope, context):
+    """Raise one UserError naming every flag given in ``argv`` that has no effect on this run.
+
+    ``scope``: dest -> (``applies(context) -> bool``, where it applies, e.g. "applies only to
+    --regime at"); dests not in ``scope`` apply to every run. Called at the end of a stage's
+    parse_args, so nothing has been written yet."""
+    refused = [(option, scope[dest][1]) for dest, option in given_flags(parser, argv).items()
+               if dest in scope and not scope[dest][0](context)]
+    if len(refused) == 1:
+        option, where = refused[0]
+        raise UserError(f"{option} has no effect on this run: it {where}; drop it.")
+    if refused:
+        by_where = {}
+        for option, where in refused:
+            by_where.setdefault(where, []).append(option)
+        listed = "; ".join(f"{', '.join(options)}: {where}" for where, options in by_where.items())
+        raise UserError(f"{', '.join(o for o, _ in refused)} have no effect on this run ({listed}); drop them.")
 
 
 _ENVIRONMENT_FIXES = {

@@ -162,6 +162,19 @@ def read_log(path, required=()):
     return rows
 
 
+# --------------------------------------------------------------------------- CSV tables
+
+def check_table_rows(path, rows):
+    """UserError when a row of a csv.DictReader table has more or fewer fields than its header: a
+    copy cut off inside a row, or a hand edit, whose missing cells would otherwise read as None."""
+    for line, row in enumerate(rows, start=2):
+        if None in row or any(v is None for v in row.values()):
+            more = "more" if None in row else "fewer"
+            raise UserError(f"table '{path}' line {line} has {more} fields than its header (a copy cut off inside a "
+                            "row, or an edit?); write the table again with the tool that made it.")
+    return rows
+
+
 # --------------------------------------------------------------------------- outputs never overwrite inputs
 
 def refuse_overwriting_inputs(out, inputs, flag="--out"):

@@ -9,6 +9,9 @@ source "$(dirname "$0")/../_launch.sh"
 usage_if_short 4 $# "bash script/train_downstream/std.sh DATASET INIT SAVE_DIR TICKET [flags]"
 DATASET=$1 INIT=$2 SAVE_DIR=$3 TICKET=$4
 shift 4
-NGPU=${NGPU:-1} launch main_downstream.py --data "${DATA_DIR:-data}" --dataset "$DATASET" --arch resnet50 \
+if [ "$DATASET" != digits ]; then  # digits comes with scikit-learn: --data would have no effect (refused)
+  set -- --data "${DATA_DIR:-data}" "$@"
+fi
+NGPU=${NGPU:-1} launch main_downstream.py --dataset "$DATASET" --arch resnet50 \
   --init "$INIT" ${PRETRAIN:+--pretrain "$PRETRAIN"} --ticket "$TICKET" --regime st \
   --image-size 224 --save-dir "$SAVE_DIR" "$@"
