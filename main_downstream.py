@@ -18,6 +18,7 @@ import attacks
 import models
 import pruning_utils
 from training import setup
+from training.chance import check_chance_level
 from training.engine import (
     MAX_LOSS_FACTOR,
     MAX_LOSS_PATIENCE,
@@ -54,7 +55,6 @@ SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones"
 EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
 FAT_GUARD_DROP = 20.0  # percentage points of robust accuracy lost in one epoch = catastrophic overfitting
 FAT_GUARD_STEPS = 5
-CHANCE_MARGIN = 2.0  # percentage points of validation SA above 100/classes that still count as chance level
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_sa", "val_ra", "seconds"]
 
 
@@ -380,7 +380,8 @@ def run(args, stop):
     progress = ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
                             checkpoint_minutes=args.checkpoint_minutes,
                             loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes)).run()
-    chance = check_chance_level(args, policy.state(progress), data.num_classes, save_dir)
+    state = policy.state(progress)
+    chance = check_chance_level(args, state, data.num_classes, kept_state_text(save_dir, state))
     finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
            dist_info, chance)
     du.cleanup()
@@ -547,23 +548,6 @@ class FineTuning(Policy):
 
     def diverged(self, exc, progress):
         return f"{exc} in epoch {progress.epoch + 1}; {kept_state_text(self.save_dir, self.state(progress))}"
-
-
-def check_chance_level(args, state, classes, save_dir):
-    """A selected model no better than chance on the validation split is a failed run, not a result
-    (docs/reliability.md §1): its validation SA is at most CHANCE_MARGIN points above 100/classes.
-    ``--allow-chance`` keeps it as a result; the returned keys then mark it in results.json's config."""
-    row = next((r for r in state["history"] if r["epoch"] == (state["best"] or {}).get("epoch")), None)
-    sa = None if row is None else row["val_sa"]
-    at_chance = sa is not None and sa <= 100.0 / classes + CHANCE_MARGIN
-    if getattr(args, "allow_chance", False):
-        return {"chance_level": at_chance}
-    if at_chance:
-        raise UserError(f"the selected model (epoch {row['epoch'] + 1}) is at chance level: validation SA {sa:.2f}% with "
-                        f"{classes} classes (chance {100.0 / classes:.2f}%), most likely from too high a learning rate "
-                        f"(--lr {args.lr:g}); {kept_state_text(save_dir, state)} If chance level is the expected "
-                        "outcome, rerun with --allow-chance.")
-    return {}
 
 
 def save_weights(model, path):
