@@ -7,6 +7,7 @@ parse -> build -> for each epoch: train_epoch, evaluate on held-out validation, 
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import attacks
 import models
 import pruning_utils
 from training import setup
+from training.chance import check_chance_level
 from training.engine import (
     MAX_LOSS_FACTOR,
     MAX_LOSS_PATIENCE,
@@ -34,6 +36,7 @@ from utils.checkpoint import atomic_save, atomic_write_json, safe_load
 from utils.cli import ArgumentParser, flag_applies_in, fraction, int_list, refuse_flags_without_effect, run_main
 from utils.errors import NonFiniteOutput, UserError
 from utils.preemption import StopRequest
+from utils.records import read_config, read_results
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences, git_commit
 from utils.seeding import seed_everything
 
@@ -123,6 +126,9 @@ def build_parser():
                    help="keep the weights of every epoch (for analysis/loss_landscape.py)")
     p.add_argument("--keep-sa-best", action="store_true",
                    help="adversarial regimes: also test the epoch with the best validation SA")
+    p.add_argument("--allow-chance", action="store_true", default=argparse.SUPPRESS,
+                   help="write results.json even when the selected model is at chance level (an expected outcome, "
+                        "e.g. an extreme random ticket); without it such a run fails with exit status 2")
     return p
 
 
@@ -320,7 +326,7 @@ def kept_state_text(save_dir, state):
 
 def check_finished_config(save_dir, args):
     """A finished run is only 'already done' for the command that made it."""
-    old = json.loads((save_dir / "config.json").read_text())
+    old = read_config(save_dir / "config.json")
     diffs = config_changes(old, json.loads(json.dumps(run_config(args, None))))
     if diffs:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:12])
@@ -329,10 +335,10 @@ def check_finished_config(save_dir, args):
 
 
 def print_finished(save_dir):
-    res = json.loads((Path(save_dir) / "results.json").read_text())
+    res = read_results(Path(save_dir) / "results.json")
     ra = "n/a" if res["ra"] is None else f"{res['ra']:.2f}"
     setup.log(f"already finished: {save_dir}: SA {res['sa']:.2f}  RA {ra}  sparsity {res['sparsity']:.2f}% "
-              f"(epoch {res['selected_epoch']})")
+              f"(epoch {res.get('selected_epoch', '?')})")
 
 
 def main(argv=None):
@@ -346,7 +352,8 @@ def run(args, stop):
     seed_everything(args.seed + dist_info.rank)
     resolve_defaults(args)
     Precision.resolve(args.eval_amp, dist_info.device)  # a test precision the device lacks fails now, not after training
-    if (save_dir / "results.json").exists():
+    setup.claim_dir(save_dir, dist_info)  # finished, resumed or new is decided under the lock
+    if os.path.lexists(save_dir / "results.json"):
         return report_finished(args, save_dir, dist_info)
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
                             val_size=args.val_size)
@@ -373,8 +380,10 @@ def run(args, stop):
     progress = ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
                             checkpoint_minutes=args.checkpoint_minutes,
                             loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes)).run()
+    state = policy.state(progress)
+    chance = check_chance_level(args, state, data.num_classes, kept_state_text(save_dir, state))
     finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
-           dist_info)
+           dist_info, chance)
     du.cleanup()
     return 0
 
@@ -588,7 +597,7 @@ def precision_name(precision):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
 
 
-def finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info):
+def finish(args, model, mask, ticket, data, state, selection, precision, init_info, save_dir, dist_info, chance):
     if mask is not None:
         verify_sparse(model, mask, "after training")
     # validation may run in the training precision; the reported numbers are fp32 unless asked otherwise
@@ -613,7 +622,7 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
         # first validated epoch, the subset rule, the precisions) is recorded in the config
         "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": args.eval_from,
                    "precision": {"train": precision_name(precision), "validation": precision_name(precision),
-                                 "test": precision_name(test_precision)}},
+                                 "test": precision_name(test_precision)}, **chance},
         "git": git_commit(),
     }
     if dist_info.primary:

@@ -11,9 +11,10 @@ Rerunning the same command resumes from the last per-epoch checkpoint and skips 
 """
 
 import hashlib
-import json
+import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +28,7 @@ from utils.checkpoint import atomic_write_json
 from utils.cli import ArgumentParser, flag_applies_in, refuse_flags_without_effect, run_main
 from utils.errors import UserError
 from utils.preemption import StopRequest
+from utils.records import read_config, read_sparsity
 from utils.rundir import write_csv
 from utils.seeding import seed_everything
 
@@ -225,8 +227,13 @@ class TicketWriter:
     def path(self, k):
         return self.dir / f"round_{k:02d}.pt"
 
+    def levels(self):
+        """sparsity.json as {round: sparsity}; {} before the first ticket. A damaged file is one line."""
+        return read_sparsity(self.sparsity_path) if os.path.lexists(self.sparsity_path) else {}
+
     def write(self, k, mask, keep_existing=False):
-        """``keep_existing``: a ticket file already on disk is left as it is (a rerun of OMP / RP)."""
+        """``keep_existing``: the ticket file on disk is left as it is (a rerun of OMP / RP that found it
+        to hold this very ticket). Returns the ticket."""
         ticket = pruning_utils.make_ticket(
             {n: m.cpu() for n, m in mask.items()}, round=k, method=self.args.method, retrain=self.args.retrain,
             arch=self.args.arch, pretrain=self.args.pretrain or "unknown", init=str(self.args.init),
@@ -235,9 +242,9 @@ class TicketWriter:
         if self.primary:
             if not (keep_existing and self.path(k).exists()):
                 pruning_utils.save_ticket(self.path(k), ticket)
-            levels = json.loads(self.sparsity_path.read_text()) if self.sparsity_path.exists() else {}
-            levels[str(k)] = round(float(ticket["sparsity"]), 2)
-            atomic_write_json(dict(sorted(levels.items(), key=lambda kv: int(kv[0]))), self.sparsity_path)
+            levels = self.levels()
+            levels[k] = round(float(ticket["sparsity"]), 2)
+            atomic_write_json({str(r): v for r, v in sorted(levels.items())}, self.sparsity_path)
         return ticket
 
 
@@ -266,47 +273,89 @@ def prune_without_training(args, model, writer, log_path):
     """OMP / RP: every level from θ_p itself, nested masks, the same counts as IMP's rounds.
 
     Levels take milliseconds, so there is no checkpoint: a rerun recomputes the masks (they are
-    deterministic) and keeps the ticket files already written."""
+    deterministic), keeps each ticket file already written that holds the recomputed ticket and
+    writes again any other (missing, damaged, or not this run's)."""
     weights = {n: p.detach() for n, p in model.named_parameters()}
     mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=next(model.parameters()).device)
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     for k in range(1, args.rounds + 1):
         start = time.perf_counter()
-        existed = writer.path(k).exists()
         mask = broadcast_mask(next_mask(args, weights, mask, generator), k)
-        ticket = writer.write(k, mask, keep_existing=True)
+        existed = writer.primary and writer.path(k).exists()
+        problem = ticket_problem(writer.path(k), k, args.method, args.pattern, mask=mask) if existed else None
+        ticket = writer.write(k, mask, keep_existing=existed and problem is None)
         rows.append({"round": k, "epoch": 0, "sparsity": round(float(ticket["sparsity"]), 2),
                      "seconds": round(time.perf_counter() - start, 4)})
-        note = " (kept the ticket already written)" if existed else ""
+        note = "" if not existed else f" (recomputed: {problem})" if problem else " (kept the ticket already written)"
         setup.log(f"{args.method} round {k}/{args.rounds}: sparsity {ticket['sparsity']:.2f}%{note}")
     if writer.primary:
         write_csv(rows, log_path, LOG_FIELDS)
 
 
-def listed_ticket_problem(writer, save_dir):
-    """Why the tickets sparsity.json lists are not all there and readable, or None.
-
-    A rerun must not report 'done' over a deleted or damaged ticket. IMP cannot recompute an
-    earlier round (its weights are gone), so a missing one is reported; OMP/RP rewrite theirs."""
-    if not writer.sparsity_path.exists():
-        return None
+def ticket_problem(path, k, method, pattern, listed=None, mask=None):
+    """Why the ticket file ``path`` is not round ``k``'s ticket of this run, or None: it does not load or
+    validate, records another round, method or pattern, has another sparsity than the ``listed`` one
+    (sparsity.json's), or (``mask`` given) holds another mask than the recomputed one."""
     try:
-        listed = json.loads(writer.sparsity_path.read_text())
-        rounds = sorted(int(r) for r in listed)
-    except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
-        return (f"'{writer.sparsity_path}' is not a valid level list; rerun with --restart to find the tickets "
-                "again, or choose another --save-dir.")
-    for k in rounds:
-        path = writer.path(k)
-        if not path.is_file():
-            return (f"'{path}' is listed in sparsity.json but missing; an earlier round cannot be recomputed, so "
-                    f"restore the file or rerun with --restart to find every ticket again in '{save_dir}'.")
-        try:
-            pruning_utils.load_ticket(path)
-        except UserError as exc:
-            return f"ticket round {k} of '{save_dir}' is damaged ({exc}); restore it or rerun with --restart."
+        ticket = pruning_utils.load_ticket(path)
+    except UserError as exc:
+        return f"ticket '{path}' is damaged ({exc})"
+    claims = {"round": k, "method": method, "pattern": pattern}
+    wrong = [f"{key} {ticket.get(key)!r}" for key, want in claims.items() if ticket.get(key) != want]
+    if wrong:
+        return f"ticket '{path}' records {', '.join(wrong)}, not round {k} of this --method {method} run"
+    if listed is not None and round(float(ticket["sparsity"]), 2) != listed:
+        return f"ticket '{path}' has {ticket['sparsity']:.2f}% sparsity, but sparsity.json lists {listed:.2f}%"
+    if mask is not None and (set(ticket["masks"]) != set(mask) or
+                             any(not torch.equal(ticket["masks"][n], mask[n].cpu()) for n in mask)):
+        return f"ticket '{path}' holds another mask than the recomputed one"
     return None
+
+
+class Survey(NamedTuple):
+    """What a stage-1 run directory holds (:func:`survey_tickets`)."""
+    # every round's ticket exists, is that round's ticket of the run and is listed in sparsity.json;
+    # None: the directory holds no stage-1 run to judge
+    finished: bool
+    problem: str = None  # why the run cannot go on as it is: sparsity.json unreadable, a listed ticket bad
+    gap: str = None  # why an unfinished run without a problem is not finished yet
+    tickets_only: bool = True  # the problem lies in ticket files (which OMP and RP recompute)
+
+
+def survey_tickets(writer, save_dir):
+    """The :class:`Survey` of the stage-1 run in ``save_dir``, judged by its own config.json (not by the
+    command, which may differ). IMP and LMP cannot recompute an earlier round, so they report a problem."""
+    path = save_dir / "config.json"
+    if not path.exists():
+        return Survey(None, gap="nothing was written yet")
+    try:
+        config = read_config(path)
+    except UserError as exc:
+        return Survey(None, problem=str(exc), tickets_only=False)
+    rounds, method, pattern = config.get("rounds"), config.get("method"), config.get("pattern") or "unstructured"
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        return Survey(None, gap=f"'{path}' is no stage-1 configuration")
+    try:
+        levels = writer.levels()
+    except UserError as exc:
+        return Survey(False, problem=str(exc), tickets_only=False)
+    gap = None
+    for k in range(1, max([rounds, *levels]) + 1):
+        ticket_path = writer.path(k)
+        if not ticket_path.is_file():
+            if k in levels:
+                return Survey(False, f"'{ticket_path}' is listed in sparsity.json but missing; an earlier round "
+                                     "cannot be recomputed, so restore the file or rerun with --restart to find every "
+                                     f"ticket again in '{save_dir}'.")
+            gap = gap or f"round {k}'s ticket is not written yet"
+            continue
+        problem = ticket_problem(ticket_path, k, method, pattern, levels.get(k))
+        if problem:
+            return Survey(False, f"{problem}; restore it or rerun with --restart.")
+        if k not in levels:
+            gap = gap or f"ticket '{ticket_path}' is not listed in sparsity.json"
+    return Survey(gap is None, gap=gap)
 
 
 def check_finite_weights(model, where):
@@ -464,22 +513,28 @@ def run(args, stop):
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed)  # the same on every rank: masks and head initialisation agree
     config = run_config(args)
-    # data and θ_p are checked before the run directory is claimed, so a mistake in either leaves
-    # no config.json behind to refuse the corrected command
+    setup.claim_dir(save_dir, dist_info)  # finished, resumed or new is decided under the lock
+    writer = TicketWriter(save_dir, args, dist_info.primary)
+    survey = survey_tickets(writer, save_dir)
+    if survey.finished:
+        return report_finished(writer, save_dir, config, dist_info)
+    recomputed = args.method in ("omp", "rp") and survey.tickets_only  # their tickets are deterministic
+    problem = None if recomputed else survey.problem
+    # data and θ_p are checked before config.json is written, so a mistake in either leaves none
+    # behind to refuse the corrected command
     data = setup.data_stub(args) if args.method not in ("imp", "lmp") else setup.build_data(
         args, dist_info, batch_size=args.batch_size, val_size=0)
     model, init_info = setup.build_model(args, data, dist_info.device, load_head="auto")
     check_head(args, data, init_info)
-    writer = TicketWriter(save_dir, args, dist_info.primary)
-    problem = listed_ticket_problem(writer, save_dir) if args.method in ("imp", "lmp") else None
-    # a directory with a damaged ticket is not finished, so --restart may discard it
-    setup.prepare_dir(save_dir, config, dist_info, finished=False if problem else None)
+    # an unfinished directory (a damaged ticket included) is one --restart may discard
+    setup.prepare_dir(save_dir, config, dist_info, finished=survey.finished)
     if problem and not args.restart:
         raise UserError(problem)
 
     if args.method in ("omp", "rp"):
         prune_without_training(args, model, writer, save_dir / "log.csv")
         du.barrier()
+        check_complete(writer, save_dir, dist_info)
         setup.log(f"done: {args.rounds} tickets in {writer.dir}")
         du.cleanup()
         return 0
@@ -492,9 +547,29 @@ def run(args, stop):
                             config=config)
         ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
                      checkpoint_minutes=args.checkpoint_minutes, loss_guard=loss_guard).run()
+    check_complete(writer, save_dir, dist_info)
     setup.log(f"done: {args.rounds} {args.method.upper()} tickets in {writer.dir} (sparsity.json lists the levels)")
     du.cleanup()
     return 0
+
+
+def report_finished(writer, save_dir, config, dist_info):
+    """A rerun of a finished run: the directory is checked against the command (a different one, or
+    --restart, is refused) and left untouched."""
+    setup.prepare_dir(save_dir, config, dist_info, finished=True)
+    levels = writer.levels()
+    setup.log(f"already finished: {save_dir}: {len(levels)} {config['method'].upper()} tickets, sparsity "
+              f"{levels[min(levels)]:.2f}% to {levels[max(levels)]:.2f}% in {writer.dir}")
+    du.cleanup()
+    return 0
+
+
+def check_complete(writer, save_dir, dist_info):
+    """'done' only when the directory holds every round's ticket, as sparsity.json lists them."""
+    survey = survey_tickets(writer, save_dir) if dist_info.primary else Survey(True)
+    if not survey.finished:
+        raise UserError(survey.problem or f"the run ended but {survey.gap}; rerun with --restart to find every "
+                        "ticket again.")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def test_training_seeds_share_the_data_limited_subset(tmp_path):
         out = tmp_path / f"s{seed}{''.join(extra)}"
         main_downstream.main(["--dataset", "digits", "--classes", "5-9", "--init", "none", "--pretrain", "std",
                               "--regime", "st", "--epochs", "1", "--lr", "0.05", "--data-rate", "0.1",
-                              "--test-steps", "0", "--seed", str(seed), *extra, "--save-dir", str(out), *TINY])
+                              "--test-steps", "0", "--seed", str(seed), *extra, "--save-dir", str(out), *TINY,
+                              "--allow-chance"])  # one epoch on 10% of the data may end at chance level
         return json.loads((out / "subset_indices.json").read_text())
 
     a, b = indices(1), indices(2)

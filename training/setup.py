@@ -13,9 +13,9 @@ import dataset
 import models
 from training.engine import Precision
 from utils import distributed as du
-from utils.cli import class_list, fraction
+from utils.cli import class_list, fraction, label
 from utils.errors import Preempted, UserError
-from utils.rundir import prepare_run_dir, release_locks
+from utils.rundir import lock_run_dir, prepare_run_dir, release_locks
 
 
 def add_common_args(p, datasets):
@@ -33,7 +33,8 @@ def add_common_args(p, datasets):
     p.add_argument("--init", "--pretrained", dest="init", required=True,
                    help="pre-trained weights θ_p (torchvision, robustness, fast_adversarial, seed or ours); "
                         "'none' trains from random initialisation")
-    p.add_argument("--pretrain", default=None, help="label of the pre-training, e.g. std, fat, at")
+    p.add_argument("--pretrain", type=label, default=None,
+                   help="label of the pre-training, e.g. std, fat, at (letters, digits, '.', '_', '-': it names folders)")
     p.add_argument("--image-size", "--image_size", type=int, default=None,
                    help="input resolution (default: 224 for CIFAR/SVHN as in the paper, native for digits)")
     p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"])
@@ -148,6 +149,15 @@ def wrap_model(model, args, dist_info):
 def log(msg):
     if du.is_primary():
         print(msg, flush=True)
+
+
+def claim_dir(save_dir, dist_info):
+    """The primary rank takes the run directory's lock before the stage decides whether the run there is
+    finished, to be resumed or to be started: decided without it, a second process that reaches the
+    directory just after a first one finished would redo the finished run over its files."""
+    if dist_info.primary:
+        lock_run_dir(save_dir)
+    du.barrier()
 
 
 def prepare_dir(save_dir, config, dist_info, *, restart=None, finished=None):

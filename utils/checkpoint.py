@@ -6,6 +6,7 @@ else.  Every file is written to a temporary name beside its target and moved int
 ``os.replace``, so a run killed mid-write leaves either the old file or the new one, never half.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -125,10 +126,23 @@ def _atomic_write(path, write_fn, binary):
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if _zip_writer_failure(exc):
+            # torch.save's zip writer reports a failed write (a full disk, mostly) as a RuntimeError
+            # without an errno: it is the same failure as an OSError from write(), so it reads the same
+            detail = str(exc).strip().splitlines()[0].rpartition("] . ")[2][:200]
+            raise OSError(errno.ENOSPC, f"the write failed, most likely for lack of space (torch: {detail})",
+                          str(path)) from exc
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename != str(path):
             # name the file the user knows, not the temporary (nor none: a full disk fails in write)
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
+
+
+def _zip_writer_failure(exc):
+    """A failed write inside torch.save: its zip writer (PytorchStreamWriter, inline_container.cc)
+    raises a RuntimeError that names no errno."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)
 
 
 def atomic_save(obj, path):

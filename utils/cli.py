@@ -197,3 +197,16 @@ def run_main(main, argv=None):
             sys.exit(EXIT_PREEMPTED)
         traceback.print_exc()
         sys.exit(1)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def label(text):
+    """argparse type for a label that names folders (--pretrain): letters, digits, '.', '_' and '-'
+    only, and not '.' or '..', so it can never lead a path out of the folder it is put in."""
+    text = str(text)
+    if not _LABEL.fullmatch(text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"label {text!r} is not a name: use letters, digits, '.', '_' and '-' "
+                                         "only (e.g. std, fat, at), and not '.' or '..'")
+    return text

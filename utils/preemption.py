@@ -44,7 +44,13 @@ class StopRequest:
         return self
 
     def uninstall(self):
+        """Put the previous handlers back; after a requested stop, ignore further stop signals instead.
+
+        The stopped run has saved and is on its way out with status 75: a repeated signal (scancel and
+        torchrun each forward SIGTERM) landing under the default handler would turn that into 143."""
         for sig, previous in self._previous.items():
+            if self.requested:
+                previous = signal.SIG_IGN
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 

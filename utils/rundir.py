@@ -21,11 +21,13 @@ from pathlib import Path
 
 from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UserError
+from utils.records import read_config
 
 # Settings that change how fast a run goes, what it prints or keeps, whether it starts afresh
-# (--restart) or when it gives up (--max-loss), never what a finished run computes.
+# (--restart), when it gives up (--max-loss) or whether a result at chance level is kept
+# (--allow-chance), never what a finished run computes.
 NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "channels_last", "cudnn_benchmark",
-                               "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss"})
+                               "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss", "allow_chance"})
 
 
 # Flags added after run directories already existed, with the default that reproduces what those
@@ -313,15 +315,25 @@ def prepare_run_dir(save_dir, config, primary=True, *, restart=False, finished=N
     Non-primary processes (``primary=False``) only check the config the primary wrote.
     """
     save_dir = Path(save_dir)
-    if not (save_dir / "config.json").exists():
-        _refuse_foreign(save_dir)  # before locking, so a mistyped --save-dir gets no .lock file
-    taken = primary and lock and _hold_lock(save_dir)
+    taken = primary and lock and lock_run_dir(save_dir)
     try:
         return _prepare_locked(save_dir, config, primary, restart, finished)
     except BaseException:
         if taken:
             _drop_lock(save_dir)
         raise
+
+
+def lock_run_dir(save_dir):
+    """Take ``save_dir``'s lock for this process (kept until :func:`release_locks`) before anything
+    about the run in it is decided: whether it is finished, resumed or started is only true while no
+    other process can change it. Returns True when newly taken (False: this process held it already).
+
+    A directory that is not a run of this tool is refused first, so a mistyped --save-dir gets no lock file."""
+    save_dir = Path(save_dir)
+    if not (save_dir / "config.json").exists():
+        _refuse_foreign(save_dir)
+    return _hold_lock(save_dir)
 
 
 def config_stage(config):
@@ -338,7 +350,7 @@ def _refuse_other_stage(path, config):
     (swapped arguments) must never delete days of ticket finding."""
     try:
         old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return  # the config check below reports it
     a, b = config_stage(old), config_stage(json.loads(json.dumps(config)))
     if a is not None and b is not None and a != b:
@@ -364,11 +376,7 @@ def _prepare_locked(save_dir, config, primary, restart, finished):
             _discard_unfinished_run(save_dir, run_finished(save_dir) if finished is None else finished)
             discarded = True  # the directory was this tool's run; files the user added there may stay
     if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"'{path}' is not valid JSON; rerun with --restart to start afresh, or choose another "
-                            "--save-dir.") from None
+        old = read_config(path)
         diffs = config_differences(old, config)
         if diffs:
             listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:12])
