@@ -41,7 +41,7 @@ def build_parser():
     p = ArgumentParser(prog=Path(__file__).name, description=__doc__)
     setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
     p.add_argument("--method", choices=["imp", "omp", "rp", "lmp"], default="imp",
-                   help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, README 'LMP')")
+                   help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, docs/stage1.md §2)")
     p.add_argument("--retrain", choices=["st", "at"], default="st",
                    help="IMP re-training / LMP score training: standard or PGD adversarial")
     p.add_argument("--rewind", choices=["theta_p", "none"], default="theta_p",

@@ -19,7 +19,7 @@ from utils.rundir import lock_run_dir, prepare_run_dir, release_locks
 
 
 def add_common_args(p, datasets):
-    """Flags both entry points share (DESIGN.md §5.4), with the seed repo's underscore aliases."""
+    """Flags both entry points share (docs/contracts.md §4), with the seed repo's underscore aliases."""
     p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
     p.add_argument("--dataset", required=True, choices=datasets)
     p.add_argument("--classes", type=class_list, default=None,

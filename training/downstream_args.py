@@ -1,0 +1,222 @@
+"""Stage 2's command line: its flags, the paper's defaults per regime and dataset (filled in for every
+flag left unset), where each flag acts (a flag without effect on a run is refused), and the config a
+command records in its run directory, which the sweep compares with what a grid would run now."""
+
+import argparse
+import json
+
+import attacks
+from training import setup
+from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE
+from utils.cli import ArgumentParser, flag_applies_in, fraction, int_list, refuse_flags_without_effect
+from utils.errors import UserError
+from utils.rundir import NON_SEMANTIC_KEYS, config_differences
+
+DESCRIPTION = """Stage 2: fine-tune one ticket (or the dense model) on a downstream task and report SA and RA.
+
+parse -> build -> for each epoch: train_epoch, evaluate on held-out validation, checkpoint
+-> test the selected epoch -> results.json (written last, atomically)."""
+
+# The paper's downstream protocol (docs/protocol.md §1); flags left unset take these.
+PAPER_DEFAULTS = {
+    "st": {"lr": 0.001, "batch_size": 64, "epochs": 150, "milestones": [50, 100], "schedule": "step",
+           "weight_decay": 5e-4},
+    "at": {"lr": 0.1, "batch_size": 128, "epochs": 100, "milestones": [50, 75], "schedule": "step",
+           "weight_decay": 5e-4},
+}
+PAPER_DEFAULTS["fat"] = dict(PAPER_DEFAULTS["at"])
+SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones": []}
+# First validated epoch (the seed code's scripts; docs/contracts.md §4: "45 for CIFAR AT, 0 otherwise"):
+# CIFAR PGD-adversarial runs select among epochs >= 45; SVHN AT, FAT (which the seed code did not
+# have) and every standard run from epoch 0.
+EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
+
+
+def _regime_defaults_text():
+    lines = ["defaults per regime (the paper's protocol, docs/protocol.md §1; flags given win):"]
+    for regime in ("st", "at", "fat"):
+        d = PAPER_DEFAULTS[regime]
+        lines.append(f"  {regime}: --lr {d['lr']} --batch-size {d['batch_size']} --epochs {d['epochs']} "
+                     f"--milestones {','.join(map(str, d['milestones']))} --weight-decay {d['weight_decay']}"
+                     + (" --eval-from 45 on CIFAR, 0 elsewhere" if regime == "at" else " --eval-from 0"))
+    s = SVHN_ADVERSARIAL
+    lines.append(f"  svhn at/fat: --lr {s['lr']} --epochs {s['epochs']} --schedule cosine --eval-from 0")
+    lines.append("  --alpha: eps/4 (at), 1.25 eps (fat); --test-eps: --eps; --test-alpha: test eps / 4")
+    return "\n".join(lines)
+
+
+def build_parser():
+    # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
+    p = ArgumentParser(prog="main_downstream.py", description=DESCRIPTION, epilog=_regime_defaults_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
+    p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
+                   help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline")
+    p.add_argument("--regime", choices=["st", "fat", "at"], default="st")
+    p.add_argument("--data-rate", "--data_rate", "--data_number", dest="data_rate", type=float, default=1.0,
+                   help="fraction of the training split used: 1.0, 0.1, 0.01 (the seed repo called it --data_number)")
+    p.add_argument("--subset", choices=["random", "first"], default="random",
+                   help="which images a data rate below 1 keeps: 'random' = a class-balanced draw fixed by "
+                        "--subset-seed and shared by every training seed; 'first' = the first N images of the "
+                        "training split, exactly as the seed code")
+    p.add_argument("--subset-seed", "--subset_seed", type=int, default=0,
+                   help="seed of the 'random' subset (vary it only to study subset variance on purpose)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--milestones", "--decreasing_lr", "--decreasing-lr", dest="milestones", type=int_list, default=None,
+                   help="epochs at which the lr is multiplied by 0.1, e.g. 50,75")
+    p.add_argument("--schedule", choices=["step", "cosine"], default=None,
+                   help="lr schedule (default: step at --milestones; cosine for SVHN adversarial training)")
+    p.add_argument("--val-size", "--val_size", type=int, default=None,
+                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN)")
+    p.add_argument("--train-steps", "--train_steps", "--train_step", type=int, default=10,
+                   help="PGD steps of adversarial training")
+    # the seed repo's names for the training attack's radius and step (same as --eps / --alpha)
+    p.add_argument("--train_eps", dest="eps", type=fraction, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--train_gamma", dest="alpha", type=fraction, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--test-eps", "--test_eps", dest="test_eps", type=fraction, default=None,
+                   help="radius of the robust evaluation (default: --eps)")
+    p.add_argument("--test-steps", "--test_steps", "--test_step", type=int, default=20,
+                   help="PGD steps of the robust evaluation (RA) of every regime; at/fat also validate with it; "
+                        "0 = report no RA (st only)")
+    p.add_argument("--test-alpha", "--test_alpha", "--test_gamma", dest="test_alpha", type=fraction, default=None,
+                   help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default: the test radius / 4, 2/255 at 8/255)")
+    p.add_argument("--eval-from", "--eval_from", type=int, default=None,
+                   help="validate (and select) from this epoch on; default per protocol: 45 for CIFAR at, "
+                        "0 otherwise (SVHN at, fat, st)")
+    p.add_argument("--eval-amp", "--eval_amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="precision of the reported test SA/RA (default off = fp32; validation uses --amp)")
+    p.add_argument("--max-loss", "--max_loss", type=float, default=None,
+                   help=f"stop as diverged when the training loss stays above this for {MAX_LOSS_PATIENCE} steps "
+                        f"(default {MAX_LOSS_FACTOR} x the loss of a uniform prediction, ln(classes))")
+    p.add_argument("--checkpoint-minutes", "--checkpoint_minutes", type=float, default=30.0,
+                   help="also checkpoint inside an epoch every this many minutes (0 = only at epoch ends)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt (optimizer state) after results.json is written; model_best.pt is always kept")
+    p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
+                   help="fat: do not stop on catastrophic overfitting")
+    p.add_argument("--linear-eval", "--linear_eval", action="store_true",
+                   help="freeze the backbone (weights and BatchNorm statistics) and train only the head")
+    p.add_argument("--save-trajectory", action="store_true",
+                   help="keep the weights of every epoch (for analysis/loss_landscape.py)")
+    p.add_argument("--keep-sa-best", action="store_true",
+                   help="adversarial regimes: also test the epoch with the best validation SA")
+    p.add_argument("--allow-chance", action="store_true", default=argparse.SUPPRESS,
+                   help="write results.json even when the selected model is at chance level (an expected outcome, "
+                        "e.g. an extreme random ticket); without it such a run fails with exit status 2")
+    return p
+
+
+def _regime(*regimes):
+    return lambda c: c["regime"] in regimes
+
+
+def _robust_test(c):
+    return c["test_steps"] > 0
+
+
+# Flags that act on some runs only: dest -> (applies(context), where it applies), the context being
+# the run's values of FLAG_CONTEXT; every other flag acts on every run. parse_args refuses a flag
+# given without effect; flag_applies answers the same question for a sweep's [flags].
+FLAG_CONTEXT = ("regime", "data_rate", "subset", "test_steps", "test_eps", "dataset", "ticket", "init")
+TESTS_RA = "applies only with --test-steps above 0 (the robust evaluation)"
+FLAG_SCOPE = {
+    "subset": (lambda c: c["data_rate"] < 1, "applies only to a --data-rate below 1"),
+    "subset_seed": (lambda c: c["data_rate"] < 1 and c["subset"] == "random",
+                    "applies only to --subset random at a --data-rate below 1"),
+    "train_steps": (_regime("at"), "applies only to --regime at (fat trains with one FGSM step, st without attacks)"),
+    "alpha": (_regime("at", "fat"), "applies only to --regime at and fat (the step of the training attack)"),
+    "attack_bn": (_regime("at", "fat"), "applies only to --regime at and fat (the training attack)"),
+    "keep_sa_best": (_regime("at", "fat"), "applies only to --regime at and fat (st selects by validation SA)"),
+    "fat_guard": (_regime("fat"), "applies only to --regime fat"),
+    "eps": (lambda c: c["regime"] != "st" or (c["test_eps"] is None and _robust_test(c)),
+            "applies to --regime at and fat, and under st only as the radius of the robust evaluation "
+            "(without --test-eps, with --test-steps above 0)"),
+    "test_eps": (_robust_test, TESTS_RA),
+    "test_alpha": (_robust_test, TESTS_RA),
+    "workers": (lambda c: c["dataset"] in (None, "folder"),
+                "applies only to --dataset folder (the other datasets are held in memory)"),
+    "data": (lambda c: c["dataset"] != "digits", "applies to every --dataset but digits (bundled with scikit-learn)"),
+    "reinit_stem": (lambda c: str(c["init"]).lower() != "none" or str(c["ticket"]).lower() != "none",
+                    "applies only with θ_p from --init or with a --ticket (whose stem mask it drops)"),
+}
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    setup.check_common_args(args)
+    refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
+    return args
+
+
+def flag_applies(dest, **context):
+    """Whether flag ``dest`` (e.g. "train_steps" or "--no-fat-guard") acts on a run described by
+    ``context`` (FLAG_CONTEXT's keys, e.g. regime="st", data_rate=0.1), and where it applies: (bool, text)."""
+    return flag_applies_in(build_parser, FLAG_SCOPE, FLAG_CONTEXT, dest, context)
+
+
+def resolve_defaults(args, n_train_full=None):
+    """Fill unset flags from the paper's protocol for this regime and dataset."""
+    defaults = dict(PAPER_DEFAULTS[args.regime])
+    if args.dataset == "svhn" and args.regime in ("at", "fat"):
+        svhn = dict(SVHN_ADVERSARIAL)
+        if args.milestones is not None:  # explicit --milestones mean a step schedule, even on SVHN
+            del svhn["schedule"], svhn["milestones"]
+        defaults.update(svhn)
+    if args.schedule == "cosine" and args.milestones:
+        raise UserError("--milestones only apply to --schedule step; drop one of the two.")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.alpha, args.test_eps, args.test_alpha = attacks.resolve_sizes(args.regime, args.eps, args.alpha, args.test_eps,
+                                                                       args.test_alpha)
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {args.epochs}.")
+    if not 0 < args.data_rate <= 1:
+        raise UserError(f"--data-rate must lie in (0, 1], not {args.data_rate}; use 1.0, 0.1 or 0.01.")
+    if args.regime != "st" and args.test_steps == 0:
+        raise UserError(f"--regime {args.regime} selects the epoch by validation RA, so --test-steps must be at least 1.")
+    if args.train_steps < 1 or args.test_steps < 0:
+        raise UserError("--train-steps must be at least 1 and --test-steps at least 0.")
+    if args.ticket is not None and str(args.ticket).lower() == "none":
+        args.ticket = None
+    if args.eval_from is None:
+        args.eval_from = EVAL_FROM_ADVERSARIAL.get(args.dataset, 0) if args.regime == "at" else 0
+    if args.eval_from < 0:
+        raise UserError(f"--eval-from must be 0 or more, not {args.eval_from}.")
+    if args.max_loss is not None and not args.max_loss > 0:
+        raise UserError(f"--max-loss must be a positive number, not {args.max_loss}.")
+    if not args.checkpoint_minutes >= 0:
+        raise UserError(f"--checkpoint-minutes must be 0 or more, not {args.checkpoint_minutes}.")
+    if args.subset_seed < 0:
+        raise UserError(f"--subset-seed must be 0 or more, not {args.subset_seed}.")
+
+
+def run_config(args, ticket):
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg["ticket_sparsity"] = None if ticket is None else float(ticket["sparsity"])
+    return cfg
+
+
+# config.json keys read from a run's inputs (its ticket), not set by its command
+DERIVED_KEYS = frozenset({"ticket_sparsity"})
+
+
+def config_for(argv):
+    """The config.json a run of ``argv`` records (its DERIVED_KEYS left None), reading no file:
+    what script/sweep.py compares an existing run directory with (config_changes)."""
+    args = parse_args(argv)
+    resolve_defaults(args)
+    return json.loads(json.dumps(run_config(args, None)))
+
+
+def config_changes(old, new, finished=True):
+    """(key, old, new) for every setting in which a run directory's config ``old`` is another run than
+    ``new`` (a config_for). A finished run is compared on the settings that act on it (FLAG_SCOPE: a
+    flag without effect on it cannot make it another run); an unfinished one, which a rerun resumes,
+    on every setting, as the directory check of a resume does."""
+    diffs = config_differences(old, new, NON_SEMANTIC_KEYS | DERIVED_KEYS)
+    if not finished:
+        return diffs
+    context = {k: new.get(k) for k in FLAG_CONTEXT}
+    return [d for d in diffs if d[0] not in FLAG_SCOPE or FLAG_SCOPE[d[0]][0](context)]
