@@ -12,7 +12,6 @@ other float rounding, do the cells the support calls settled stay settled? (docs
 sure is the demo's table".)
 """
 
-import csv
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ if str(REPO) not in sys.path:
 from analysis.verdict import support_label  # noqa: E402
 from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.records import check_table_rows  # noqa: E402
+from utils.records import read_table  # noqa: E402
 
 LABELS = ("supported", "contradicted", "uncertain")
 ROW_KEY = ("dataset", "data_rate", "pretrain", "method")
@@ -33,19 +32,7 @@ EXTREMES = ("extreme_sparsity", "extreme_sparsity_contiguous", "extreme_sparsity
 
 def _read_csv(path, required):
     """A verdict table of analysis/plot_curves.py, with the columns ``required``."""
-    if not path.is_file():
-        raise UserError(f"'{path}' does not exist; pass --out directories of analysis/plot_curves.py.")
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows, fields = list(reader), reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error):
-        rows, fields = [], []
-    missing = [f for f in required if f not in fields]
-    if missing:
-        raise UserError(f"'{path}' is not a verdict table of analysis/plot_curves.py (it lacks the columns "
-                        f"{missing}); pass the --out directory plot_curves.py wrote, or rerun it with this version.")
-    return check_table_rows(path, rows)
+    return read_table(path, required, "pass the --out directory analysis/plot_curves.py wrote (this version)")
 
 
 def level_key(method, rank, sparsity_text):

@@ -10,7 +10,6 @@ its contiguous and supported variants and the row's verdict) with the agreement,
 numbers the text states, which double_win.csv does not measure. Bad input is one line, exit 2.
 """
 
-import csv
 import math
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ if str(REPO) not in sys.path:
 from utils.checkpoint import atomic_write_text  # noqa: E402
 from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.records import check_table_rows  # noqa: E402
+from utils.records import read_table  # noqa: E402
 
 try:
     import tomllib
@@ -156,22 +155,9 @@ def read_double_win(out_dir):
     path = Path(out_dir) / "double_win.csv"
     if not Path(out_dir).is_dir():
         raise UserError(f"'{out_dir}' is not a directory; pass the --out directory of analysis/plot_curves.py.")
-    if not path.is_file():
-        raise UserError(f"'{path}' does not exist; run analysis/plot_curves.py RUNS --out {out_dir} first.")
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows, fields = list(reader), reader.fieldnames or []
-    except UnicodeDecodeError:
-        raise UserError(f"'{path}' is not UTF-8 text; pass the --out directory plot_curves.py wrote.") from None
-    except csv.Error as exc:
-        raise UserError(f"'{path}' is not a readable CSV ({exc}); rerun analysis/plot_curves.py.") from None
-    missing = [c for c in COLUMNS if c not in fields]
-    if missing:
-        raise UserError(f"'{path}' lacks the column(s) {', '.join(missing)} of docs/contracts.md §5; rerun "
-                        "analysis/plot_curves.py (this version) to rewrite it.")
+    rows = read_table(path, COLUMNS, f"run analysis/plot_curves.py RUNS --out {out_dir} (this version) first")
     table = {}
-    for line, row in enumerate(check_table_rows(path, rows), start=2):
+    for line, row in enumerate(rows, start=2):
         try:
             rate = float(row["data_rate"])
         except (TypeError, ValueError):

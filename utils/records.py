@@ -164,6 +164,26 @@ def read_log(path, required=()):
 
 # --------------------------------------------------------------------------- CSV tables
 
+def read_table(path, required, hint):
+    """The rows of a CSV table a tool wrote (a verdict table, say), with the columns ``required``; every
+    way it can be unreadable is one UserError naming it, ``hint`` saying what to pass or rerun."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"'{path}' does not exist; {hint}.")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows, fields = list(reader), reader.fieldnames or []
+    except UnicodeDecodeError:
+        raise UserError(f"'{path}' is not UTF-8 text; {hint}.") from None
+    except csv.Error as exc:
+        raise UserError(f"'{path}' is not a readable CSV ({exc}); {hint}.") from None
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise UserError(f"'{path}' lacks the column(s) {', '.join(missing)}; {hint}.")
+    return check_table_rows(path, rows)
+
+
 def check_table_rows(path, rows):
     """UserError when a row of a csv.DictReader table has more or fewer fields than its header: a
     copy cut off inside a row, or a hand edit, whose missing cells would otherwise read as None."""
