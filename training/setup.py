@@ -216,6 +216,7 @@ def run_stoppable(run, args, stop):
     finally:
         stop.uninstall()
         release_run_locks()
+        du.cleanup(sync=False)  # a no-op after the run's own cleanup; otherwise no gloo thread outlives Python
 
 
 def release_run_locks():

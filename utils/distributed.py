@@ -134,6 +134,12 @@ def all_equal(tensor):
     return bool(torch.equal(lo, hi))
 
 
-def cleanup():
+def cleanup(sync=True):
+    """Leave the process group. ``sync`` first waits for every rank: a rank that tears the group down
+    while rank 0 still writes its results can abort rank 0's gloo threads at exit (seen once in CI as
+    SIGABRT, "terminate called without an active exception"). Paths that fail pass ``sync=False``:
+    the other ranks may never reach the barrier."""
     if is_distributed():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
