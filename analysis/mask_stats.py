@@ -1,7 +1,7 @@
 """Mask similarity and structure of tickets: IoU across pre-trainings, zero kernels, per-layer
 sparsity, and the kernel heatmap of one ticket.
 
-    python analysis/mask_stats.py TICKET_DIRS_OR_FILES... --out OUT_DIR [--heatmap TICKET]
+    python analysis/mask_stats.py TICKET_DIRS_OR_FILES... --out OUT_DIR [--heatmap TICKET ...]
 
 A directory stands for the tickets in its ``tickets/`` folder (a stage-1 --save-dir), else for
 the ``tickets/*.pt`` found below it, else for the ``*.pt`` files in it.  Tickets are grouped by
@@ -12,9 +12,10 @@ computed for every pair of labels at each level.  A kernel is one [kh, kw] slice
 weight (a single weight for 1x1 convs); it counts as zero when all its weights are pruned.
 
 Outputs in OUT_DIR: mask_iou.csv/.png, zero_kernels.csv/.png, layer_sparsity.csv and, with
---heatmap, heatmap_<name>.png/.json/.csv (one row per layer, one pixel per kernel; when the
-widest layer has more kernels than --heatmap-width, a pixel is the fraction of zero kernels among
-consecutive kernels).  Tickets of different architectures exit with status 2.
+--heatmap (repeatable), heatmap_<name>.png/.json/.csv per ticket (one row per layer, one pixel per
+kernel, bright = fully pruned as in the paper's Fig. 7; when the widest layer has more kernels than
+--heatmap-width, a pixel is the fraction of zero kernels among consecutive kernels, and the x axis
+still counts kernels).  Tickets of different architectures exit with status 2.
 """
 
 import itertools
@@ -39,6 +40,7 @@ ZERO_FIELDS = ["label", "round", "sparsity", "zero_kernels", "kernels", "zero_ke
 LAYER_FIELDS = ["label", "round", "ticket_sparsity", "layer", "params", "kept", "sparsity", "zero_kernels", "kernels"]
 HEATMAP_FIELDS = ["layer", "stage", "shape", "kernels", "zero_kernels", "zero_kernel_percent"]
 _UNKNOWN = (None, "", "unknown")
+KEPT_COLOR, PRUNED_COLOR = "#1f2a5a", "#ffd23f"  # the heatmap's 0 (a kernel with a weight left) and 1
 
 
 @dataclass
@@ -279,11 +281,17 @@ def heatmap(ticket_path, out_dir, max_width):
     import matplotlib.colors as mcolors
 
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.2 * len(layers) + 1.6)))
-    cmap = mcolors.LinearSegmentedColormap.from_list("kept_pruned", ["#f2e6c9", "#2b2d42"]).with_extremes(bad="white")
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1)
+    # as the paper's Fig. 7: bright = fully pruned, dark = kept; 0 must never read as the white of the
+    # figure, which also marks the pixels past the end of a narrower layer (no kernel there)
+    cmap = mcolors.LinearSegmentedColormap.from_list("kept_pruned", [KEPT_COLOR, PRUNED_COLOR]).with_extremes(bad="white")
+    # x in kernels: pixel i covers kernels [i * per_pixel, (i + 1) * per_pixel), so the ticks count kernels
+    extent = (0, width * per_pixel, len(layers) - 0.5, -0.5)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
+                      extent=extent)
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([layer["name"].removesuffix(".weight") for layer in layers],
                        fontsize=max(4, min(8, 400 // max(len(layers), 1))))
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:,.0f}"))
     ax.set_xlabel("kernel index" + (f" (each pixel: {per_pixel} kernels)" if per_pixel > 1 else ""))
     starts = [i for i in range(len(layers)) if i == 0 or layers[i]["stage"] != layers[i - 1]["stage"]]
     for k, start in enumerate(starts):
@@ -295,7 +303,7 @@ def heatmap(ticket_path, out_dir, max_width):
     bar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.08)
     bar.set_label("fully pruned kernels" + (" (fraction per pixel)" if per_pixel > 1 else " (1 = pruned)"))
     ax.set_title(f"Kernels of {ticket_path.name} ({ticket.get('pretrain')}, {float(ticket['sparsity']):.2f}% sparse): "
-                 "dark = fully pruned", fontsize=10)
+                 "bright = fully pruned, dark = kept", fontsize=10)
     png = common.save_figure(fig, out_dir / f"heatmap_{stem}.png")
 
     atomic_write_text(json.dumps({
@@ -318,7 +326,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("tickets", nargs="+", metavar="TICKET_DIR_OR_FILE")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    p.add_argument("--heatmap", default=None, metavar="TICKET", help="ticket file whose kernels to draw")
+    p.add_argument("--heatmap", action="append", default=None, metavar="TICKET",
+                   help="ticket file whose kernels to draw (repeatable: one heatmap per ticket)")
     p.add_argument("--heatmap-width", type=int, default=2048,
                    help="most pixels per heatmap row; wider layers are binned (default 2048)")
     args = p.parse_args(argv)
@@ -342,8 +351,9 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     files, explicit = collect_files(args.tickets)
-    if args.heatmap is not None and not Path(args.heatmap).is_file():
-        raise UserError(f"--heatmap ticket '{args.heatmap}' does not exist; pass a ticket file.")
+    for ticket in args.heatmap or ():
+        if not Path(ticket).is_file():
+            raise UserError(f"--heatmap ticket '{ticket}' does not exist; pass a ticket file.")
     infos, zero_rows, layer_rows, warnings = scan(files, explicit)
     check_same_architecture(infos)
     assign_labels(infos)
@@ -364,8 +374,8 @@ def main(argv=None):
         warnings.append("no level has tickets of two pre-trainings, so no IoU was computed; pass tickets of "
                         "several pre-trainings.")
     written.append(plot_zero_kernels(zero_rows, out, sparsity_of))
-    if args.heatmap is not None:
-        path = Path(args.heatmap)
+    for ticket in args.heatmap or ():
+        path = Path(ticket)
         other = pu.load_ticket(path)
         if _signature(other["masks"]) != infos[0].signature:
             raise UserError(f"--heatmap ticket '{path}' has different layers from the other tickets; pass a ticket of "
