@@ -7,7 +7,11 @@ ANALYSIS_OUT_DIR is an ``--out`` directory of analysis/plot_curves.py; its doubl
 holds the numbers the paper states, each with where it is stated. Written: paper_vs_ours.md in
 ANALYSIS_OUT_DIR (or --out): per figure, every stated extreme sparsity beside ours (the extreme,
 its contiguous and supported variants and the row's verdict) with the agreement, then the other
-numbers the text states, which double_win.csv does not measure. Bad input is one line, exit 2.
+numbers the text states. Those of them that the mask, landscape and robustness analyses measure
+(kinds mask_iou_below, zero_kernels_order, transfer_attack) are compared with mask_iou.csv,
+zero_kernels.csv (analysis/mask_stats.py) or robustness.csv (analysis/robustness.py) when
+ANALYSIS_OUT_DIR holds them; analysis/study_report.py writes one file for a whole study with
+``render_study``. Bad input is one line, exit 2.
 """
 
 import math
@@ -34,9 +38,21 @@ DEFAULT_PAPER = Path(__file__).resolve().parent / "paper_numbers.toml"
 COLUMNS = ("dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "double_win_levels",
            "extreme_sparsity_contiguous", "verdict", "extreme_sparsity_supported")
 EXTREME, RANGE, STATED = "extreme_sparsity", "extreme_sparsity_range", "stated"
+IOU_BELOW, ZERO_ORDER, TRANSFER = "mask_iou_below", "zero_kernels_order", "transfer_attack"
+MEASURED = (IOU_BELOW, ZERO_ORDER, TRANSFER)  # stated numbers one of the other analyses measures
 REQUIRED = {EXTREME: ("dataset", "data_rate", "pretrain", "method", "value"),
             RANGE: ("datasets", "data_rate", "pretrain", "method", "value"),
-            STATED: ("setting", "value")}
+            STATED: ("setting", "value"),
+            IOU_BELOW: ("setting", "sparsity", "value"),
+            ZERO_ORDER: ("setting", "sparsity", "value"),
+            TRANSFER: ("setting", "dataset", "data_rate", "pretrain", "regime", "sparsity", "value")}
+# the analysis output each measured kind reads: (file, its columns used here, the tool that writes it)
+OUTPUTS = {IOU_BELOW: ("mask_iou.csv", ("sparsity_a", "label_a", "label_b", "iou"), "analysis/mask_stats.py"),
+           ZERO_ORDER: ("zero_kernels.csv", ("label", "sparsity", "zero_kernel_percent"), "analysis/mask_stats.py"),
+           TRANSFER: ("robustness.csv", ("dataset", "pretrain", "sparsity", "regime", "data_rate", "seed",
+                                         "n_images", "transfer_acc", "ra_pgd"),
+                      "analysis/robustness.py --transfer-source")}
+CLOSE = 1.0  # points: a transfer-attack pair of accuracies within this of the paper's reads "close"
 # plot_curves.py writes plain "imp" when the analysis holds IMP tickets of one re-training kind only;
 # stage 1's default (standard re-training) is the reading taken here
 ALIASES = {"imp-st": ("imp-st", "imp")}
@@ -55,7 +71,12 @@ quantity, the value compared; `contiguous` the largest level with every level be
 **Agreement**: `same` (equal to 0.01 points), `ours higher` / `ours lower` (by the points shown),
 `same or higher` / `undecided` where our extreme is only a lower bound, `mixed` where a range is wider
 or narrower at both ends, `not measured` (no such row, or its extreme withheld). IMP-ST is matched to
-our `imp-st` row, or to `imp` where the analysis held IMP tickets of one re-training kind only."""
+our `imp-st` row, or to `imp` where the analysis held IMP tickets of one re-training kind only.
+**Measured statements** (mask similarity, zero kernels, transfer attack) put our value beside the
+paper's with its **support**: the seeds it averages (mean, and their standard deviation) or the masks
+it compares (stage 1 makes one mask per pre-training and level, so these have no seeds). Their
+agreement is `holds` / `does not hold` (a bound), `same order` / `other order` (a ranking), or `close`
+(both accuracies within 1 point) / `differs` (the differences in points, ours minus the paper's)."""
 
 
 @dataclass
@@ -108,15 +129,27 @@ def _check_number(i, entry, figures, path):
     elif kind == RANGE:
         ok = (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
               and value[0] <= value[1] and isinstance(entry["datasets"], list) and entry["datasets"])
+    elif kind == IOU_BELOW:
+        ok = _is_number(value) and _is_number(entry["sparsity"])
+    elif kind == ZERO_ORDER:
+        ok = (isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) and v for v in value)
+              and _is_number(entry["sparsity"]))
+    elif kind == TRANSFER:
+        ok = (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
+              and _is_number(entry["sparsity"]) and _is_number(entry["data_rate"])
+              and all(isinstance(entry[k], str) and entry[k] for k in ("dataset", "pretrain", "regime")))
     else:
         ok = isinstance(value, str) or _is_number(value)
-    if ok and kind != STATED:
+    if ok and kind in (EXTREME, RANGE):
         names = [entry["pretrain"], entry["method"]] + ([entry["dataset"]] if kind == EXTREME else entry["datasets"])
         ok = _is_number(entry["data_rate"]) and all(isinstance(n, str) and n for n in names)
     if not ok:
         raise UserError(f"{where} holds a bad value for kind {kind}: an extreme needs value = NUMBER, "
                         "data_rate = NUMBER and dataset, pretrain, method as strings; a range value = [LOW, HIGH] "
-                        "and datasets = [...]; a stated number a string or number.")
+                        "and datasets = [...]; a stated number a string or number; mask_iou_below value = "
+                        "PERCENT and sparsity = NUMBER; zero_kernels_order value = [LABEL, LABEL, ...] (most zero "
+                        "kernels first) and sparsity; transfer_attack value = [TRANSFER, RA] with dataset, "
+                        "data_rate, pretrain, regime and sparsity.")
 
 
 def _is_number(v):
@@ -174,6 +207,36 @@ def read_double_win(out_dir):
 
 def _rate_key(rate):
     return round(float(rate), 6)
+
+
+def read_outputs(out_dir):
+    """{file: rows} of the mask and robustness outputs in ``out_dir`` (OUTPUTS), each checked as the
+    tool writes it; a file that is not there is left out."""
+    outputs = {}
+    for name, columns, tool in OUTPUTS.values():
+        path = Path(out_dir) / name
+        if name not in outputs and path.is_file():
+            rows = read_table(path, columns, f"rerun {tool} with --out {out_dir}")
+            for line, row in enumerate(rows, start=2):
+                for column in ("sparsity", "sparsity_a", "iou", "zero_kernel_percent", "data_rate", "transfer_acc",
+                               "ra_pgd"):
+                    if column in columns:
+                        row[column] = _float_cell(row[column], path, line, column, tool)
+            outputs[name] = rows
+    return outputs
+
+
+def _float_cell(text, path, line, column, tool):
+    """A number of an output table; empty (not measured, e.g. no transfer attack) is None."""
+    if text is None or text.strip() == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"'{path}' line {line}: {column} '{text}' is not a number; rerun {tool} to rewrite it.")
+    return value
 
 
 # --------------------------------------------------------------------------- comparing
@@ -250,6 +313,94 @@ def _span(texts):
     return f"{min(numbers):.2f}–{max(numbers):.2f}"
 
 
+def _at_level(rows, column, sparsity):
+    return [r for r in rows if r[column] is not None and abs(r[column] - float(sparsity)) <= 0.005]
+
+
+def _pre(label):
+    """A mask_stats label ('std', or 'std/std_imp_st' when two directories share it) in the paper's words."""
+    return PRETRAIN_NAMES.get(label.split("/")[0], label)
+
+
+def _missing_output(kind):
+    name, _, tool = OUTPUTS[kind]
+    return f"{NOT_MEASURED} (no {name}: run {tool})"
+
+
+def measure_iou_below(entry, rows):
+    """(ours, support, agreement) of 'every pair's mask IoU at this level is below VALUE percent'."""
+    pairs = _at_level(rows, "sparsity_a", entry["sparsity"])
+    if not pairs:
+        return "–", "–", f"{NOT_MEASURED} (no pair of tickets at {float(entry['sparsity']):.2f}%)"
+    values = [(100.0 * r["iou"], f"{_pre(r['label_a'])}–{_pre(r['label_b'])}") for r in pairs]
+    top = max(v for v, _ in values)
+    ours = f"max {top:.2f}% ({', '.join(f'{name} {v:.2f}' for v, name in values)})"
+    support = f"{len(values)} pair{'s' if len(values) > 1 else ''} of masks, one per pre-training (no seeds)"
+    bound = float(entry["value"])
+    agree = "holds" if top < bound else f"does not hold (max {top - bound:+.2f} above)"
+    return ours, support, agree
+
+
+def measure_zero_order(entry, rows):
+    """(ours, support, agreement) of 'the pre-trainings ranked by their zero kernels at this level'."""
+    level = _at_level(rows, "sparsity", entry["sparsity"])
+    share = {r["label"].split("/")[0]: r["zero_kernel_percent"] for r in level if r["zero_kernel_percent"] is not None}
+    absent = [label for label in entry["value"] if label not in share]
+    if absent:
+        return "–", "–", (f"{NOT_MEASURED} (no {_pre(absent[0])} ticket at {float(entry['sparsity']):.2f}%)")
+    ranked = sorted(entry["value"], key=lambda label: -share[label])
+    ours = " > ".join(f"{_pre(label)} {share[label]:.2f}%" for label in ranked)
+    support = f"share of zero kernels; {len(ranked)} masks, one per pre-training (no seeds)"
+    return ours, support, "same order" if ranked == list(entry["value"]) else "other order"
+
+
+def measure_transfer(entry, rows):
+    """(ours, support, agreement) of one Table A2 row: mean transfer-attack and PGD accuracy over seeds."""
+    import statistics
+
+    runs = [r for r in _at_level(rows, "sparsity", entry["sparsity"])
+            if r["dataset"] == entry["dataset"] and r["pretrain"] == entry["pretrain"]
+            and r["regime"] == entry["regime"] and r["data_rate"] is not None
+            and _rate_key(r["data_rate"]) == _rate_key(entry["data_rate"]) and r["transfer_acc"] is not None]
+    if not runs:
+        return "–", "–", f"{NOT_MEASURED} (no transfer-attack row at {float(entry['sparsity']):.2f}%)"
+    means, sds = [], []
+    for column in ("transfer_acc", "ra_pgd"):
+        values = [r[column] for r in runs]
+        means.append(statistics.fmean(values))
+        sds.append(statistics.stdev(values) if len(values) > 1 else None)
+    seeds = sorted({r["seed"] for r in runs})
+    images = sorted({r["n_images"] for r in runs})
+    spread = f", sd {sds[0]:.2f} / {sds[1]:.2f}" if sds[0] is not None else ""
+    support = f"{len(runs)} seed{'s' if len(runs) > 1 else ''} ({', '.join(seeds)}{spread}); {'/'.join(images)} images"
+    diffs = [m - float(v) for m, v in zip(means, entry["value"])]
+    word = "close" if all(abs(d) <= CLOSE for d in diffs) else "differs"
+    return f"{means[0]:.2f} / {means[1]:.2f}", support, f"{word} ({diffs[0]:+.2f} / {diffs[1]:+.2f})"
+
+
+MEASURES = {IOU_BELOW: measure_iou_below, ZERO_ORDER: measure_zero_order, TRANSFER: measure_transfer}
+
+
+def paper_text(entry):
+    """The paper's side of a measured statement, as the table shows it."""
+    value = entry["value"]
+    if entry["kind"] == IOU_BELOW:
+        return f"< {float(value):.2f}%"
+    if entry["kind"] == ZERO_ORDER:
+        return " > ".join(_pre(v) for v in value)
+    return f"{float(value[0]):.2f} / {float(value[1]):.2f}"
+
+
+def measured_row(entry, outputs):
+    """(markdown cells, agreement) of one measured statement, from the analysis outputs {file: rows}."""
+    name = OUTPUTS[entry["kind"]][0]
+    if outputs is None or name not in outputs:
+        ours, support, agree = "–", "–", _missing_output(entry["kind"])
+    else:
+        ours, support, agree = MEASURES[entry["kind"]](entry, outputs[name])
+    return [_cell(entry["setting"]), paper_text(entry), _cell(ours), _cell(support), agree, _source(entry)], agree
+
+
 # --------------------------------------------------------------------------- writing
 
 def _rate_text(rate):
@@ -296,15 +447,26 @@ def compared_row(entry, table):
 
 def _tally(agreements):
     words = [a.split(" (")[0] for a in agreements]
-    order = [SAME, "ours higher", "ours lower", "same or higher", "undecided", "mixed", NOT_MEASURED]
+    order = [SAME, "ours higher", "ours lower", "same or higher", "undecided", "mixed", "holds", "does not hold",
+             "same order", "other order", "close", "differs", NOT_MEASURED]
     present = [w for w in order if w in words] + sorted(set(words) - set(order))
     return ", ".join(f"{words.count(w)} {w}" for w in present)
 
 
-def figure_section(figure, title, entries, table):
-    lines = [f"## {figure}: {title}", ""]
-    compared = [e for e in entries if e["kind"] != STATED]
+def figure_section(figure, title, entries, table, outputs=None, ours_from=None):
+    """The Markdown lines of one figure; ``outputs`` ({file: rows}, read_outputs) serves the measured
+    statements, ``ours_from`` (a line) says where our numbers come from."""
+    lines = [f"## {figure}: {title}", ""] + ([ours_from, ""] if ours_from else [])
+    compared = [e for e in entries if e["kind"] in (EXTREME, RANGE)]
+    measured = [e for e in entries if e["kind"] in MEASURED]
     stated = [e for e in entries if e["kind"] == STATED]
+    if measured:
+        rows, agreements = zip(*(measured_row(e, outputs) for e in measured))
+        lines += [f"{len(measured)} measured statement{'' if len(measured) == 1 else 's'}: {_tally(agreements)}.", "",
+                  "| statement | paper | ours | support | agreement | source |",
+                  "| --- | ---: | --- | --- | --- | --- |"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
     if compared:
         rows, agreements = zip(*(compared_row(e, table) for e in compared))
         lines += [f"{len(compared)} stated extreme sparsit{'y' if len(compared) == 1 else 'ies'}: "
@@ -314,7 +476,7 @@ def figure_section(figure, title, entries, table):
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
     if stated:
-        lines += ["Also stated (not a double-win extreme, so not compared here):" if compared
+        lines += ["Also stated (not compared here):" if compared or measured
                   else "The text states no extreme sparsity here; the numbers it does state (not compared):", "",
                   "| setting | paper | source |", "| --- | ---: | --- |"]
         lines += [f"| {setting_text(e)} | {_cell(e['value'])} | {_source(e)} |" for e in stated]
@@ -322,17 +484,31 @@ def figure_section(figure, title, entries, table):
     return lines
 
 
-def render(figures, numbers, table, csv_path, only=None):
-    """The text of paper_vs_ours.md."""
-    lines = ["# The paper's numbers beside ours", "",
-             "Paper: Chen et al., \"Data-Efficient Double-Win Lottery Tickets from Robust Pre-training\", ICML 2022.",
-             f"Ours: `{csv_path}` ({len(table)} rows).", "", LEGEND, ""]
+PAPER_LINE = "Paper: Chen et al., \"Data-Efficient Double-Win Lottery Tickets from Robust Pre-training\", ICML 2022."
+
+
+def render(figures, numbers, table, csv_path, only=None, outputs=None):
+    """The text of paper_vs_ours.md for one analysis directory."""
+    lines = ["# The paper's numbers beside ours", "", PAPER_LINE, f"Ours: `{csv_path}` ({len(table)} rows).", "",
+             LEGEND, ""]
     for figure, title in figures.items():
         if only and figure not in only:
             continue
         entries = [e for e in numbers if e["figure"] == figure]
         if entries:
-            lines += figure_section(figure, title, entries, table)
+            lines += figure_section(figure, title, entries, table, outputs)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_study(figures, numbers, sections, intro=()):
+    """paper_vs_ours.md of a study: ``sections`` is [(figure, table, outputs, ours_from)], one per figure
+    analysed, in order; ``intro`` lines go under the title."""
+    lines = ["# The paper's numbers beside ours", "", PAPER_LINE, *intro, "", LEGEND, ""]
+    for figure, table, outputs, ours_from in sections:
+        entries = [e for e in numbers if e["figure"] == figure]
+        lines += figure_section(figure, figures[figure], entries, table, outputs, ours_from)
+        if not entries:
+            lines += ["The text states no number for this figure; compare the drawings.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -358,11 +534,13 @@ def main(argv=None):
             raise UserError(f"--figure {unknown[0]!r} is not in '{args.paper}'; use one of "
                             f"{', '.join(repr(f) for f in figures)}.")
     csv_path = Path(args.analysis_dir) / "double_win.csv"
-    table = read_double_win(args.analysis_dir)
+    outputs = read_outputs(args.analysis_dir) if Path(args.analysis_dir).is_dir() else {}
+    # a mask or robustness analysis has no double_win.csv; without either kind of output say what is missing
+    table = read_double_win(args.analysis_dir) if csv_path.is_file() or not outputs else {}
     out = Path(args.out) if args.out else Path(args.analysis_dir) / "paper_vs_ours.md"
     if not out.parent.is_dir():
         raise UserError(f"--out '{out}': the folder '{out.parent}' does not exist; create it or choose another.")
-    atomic_write_text(render(figures, numbers, table, csv_path, only=args.figure), out)
+    atomic_write_text(render(figures, numbers, table, csv_path, only=args.figure, outputs=outputs), out)
     print(f"wrote {out}")
     return 0
 
