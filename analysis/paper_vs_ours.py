@@ -60,6 +60,9 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN",
 PRETRAIN_NAMES = {"std": "θ_STD", "fat": "θ_FAT", "at": "θ_AT"}
 METHOD_NAMES = {"imp": "IMP-ST", "imp-st": "IMP-ST", "imp-at": "IMP-AT", "omp": "OMP", "rp": "RP"}
 SAME, NOT_MEASURED = "same", "not measured"
+# the shipped grid files (script/grids/NAME.toml) -> the figure of the paper each reproduces
+GRID_FIGURES = {"fig3": "Fig. 3", "fig4": "Fig. 4", "fig5": "Fig. 5", "fig6": "Figs. 2, 6, A9",
+                "fig7": "Figs. 7, A8", "table_a2": "Table A2"}
 LEGEND = """\
 How to read the tables. **Paper**: the extreme sparsity (%) the text states: the largest sparsity at
 which the ticket is double-win (matching the dense network of its pre-training in standard training's
@@ -521,7 +524,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, metavar="FILE",
                    help="where to write the Markdown (default: ANALYSIS_OUT_DIR/paper_vs_ours.md)")
     p.add_argument("--figure", action="append", default=None, metavar="FIGURE",
-                   help="only this figure's table, as [figures] names it (e.g. \"Fig. 4\"); repeatable")
+                   help="only this figure's table, as [figures] names it (e.g. \"Fig. 4\") or by its grid file's "
+                        "name (fig4); repeatable")
     return p.parse_args(argv)
 
 
@@ -529,6 +533,7 @@ def main(argv=None):
     args = parse_args(argv)
     figures, numbers = load_paper(args.paper)
     if args.figure:
+        args.figure = [GRID_FIGURES.get(f, f) for f in args.figure]  # a grid's name stands for its figure
         unknown = [f for f in args.figure if f not in figures]
         if unknown:
             raise UserError(f"--figure {unknown[0]!r} is not in '{args.paper}'; use one of "

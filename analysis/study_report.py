@@ -38,9 +38,9 @@ from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 CURVES, LANDSCAPE, MASKS, TRANSFER = "curves", "landscape", "masks", "transfer"
-# grid file name -> (the paper's figure as analysis/paper_numbers.toml names it, the analysis it takes)
-FIGURES = {"fig3": ("Fig. 3", CURVES), "fig4": ("Fig. 4", CURVES), "fig5": ("Fig. 5", CURVES),
-           "fig6": ("Figs. 2, 6, A9", LANDSCAPE), "fig7": ("Figs. 7, A8", MASKS), "table_a2": ("Table A2", TRANSFER)}
+# grid file name -> the analysis it takes (its paper figure: paper_vs_ours.GRID_FIGURES); others: CURVES
+ANALYSES = {"fig6": LANDSCAPE, "fig7": MASKS, "table_a2": TRANSFER}
+ORDER = list(pvo.GRID_FIGURES)
 
 
 @dataclass
@@ -62,8 +62,8 @@ def grid_files(items):
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.glob("*.toml"), key=lambda f: (list(FIGURES).index(f.stem) if f.stem in FIGURES
-                                                              else len(FIGURES), f.name))
+            found = sorted(p.glob("*.toml"), key=lambda f: (ORDER.index(f.stem) if f.stem in ORDER else len(ORDER),
+                                                             f.name))
             if not found:
                 raise UserError(f"'{p}' holds no grid file (*.toml); pass grid files or a folder of them, such as "
                                 "script/grids.")
@@ -217,8 +217,8 @@ def main(argv=None):
     out = Path(args.out)
     figs = []
     for path in grid_files(args.grids):
-        paper, kind = FIGURES.get(path.stem, (None, CURVES))
-        figs.append(Figure(path.stem, path, paper, kind, out / path.stem))
+        figs.append(Figure(path.stem, path, pvo.GRID_FIGURES.get(path.stem), ANALYSES.get(path.stem, CURVES),
+                           out / path.stem))
     for fig in figs:
         label = f"{fig.name} ({fig.paper})" if fig.paper else fig.name
         try:

@@ -217,7 +217,7 @@ def test_table_a2_rows_compare_a_robustness_csv_with_their_support(tmp_path):
         writer = csv.DictWriter(fh, robustness.FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    assert pvo.main([str(tmp_path), "--figure", "Table A2"]) == 0
+    assert pvo.main([str(tmp_path), "--figure", "table_a2"]) == 0  # a grid's name stands for its figure
     text = (tmp_path / "paper_vs_ours.md").read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.startswith("| θ_AT")]
     assert "| 55.54 / 47.11 | 55.50 / 47.17 | 3 seeds (1, 2, 3, sd 0.50 / 0.29); 10000 images | close (-0.04 / +0.06) |" \
