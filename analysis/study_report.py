@@ -1,7 +1,8 @@
 """The analysis step of a study: every figure of its grid files analysed, and the paper's numbers beside ours.
 
     python analysis/study_report.py GRID.toml [GRID.toml ...] --out OUT_DIR
-        [--transfer-source MODEL [--transfer-arch NAME]] [--data DIR] [--device auto] [--max-images N]
+        [--transfer-source MODEL [--transfer-arch NAME]] [--max-images N] [--landscape-points N]
+        [--landscape-images N] [--data DIR] [--device auto]
     python analysis/study_report.py script/grids --out OUT_DIR        # every grid file of a study folder
 
 Each grid file is one figure or table of the paper, named by its file (script/grids/fig3.toml ->
@@ -118,7 +119,8 @@ def analyse_landscapes(fig, grid, runs, args):
     for r in done:
         pca = len(loss_landscape.trajectory_files(r.run_dir)) >= 3
         argv = [str(r.run_dir), "--out", str(fig.out / _landscape_name(r)), "--device", args.device,
-                "--directions", "pca" if pca else "random"] + (["--data", args.data] if args.data else [])
+                "--directions", "pca" if pca else "random", "--grid", str(args.landscape_points),
+                "--num-images", str(args.landscape_images)] + (["--data", args.data] if args.data else [])
         print(f"{fig.name}: landscape of {r.run_dir}", flush=True)
         loss_landscape.main(argv)
     fig.ours_from = (f"Ours: `{fig.name}/*/landscape.png` (clean test images left: Fig. 6; PGD images right: "
@@ -200,9 +202,15 @@ def parse_args(argv=None):
     p.add_argument("--transfer-arch", default=None, help="its architecture, when the file does not say")
     p.add_argument("--max-images", type=int, default=0,
                    help="Table A2: test images scored per run (default 0 = all)")
+    p.add_argument("--landscape-points", type=int, default=21,
+                   help="Figs. 2, 6, A9: grid points per axis of each landscape (default 21)")
+    p.add_argument("--landscape-images", type=int, default=256,
+                   help="Figs. 2, 6, A9: fixed test images of each landscape's loss (default 256)")
     p.add_argument("--data", default=None, help="dataset root for the landscapes and Table A2 (default: each run's)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if args.landscape_points < 2 or args.landscape_images < 1:
+        raise UserError("--landscape-points must be at least 2 and --landscape-images at least 1.")
     if args.max_images < 0:
         raise UserError(f"--max-images must be 0 (all) or a positive number, not {args.max_images}.")
     if args.transfer_source is not None and not Path(args.transfer_source).is_file():

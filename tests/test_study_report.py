@@ -14,6 +14,7 @@ import pruning_utils as pu
 import study.grid
 from analysis import paper_vs_ours as pvo
 from analysis import robustness, study_report
+from tests.test_analysis_robustness import tiny_run  # noqa: F401  (the trained ticket, a fixture)
 from utils.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -225,3 +226,71 @@ def test_table_a2_rows_compare_a_robustness_csv_with_their_support(tmp_path):
     assert "| 62.79 / 56.00 | 61.00 / 55.50 |" in lines[1] and "differs (-1.79 / -0.50)" in lines[1]
     assert "not measured (no transfer-attack row at 93.13%)" in lines[2]
     assert "4 measured statements: 1 close, 1 differs, 2 not measured." in text
+
+
+TRAINED_GRID = """\
+out = "runs"
+[pretrain.at]
+init = "weights/at.pt"
+tickets = ["tickets/at_imp_st"]
+[axes]
+dataset = ["digits"]
+regime = ["at"]
+seed = [1]
+rounds = [3]
+dense = false
+"""
+TRAINED_PAPER = """\
+[figures]
+"Figs. 2, 6, A9" = "Loss landscapes"
+"Table A2" = "Transfer attack"
+
+[[number]]
+figure = "Table A2"
+kind = "transfer_attack"
+setting = "digits, the 50% ticket"
+dataset = "digits"
+data_rate = 1.0
+pretrain = "at"
+regime = "at"
+sparsity = 50.0
+value = [50.0, 20.0]
+source = "a test"
+"""
+
+
+@pytest.mark.slow
+def test_landscapes_and_the_transfer_attack_of_trained_runs(tiny_run, tmp_path):  # noqa: F811 (the fixture)
+    """A ticket trained on digits with its trajectory (main_downstream.py's files) where the grids of
+    Figs. 2/6/A9 and Table A2 put their run, and a second model as the unseen source."""
+    import dataset
+    import models
+
+    _stage1_dir(tmp_path, "tickets/at_imp_st", (3,))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "at.pt").write_bytes(b"")
+    for name in ("fig6", "table_a2"):
+        (tmp_path / f"{name}.toml").write_text(TRAINED_GRID, encoding="utf-8")
+    (run,) = study.grid.expand(study.grid.load_grid(tmp_path / "fig6.toml"))
+    shutil.copytree(tiny_run, run.run_dir)
+    data = dataset.build_data("digits", image_size=8, batch_size=64, seed=1)
+    torch.manual_seed(1)
+    source = models.build_model("resnet_tiny", data.num_classes, cifar_stem=True, mean=data.mean, std=data.std)
+    models.save_model_checkpoint(tmp_path / "source.pt", source, epoch=0)
+    (tmp_path / "paper.toml").write_text(TRAINED_PAPER, encoding="utf-8")
+    out = tmp_path / "report"
+    assert study_report.main([str(tmp_path / "fig6.toml"), str(tmp_path / "table_a2.toml"), "--out", str(out),
+                              "--paper", str(tmp_path / "paper.toml"), "--transfer-source", str(tmp_path / "source.pt"),
+                              "--max-images", "64", "--landscape-points", "3", "--landscape-images", "32",
+                              "--device", "cpu"]) == 0
+    land = json.loads((out / "fig6" / f"digits_at_at_rate1_s{run.sparsity:.2f}_seed1" / "landscape.json").read_text())
+    assert len(land["x"]) == 3 and land["settings"]["num_images"] == 32
+    assert "principal directions" in land["settings"]["directions"]  # the run kept its trajectory
+    (row,) = list(csv.DictReader(open(out / "table_a2" / "robustness.csv", newline="", encoding="utf-8")))
+    assert row["transfer_acc"] and row["n_images"] == "64" and float(row["sparsity"]) == 50.0
+    text = (out / "paper_vs_ours.md").read_text(encoding="utf-8")
+    line = next(line for line in _section(text, "Table A2").splitlines() if line.startswith("| digits"))
+    ours = f"{float(row['transfer_acc']):.2f} / {float(row['ra_pgd']):.2f}"
+    assert f"| 50.00 / 20.00 | {ours} | 1 seed (1); 64 images |" in line
+    assert "Ours: `fig6/*/landscape.png`" in _section(text, "Figs. 2, 6, A9")
+    assert "The text states no number for this figure" in _section(text, "Figs. 2, 6, A9")
