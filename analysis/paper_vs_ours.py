@@ -492,8 +492,9 @@ PAPER_LINE = "Paper: Chen et al., \"Data-Efficient Double-Win Lottery Tickets fr
 
 def render(figures, numbers, table, csv_path, only=None, outputs=None):
     """The text of paper_vs_ours.md for one analysis directory."""
-    lines = ["# The paper's numbers beside ours", "", PAPER_LINE, f"Ours: `{csv_path}` ({len(table)} rows).", "",
-             LEGEND, ""]
+    read = ([f"`{csv_path}` ({len(table)} rows)"] if table or not outputs else []) + [
+        f"`{Path(csv_path).parent / name}` ({len(rows)} rows)" for name, rows in (outputs or {}).items()]
+    lines = ["# The paper's numbers beside ours", "", PAPER_LINE, f"Ours: {', '.join(read)}.", "", LEGEND, ""]
     for figure, title in figures.items():
         if only and figure not in only:
             continue
