@@ -39,19 +39,23 @@ COLUMNS = ("dataset", "data_rate", "pretrain", "method", "extreme_sparsity", "do
            "extreme_sparsity_contiguous", "verdict", "extreme_sparsity_supported")
 EXTREME, RANGE, STATED = "extreme_sparsity", "extreme_sparsity_range", "stated"
 IOU_BELOW, ZERO_ORDER, TRANSFER = "mask_iou_below", "zero_kernels_order", "transfer_attack"
-MEASURED = (IOU_BELOW, ZERO_ORDER, TRANSFER)  # stated numbers one of the other analyses measures
+SA_GAP = "sa_difference"
+MEASURED = (IOU_BELOW, ZERO_ORDER, TRANSFER, SA_GAP)  # stated numbers one of the other analyses measures
 REQUIRED = {EXTREME: ("dataset", "data_rate", "pretrain", "method", "value"),
             RANGE: ("datasets", "data_rate", "pretrain", "method", "value"),
             STATED: ("setting", "value"),
             IOU_BELOW: ("setting", "sparsity", "value"),
             ZERO_ORDER: ("setting", "sparsity", "value"),
-            TRANSFER: ("setting", "dataset", "data_rate", "pretrain", "regime", "sparsity", "value")}
+            TRANSFER: ("setting", "dataset", "data_rate", "pretrain", "regime", "sparsity", "value"),
+            SA_GAP: ("setting", "dataset", "regime", "sparsity", "data_rates", "pretrains", "value")}
 # the analysis output each measured kind reads: (file, its columns used here, the tool that writes it)
 OUTPUTS = {IOU_BELOW: ("mask_iou.csv", ("sparsity_a", "label_a", "label_b", "iou"), "analysis/mask_stats.py"),
            ZERO_ORDER: ("zero_kernels.csv", ("label", "sparsity", "zero_kernel_percent"), "analysis/mask_stats.py"),
            TRANSFER: ("robustness.csv", ("dataset", "pretrain", "sparsity", "regime", "data_rate", "seed",
                                          "n_images", "transfer_acc", "ra_pgd"),
-                      "analysis/robustness.py --transfer-source")}
+                      "analysis/robustness.py --transfer-source"),
+           SA_GAP: ("summary.csv", ("dataset", "data_rate", "pretrain", "method", "regime", "sparsity", "n",
+                                    "sa_mean"), "analysis/plot_curves.py")}
 CLOSE = 1.0  # points: a transfer-attack pair of accuracies within this of the paper's reads "close"
 # plot_curves.py writes plain "imp" when the analysis holds IMP tickets of one re-training kind only;
 # stage 1's default (standard re-training) is the reading taken here
@@ -75,11 +79,11 @@ quantity, the value compared; `contiguous` the largest level with every level be
 `same or higher` / `undecided` where our extreme is only a lower bound, `mixed` where a range is wider
 or narrower at both ends, `not measured` (no such row, or its extreme withheld). IMP-ST is matched to
 our `imp-st` row, or to `imp` where the analysis held IMP tickets of one re-training kind only.
-**Measured statements** (mask similarity, zero kernels, transfer attack) put our value beside the
-paper's with its **support**: the seeds it averages (mean, and their standard deviation) or the masks
+**Measured statements** (mask similarity, zero kernels, transfer attack, SA gaps) put our value beside
+the paper's with its **support**: the seeds it averages (mean, and their standard deviation) or the masks
 it compares (stage 1 makes one mask per pre-training and level, so these have no seeds). Their
 agreement is `holds` / `does not hold` (a bound), `same order` / `other order` (a ranking), or `close`
-(both accuracies within 1 point) / `differs` (the differences in points, ours minus the paper's)."""
+(every accuracy or gap within 1 point) / `differs` (the differences in points, ours minus the paper's)."""
 
 
 @dataclass
@@ -137,6 +141,12 @@ def _check_number(i, entry, figures, path):
     elif kind == ZERO_ORDER:
         ok = (isinstance(value, list) and len(value) >= 2 and all(isinstance(v, str) and v for v in value)
               and _is_number(entry["sparsity"]))
+    elif kind == SA_GAP:
+        rates, pretrains = entry["data_rates"], entry["pretrains"]
+        ok = (isinstance(rates, list) and rates and all(_is_number(r) for r in rates)
+              and isinstance(value, list) and len(value) == len(rates) and all(_is_number(v) for v in value)
+              and isinstance(pretrains, list) and len(pretrains) == 2 and all(isinstance(x, str) for x in pretrains)
+              and _is_number(entry["sparsity"]))
     elif kind == TRANSFER:
         ok = (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
               and _is_number(entry["sparsity"]) and _is_number(entry["data_rate"])
@@ -152,7 +162,8 @@ def _check_number(i, entry, figures, path):
                         "and datasets = [...]; a stated number a string or number; mask_iou_below value = "
                         "PERCENT and sparsity = NUMBER; zero_kernels_order value = [LABEL, LABEL, ...] (most zero "
                         "kernels first) and sparsity; transfer_attack value = [TRANSFER, RA] with dataset, "
-                        "data_rate, pretrain, regime and sparsity.")
+                        "data_rate, pretrain, regime and sparsity; sa_difference value = [POINTS per data rate] "
+                        "with data_rates = [...], pretrains = [A, B] and sparsity.")
 
 
 def _is_number(v):
@@ -222,7 +233,7 @@ def read_outputs(out_dir):
             rows = read_table(path, columns, f"rerun {tool} with --out {out_dir}")
             for line, row in enumerate(rows, start=2):
                 for column in ("sparsity", "sparsity_a", "iou", "zero_kernel_percent", "data_rate", "transfer_acc",
-                               "ra_pgd"):
+                               "ra_pgd", "sa_mean"):
                     if column in columns:
                         row[column] = _float_cell(row[column], path, line, column, tool)
             outputs[name] = rows
@@ -381,7 +392,30 @@ def measure_transfer(entry, rows):
     return f"{means[0]:.2f} / {means[1]:.2f}", support, f"{word} ({diffs[0]:+.2f} / {diffs[1]:+.2f})"
 
 
-MEASURES = {IOU_BELOW: measure_iou_below, ZERO_ORDER: measure_zero_order, TRANSFER: measure_transfer}
+def measure_sa_gap(entry, rows):
+    """(ours, support, agreement) of 'SA of pretrain A minus SA of pretrain B at this level, per data rate'
+    from plot_curves.py's summary.csv (the IMP tickets' cells)."""
+    a, b = entry["pretrains"]
+    gaps, seeds = [], []
+    for rate in entry["data_rates"]:
+        cells = {r["pretrain"]: r for r in _at_level(rows, "sparsity", entry["sparsity"])
+                 if (r["dataset"], r["regime"]) == (entry["dataset"], entry["regime"])
+                 and r["method"] in ALIASES["imp-st"] and r["sa_mean"] is not None
+                 and r["data_rate"] is not None and _rate_key(r["data_rate"]) == _rate_key(rate)}
+        if a not in cells or b not in cells:
+            missing = a if a not in cells else b
+            return "–", "–", f"{NOT_MEASURED} (no {_pre(missing)} runs at {_rate_text(rate)} data)"
+        gaps.append(cells[a]["sa_mean"] - cells[b]["sa_mean"])
+        seeds.append(f"{cells[a]['n']}/{cells[b]['n']}")
+    diffs = [g - float(v) for g, v in zip(gaps, entry["value"])]
+    word = "close" if all(abs(d) <= CLOSE for d in diffs) else "differs"
+    support = f"mean SA over seeds ({_pre(a)}/{_pre(b)}: {', '.join(seeds)} per data rate)"
+    return (" / ".join(f"{g:+.2f}" for g in gaps), support,
+            f"{word} ({' / '.join(f'{d:+.2f}' for d in diffs)})")
+
+
+MEASURES = {IOU_BELOW: measure_iou_below, ZERO_ORDER: measure_zero_order, TRANSFER: measure_transfer,
+            SA_GAP: measure_sa_gap}
 
 
 def paper_text(entry):
@@ -391,6 +425,8 @@ def paper_text(entry):
         return f"< {float(value):.2f}%"
     if entry["kind"] == ZERO_ORDER:
         return " > ".join(_pre(v) for v in value)
+    if entry["kind"] == SA_GAP:
+        return " / ".join(f"{float(v):+.2f}" for v in value)
     return f"{float(value[0]):.2f} / {float(value[1]):.2f}"
 
 

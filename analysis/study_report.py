@@ -12,7 +12,8 @@ glob of the shared run tree, where other figures' runs sit):
 - fig3, fig4, fig5 (and any other grid): analysis/plot_curves.py's curves and double-win tables,
   with the grid's runs as the expected set;
 - fig6 (Figs. 2, 6, A9): analysis/loss_landscape.py on every finished run, in the plane of its
-  trajectory's principal directions (random filter-normalized directions for a run without one);
+  trajectory's principal directions (random filter-normalized directions for a run without one),
+  and plot_curves.py's tables of the same runs (their SA, which the text quotes);
 - fig7 (Figs. 7, A8): analysis/mask_stats.py on the grid's stage-1 directories, with a kernel heatmap
   of each one's ticket at the grid's highest round;
 - table_a2 (Table A2): analysis/robustness.py with the transfer attack from --transfer-source.
@@ -123,8 +124,11 @@ def analyse_landscapes(fig, grid, runs, args):
                 "--num-images", str(args.landscape_images)] + (["--data", args.data] if args.data else [])
         print(f"{fig.name}: landscape of {r.run_dir}", flush=True)
         loss_landscape.main(argv)
+    # the SA the text quotes beside the landscapes: plot_curves.py's summary.csv of the same runs
+    plot_curves.analyse([str(r.run_dir) for r in done], fig.out, figures=False,
+                        expected=[study_grid.expected_record(r) for r in runs], grid_base=grid.path.parent)
     fig.ours_from = (f"Ours: `{fig.name}/*/landscape.png` (clean test images left: Fig. 6; PGD images right: "
-                     f"Fig. A9) from {_count(done, runs)} of `{grid.path.name}`.")
+                     f"Fig. A9) and `{fig.name}/summary.csv` from {_count(done, runs)} of `{grid.path.name}`.")
     return None
 
 

@@ -293,4 +293,22 @@ def test_landscapes_and_the_transfer_attack_of_trained_runs(tiny_run, tmp_path):
     ours = f"{float(row['transfer_acc']):.2f} / {float(row['ra_pgd']):.2f}"
     assert f"| 50.00 / 20.00 | {ours} | 1 seed (1); 64 images |" in line
     assert "Ours: `fig6/*/landscape.png`" in _section(text, "Figs. 2, 6, A9")
+    assert (out / "fig6" / "summary.csv").is_file()  # the SA of the landscapes' runs, which the text quotes
     assert "The text states no number for this figure" in _section(text, "Figs. 2, 6, A9")
+
+
+def test_the_sa_gap_beside_the_landscapes_reads_plot_curves_summary(tmp_path):
+    """The text's SA of θ_FAT over θ_AT at 73.79% on 10% and 1% data, from summary.csv's own columns."""
+    from analysis.table import SUMMARY_FIELDS
+
+    cells = [("fat", 0.1, 70.0, 3), ("at", 0.1, 61.5, 3), ("fat", 0.01, 40.0, 1), ("at", 0.01, 35.0, 1)]
+    with open(tmp_path / "summary.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({"dataset": "cifar10", "data_rate": rate, "pretrain": pre, "method": "imp", "regime": "at",
+                          "sparsity": 73.79, "n": n, "sa_mean": sa} for pre, rate, sa, n in cells)
+    assert pvo.main([str(tmp_path), "--figure", "fig6"]) == 0
+    text = (tmp_path / "paper_vs_ours.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if line.startswith("| CIFAR-10, IMP-ST at 73.79%"))
+    assert "| +8.98 / +9.62 | +8.50 / +5.00 | mean SA over seeds (θ_FAT/θ_AT: 3/3, 1/1 per data rate) |" in line
+    assert "| differs (-0.48 / -4.62) |" in line
