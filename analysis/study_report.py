@@ -109,8 +109,9 @@ def analyse_curves(fig, grid, runs):
     return None
 
 
-def _landscape_name(r):
-    return f"{r.dataset}_{r.regime}_{r.pretrain}_rate{r.data_rate:g}_s{r.sparsity:.2f}_seed{r.seed}"
+def _landscape_name(r, grid):
+    """The run's directory below the grid's out, flattened: unique as run directories are."""
+    return "_".join(Path(r.run_dir).relative_to(grid.out).parts)
 
 
 def analyse_landscapes(fig, grid, runs, args):
@@ -119,7 +120,7 @@ def analyse_landscapes(fig, grid, runs, args):
         return f"0 of {_plural(len(runs), 'run')} finished"
     for r in done:
         pca = len(loss_landscape.trajectory_files(r.run_dir)) >= 3
-        argv = [str(r.run_dir), "--out", str(fig.out / _landscape_name(r)), "--device", args.device,
+        argv = [str(r.run_dir), "--out", str(fig.out / _landscape_name(r, grid)), "--device", args.device,
                 "--directions", "pca" if pca else "random", "--grid", str(args.landscape_points),
                 "--num-images", str(args.landscape_images)] + (["--data", args.data] if args.data else [])
         print(f"{fig.name}: landscape of {r.run_dir}", flush=True)

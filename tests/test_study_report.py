@@ -283,7 +283,8 @@ def test_landscapes_and_the_transfer_attack_of_trained_runs(tiny_run, tmp_path):
                               "--paper", str(tmp_path / "paper.toml"), "--transfer-source", str(tmp_path / "source.pt"),
                               "--max-images", "64", "--landscape-points", "3", "--landscape-images", "32",
                               "--device", "cpu"]) == 0
-    land = json.loads((out / "fig6" / f"digits_at_at_rate1_s{run.sparsity:.2f}_seed1" / "landscape.json").read_text())
+    name = f"digits_rate1_at_at_imp_s{run.sparsity:.2f}_seed1"  # the run's directory, flattened
+    land = json.loads((out / "fig6" / name / "landscape.json").read_text())
     assert len(land["x"]) == 3 and land["settings"]["num_images"] == 32
     assert "principal directions" in land["settings"]["directions"]  # the run kept its trajectory
     (row,) = list(csv.DictReader(open(out / "table_a2" / "robustness.csv", newline="", encoding="utf-8")))
