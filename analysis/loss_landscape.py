@@ -232,42 +232,67 @@ def pca_directions(model, run_dir, center):
     return directions[0], directions[1], explained, trajectory
 
 
+def draw_contours(fig, ax, coords, z, trajectory, name, axis_labels):
+    """One panel: the loss surface ``z`` over ``coords`` x ``coords``, the trajectory and the centre."""
+    import numpy as np
+
+    xs, z = np.asarray(coords), np.asarray(z, dtype=float)
+    levels = None
+    if z.max() > z.min():
+        # loss grows by orders of magnitude away from the minimum: log-spaced levels keep the basin visible
+        levels = (np.geomspace(z.min(), z.max(), 15) if z.min() > 0 and z.max() > 10 * z.min()
+                  else np.linspace(z.min(), z.max(), 15))
+    filled = ax.contourf(xs, xs, z, levels=levels, cmap="viridis")
+    lines = ax.contour(xs, xs, z, levels=levels, colors="white", linewidths=0.5, alpha=0.6)
+    ax.clabel(lines, fontsize=6, fmt="%.2f")
+    fig.colorbar(filled, ax=ax, label="cross-entropy loss")
+    if trajectory:
+        tx = [p["x"] for p in trajectory]
+        ty = [p["y"] for p in trajectory]
+        off = max(p["residual"] for p in trajectory)
+        ax.plot(tx, ty, "-o", color="#ff7f0e", ms=3, lw=1.2,
+                label=f"training trajectory (up to {100 * off:.0f}% off the plane)")
+        first = "start" if trajectory[0]["epoch"] < 0 else f"epoch {trajectory[0]['epoch']}"
+        ax.annotate(first, (tx[0], ty[0]), fontsize=7, color="#ff7f0e", xytext=(4, 4), textcoords="offset points")
+        ax.annotate(f"epoch {trajectory[-1]['epoch']}", (tx[-1], ty[-1]), fontsize=7, color="#ff7f0e",
+                    xytext=(4, -10), textcoords="offset points")
+    ax.plot([0], [0], marker="*", color="red", ms=11, ls="none", label="trained ticket")
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    ax.legend(fontsize=7, loc="upper right")
+
+
 def plot(out_path, coords, grid, trajectory, title, axis_labels=("direction 1 (filter-normalized)",
                                                                   "direction 2 (filter-normalized)"),
          pgd_name="PGD test images"):
-    import numpy as np
-
     plt = common.use_agg()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    xs = np.asarray(coords)
     for ax, key, name in ((axes[0], "loss_clean", "clean test images"), (axes[1], "loss_pgd", pgd_name)):
-        z = np.asarray(grid[key], dtype=float)
-        levels = None
-        if z.max() > z.min():
-            # loss grows by orders of magnitude away from the minimum: log-spaced levels keep the basin visible
-            levels = (np.geomspace(z.min(), z.max(), 15) if z.min() > 0 and z.max() > 10 * z.min()
-                      else np.linspace(z.min(), z.max(), 15))
-        filled = ax.contourf(xs, xs, z, levels=levels, cmap="viridis")
-        lines = ax.contour(xs, xs, z, levels=levels, colors="white", linewidths=0.5, alpha=0.6)
-        ax.clabel(lines, fontsize=6, fmt="%.2f")
-        fig.colorbar(filled, ax=ax, label="cross-entropy loss")
-        if trajectory:
-            tx = [p["x"] for p in trajectory]
-            ty = [p["y"] for p in trajectory]
-            off = max(p["residual"] for p in trajectory)
-            ax.plot(tx, ty, "-o", color="#ff7f0e", ms=3, lw=1.2,
-                    label=f"training trajectory (up to {100 * off:.0f}% off the plane)")
-            first = "start" if trajectory[0]["epoch"] < 0 else f"epoch {trajectory[0]['epoch']}"
-            ax.annotate(first, (tx[0], ty[0]), fontsize=7, color="#ff7f0e",
-                        xytext=(4, 4), textcoords="offset points")
-            ax.annotate(f"epoch {trajectory[-1]['epoch']}", (tx[-1], ty[-1]), fontsize=7, color="#ff7f0e",
-                        xytext=(4, -10), textcoords="offset points")
-        ax.plot([0], [0], marker="*", color="red", ms=11, ls="none", label="trained ticket")
-        ax.set_title(f"loss on {name}", fontsize=10)
-        ax.set_xlabel(axis_labels[0])
-        ax.set_ylabel(axis_labels[1])
-        ax.legend(fontsize=7, loc="upper right")
+        draw_contours(fig, ax, coords, grid[key], trajectory, f"loss on {name}", axis_labels)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return common.save_figure(fig, out_path)
+
+
+def plot_panels(out_path, panels, key, title):
+    """Several runs' landscapes in one figure, as the paper's Figs. 6 and A9 lay them out:
+    ``panels`` is rows of (panel title, a landscape.json's content or None for a run not there yet);
+    ``key`` the surface drawn ("loss_clean" or "loss_pgd")."""
+    plt = common.use_agg()
+    nrow, ncol = len(panels), max(len(row) for row in panels)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.4 * nrow), squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(ncol):
+            ax = axes[r][c]
+            name, land = row[c] if c < len(row) else ("", None)
+            if land is None:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{name}\n(no run yet)", ha="center", va="center", fontsize=9)
+                continue
+            labels = ("direction 1", "direction 2")
+            draw_contours(fig, ax, land["x"], land[key], land.get("trajectory"), name, labels)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return common.save_figure(fig, out_path)
 

@@ -13,7 +13,8 @@ glob of the shared run tree, where other figures' runs sit):
   with the grid's runs as the expected set;
 - fig6 (Figs. 2, 6, A9): analysis/loss_landscape.py on every finished run, in the plane of its
   trajectory's principal directions (random filter-normalized directions for a run without one),
-  and plot_curves.py's tables of the same runs (their SA, which the text quotes);
+  laid out as the paper does in fig6.png (clean test images) and figA9.png (PGD images), and
+  plot_curves.py's tables of the same runs (their SA, which the text quotes);
 - fig7 (Figs. 7, A8): analysis/mask_stats.py on the grid's stage-1 directories, with a kernel heatmap
   of each one's ticket at the grid's highest round;
 - table_a2 (Table A2): analysis/robustness.py with the transfer attack from --transfer-source.
@@ -125,12 +126,45 @@ def analyse_landscapes(fig, grid, runs, args):
                 "--num-images", str(args.landscape_images)] + (["--data", args.data] if args.data else [])
         print(f"{fig.name}: landscape of {r.run_dir}", flush=True)
         loss_landscape.main(argv)
+    montages = draw_montages(fig, grid, runs)
     # the SA the text quotes beside the landscapes: plot_curves.py's summary.csv of the same runs
     plot_curves.analyse([str(r.run_dir) for r in done], fig.out, figures=False,
                         expected=[study_grid.expected_record(r) for r in runs], grid_base=grid.path.parent)
-    fig.ours_from = (f"Ours: `{fig.name}/*/landscape.png` (clean test images left: Fig. 6; PGD images right: "
-                     f"Fig. A9) and `{fig.name}/summary.csv` from {_count(done, runs)} of `{grid.path.name}`.")
+    fig.ours_from = (f"Ours: {', '.join(f'`{fig.name}/{m.name}`' for m in montages)} (each run's landscape in "
+                     f"`{fig.name}/*/landscape.png`) and `{fig.name}/summary.csv` from {_count(done, runs)} of "
+                     f"`{grid.path.name}`.")
     return None
+
+
+def draw_montages(fig, grid, runs):
+    """The paper's layout of the landscapes: rows = data rates, columns = pre-trainings; fig6.png the
+    loss on clean test images, figA9.png on PGD images; one pair per (dataset, regime, ticket family,
+    level, seed) of the grid, suffixed when there are several. Returns the PNGs."""
+    import json
+
+    groups = {}
+    for r in runs:
+        family = Path(r.run_dir).parent.parent.name if r.round is not None else "dense"
+        groups.setdefault((r.dataset, r.regime, family, r.sparsity, r.seed), {})[(r.data_rate, r.pretrain)] = r
+    written = []
+    for (dataset, regime, family, sparsity, seed), cells in groups.items():
+        panels = []
+        for rate in grid.data_rates:
+            row = []
+            for label in grid.pretrains:
+                r = cells.get((rate, label))
+                path = fig.out / _landscape_name(r, grid) / "landscape.json" if r else None
+                land = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
+                row.append((f"{pvo.PRETRAIN_NAMES.get(label, label)}, {100 * rate:g}% of the data", land))
+            panels.append(row)
+        what = (f"{pvo.DATASET_NAMES.get(dataset, dataset)}, {pvo.METHOD_NAMES.get(family, family)} at {sparsity:.2f}%, "
+                f"{regime.upper()} fine-tuning, seed {seed}")
+        suffix = "" if len(groups) == 1 else "_" + "_".join(map(str, (dataset, regime, family, f"s{sparsity:.2f}",
+                                                                        f"seed{seed}")))
+        for name, key, surface in (("fig6", "loss_clean", "clean test images"), ("figA9", "loss_pgd", "PGD test images")):
+            written.append(loss_landscape.plot_panels(fig.out / f"{name}{suffix}.png", panels, key,
+                                                      f"Loss on {surface} and training trajectories: {what}"))
+    return written
 
 
 def analyse_masks(fig, grid):
