@@ -298,8 +298,8 @@ class Pricer:
         seconds = None
         if evidence:
             seconds, note = history_seconds(p, evidence)
-            source = f"{len(evidence)} finished {'/'.join((p['dataset'], p['regime'], p['arch']))} runs" + (
-                f" ({note})" if note else "")
+            source = (f"{len(evidence)} finished {'/'.join((p['dataset'], p['regime'], p['arch']))} "
+                      f"run{'s' if len(evidence) > 1 else ''}" + (f" ({note})" if note else ""))
         else:
             for record in self.records:
                 seconds = bench_seconds(p, record)
@@ -333,8 +333,14 @@ def _sum(estimates, what):
     return sum(known), len(estimates) - len(known)
 
 
+def hours_text(seconds):
+    """GPU-hours as printed: whole hours from 100 on, tenths from 1 on, thousandths below."""
+    hours = seconds / 3600
+    return f"{hours:.0f}" if hours >= 100 else f"{hours:.1f}" if hours >= 1 else f"{hours:.3f}"
+
+
 def _hours(seconds, missing):
-    return "-" if missing else f"{seconds / 3600:.1f}"
+    return "-" if missing else hours_text(seconds)
 
 
 def _totals_line(name, runs, pricer, done):
@@ -344,7 +350,7 @@ def _totals_line(name, runs, pricer, done):
     disk, no_disk = _sum(est, "disk")
     n_done = sum(r.run_dir in done for r in runs)
     if not runs or missing < len(runs):
-        hours = f"{seconds / 3600:.1f} GPU-hours ({left / 3600:.1f} for the runs not done)"
+        hours = f"{hours_text(seconds)} GPU-hours ({hours_text(left)} for the runs not done)"
     else:
         hours = "no GPU-hour estimate"
     if missing and missing < len(runs):
@@ -403,8 +409,8 @@ def select(planned, seeds=None, datasets=None, levels=None):
                                ("--levels", levels, {r.round for r in every if r.round is not None})):
         missing = [v for v in values or () if v not in have]
         if missing:
-            where = "the grid file has" if len(planned) == 1 else "none of the grid files has"
-            raise UserError(f"{flag} names {', '.join(map(str, missing))}, which {where} (it has "
+            where = "the grid file has not (it has" if len(planned) == 1 else "none of the grid files has (they have"
+            raise UserError(f"{flag} names {', '.join(map(str, missing))}, which {where} "
                             f"{', '.join(map(str, sorted(have))) or 'none'}); pick among those.")
 
     def keep(r):

@@ -96,9 +96,9 @@ def test_bench_record_gives_known_hours(tmp_path, capsys):
     out, err = _plan(capsys, grid, "--bench", bench)
     assert out[-1] == "2 runs: 0 done, 2 pending"  # stdout keeps its one line per run and the total
     row = next(line for line in err.splitlines() if line.startswith("digits   1 "))
-    assert f" {expected_full / 3600:.1f} " in row and "[1]" in row
-    hours = (expected_full + expected_tenth) / 3600
-    assert f"2 runs (0 done), {hours:.1f} GPU-hours ({hours:.1f} for the runs not done)" in _total(err, str(grid))
+    assert f" {cost.hours_text(expected_full)} " in row and "[1]" in row
+    hours = cost.hours_text(expected_full + expected_tenth)
+    assert f"2 runs (0 done), {hours} GPU-hours ({hours} for the runs not done)" in _total(err, str(grid))
     assert f"[1] bench {bench} (test GPU)" in err
 
 
@@ -181,13 +181,14 @@ def test_finished_runs_give_known_hours_and_disk(tmp_path, capsys):
     est = pricer.estimate(hundredth)
     assert est.seconds == pytest.approx(7416.0)
     assert est.source == "2 finished digits/at/resnet_tiny runs"
+    assert cost.hours_text(7416) == "2.1" and cost.hours_text(360) == "0.100" and cost.hours_text(4e5) == "111"
     assert (est.disk, est.disk_source) == (sum(sizes) / 2, "finished runs")
     assert pricer.estimate(full).seconds == pytest.approx(2 * (3 * 3600 + 2 * 1800))
 
     out, err = _plan(capsys, grid, "--bench", bench)
     assert out[-1] == "3 runs: 2 done, 1 pending"
     total = 2 * (3 * 3600 + 2 * 1800) + 2 * (3 * 360 + 2 * 1800) + 7416.0
-    assert (f"3 runs (2 done), {total / 3600:.1f} GPU-hours ({7416 / 3600:.1f} for the runs not done)"
+    assert (f"3 runs (2 done), {cost.hours_text(total)} GPU-hours ({cost.hours_text(7416)} for the runs not done)"
             in _total(err, str(grid)))
 
 
@@ -222,10 +223,10 @@ def test_grid_files_sharing_runs_are_counted_once(tmp_path, capsys):
     one = 3 * TRAIN / 0.1298 + 2 * VAL / 0.144 + TEST / 0.144
     out, err = _plan(capsys, a, b, "--bench", bench)
     assert out[-1] == "3 runs: 0 done, 3 pending"
-    assert f"2 runs (0 done), {2 * one / 3600:.1f} GPU-hours" in _total(err, str(a))
-    assert f"2 runs (0 done), {2 * one / 3600:.1f} GPU-hours" in _total(err, str(b))
+    assert f"2 runs (0 done), {cost.hours_text(2 * one)} GPU-hours" in _total(err, str(a))
+    assert f"2 runs (0 done), {cost.hours_text(2 * one)} GPU-hours" in _total(err, str(b))
     assert (f"all 2 grid files (1 runs shared between them counted once): 3 runs (0 done), "
-            f"{3 * one / 3600:.1f} GPU-hours") in err
+            f"{cost.hours_text(3 * one)} GPU-hours") in err
 
 
 # --------------------------------------------------------------------------- a smaller study
@@ -266,9 +267,9 @@ def test_subset_plans_and_runs_only_the_chosen_runs(subset_grid, capsys):
 
 
 @pytest.mark.parametrize("argv, needles", [
-    (["--seeds", "1,7"], ["--seeds names 7", "it has 1, 2, 3"]),
-    (["--datasets", "svhn"], ["--datasets names svhn", "cifar10, digits"]),
-    (["--levels", "4"], ["--levels names 4", "it has 1, 2, 3"]),
+    (["--seeds", "1,7"], ["--seeds names 7, which the grid file has not (it has 1, 2, 3)"]),
+    (["--datasets", "svhn"], ["--datasets names svhn", "(it has cifar10, digits)"]),
+    (["--levels", "4"], ["--levels names 4", "(it has 1, 2, 3)"]),
 ])
 def test_a_subset_the_grid_does_not_have_is_refused(subset_grid, capsys, argv, needles):
     for command in (["plan"], ["run", "--print"]):
