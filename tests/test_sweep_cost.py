@@ -95,6 +95,7 @@ def test_bench_record_gives_known_hours(tmp_path, capsys):
 
     out, err = _plan(capsys, grid, "--bench", bench)
     assert out[-1] == "2 runs: 0 done, 2 pending"  # stdout keeps its one line per run and the total
+    assert err.startswith(f"cost of {grid}:\n")  # the report on stderr, after any notes
     row = next(line for line in err.splitlines() if line.startswith("digits   1 "))
     assert f" {cost.hours_text(expected_full)} " in row and "[1]" in row
     hours = cost.hours_text(expected_full + expected_tenth)
