@@ -114,9 +114,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {a.dest: "/".join(a.option_strings) for a in p._actions
              if a.option_strings and a.dest not in ("help", *SUBSET, "bench") and getattr(args, a.dest) != a.default}
-    if args.command != "plan" and (args.bench or args.more_grids):
-        p.error(f"{'--bench' if args.bench else 'more than one grid file'} applies only to `plan`; "
-                f"`{args.command}` takes one grid file.")
+    if args.command != "plan" and args.bench:
+        p.error(f"--bench applies only to `plan`; drop it from `{args.command}`.")
+    if args.command != "plan" and args.more_grids:
+        p.error(f"more than one grid file applies only to `plan`; `{args.command}` takes one grid file.")
     for dest in SUBSET:
         if getattr(args, dest) == []:
             p.error(f"--{dest} needs at least one value, e.g. --{dest} {SUBSET[dest]}")

@@ -40,16 +40,12 @@ BENCH_HINT = "run benchmarks/bench_step.py --json FILE and pass --bench FILE"
 @dataclass
 class Estimate:
     seconds: object  # float, or None: no source
-    disk: int
+    disk: object  # bytes, or None: a dataset of unknown size and no finished run
     source: str  # where ``seconds`` came from, or why there is none
     disk_source: str
 
 
 # --------------------------------------------------------------------------- what a run will do
-
-def _flags_key(flags):
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in flags.items()))
-
 
 @functools.lru_cache(maxsize=None)
 def _config(argv):
@@ -60,6 +56,7 @@ def _config(argv):
 
 def profile(run):
     """What of a planned run its cost depends on, from main_downstream.py's own resolved config."""
+    from data_loading.catalog import NATIVE_SIZE
     from training.setup import default_image_size
 
     # one config per kind of run: the seed, directory, θ_p and ticket paths do not change the cost
@@ -69,10 +66,9 @@ def profile(run):
         argv[i + 1] = {"--seed": "1", "--save-dir": "x", "--init": "none" if str(run.init).lower() == "none"
                        else "p"}.get(flag, "none" if run.ticket is None else "t")
     c = _config(tuple(argv))
-    native = {"digits": 8}.get(run.dataset)
     return {"dataset": run.dataset, "regime": run.regime, "data_rate": float(run.data_rate), "arch": c["arch"],
             "epochs": c["epochs"], "eval_from": c["eval_from"], "cifar_stem": bool(c["cifar_stem"]),
-            "image_size": c["image_size"] or default_image_size(run.dataset) or native,
+            "image_size": c["image_size"] or default_image_size(run.dataset) or NATIVE_SIZE[run.dataset],
             "attack_steps": {"st": 0, "fat": 1, "at": c["train_steps"]}[run.regime], "test_steps": c["test_steps"],
             "batch_size": c["batch_size"], "classes": c["classes"], "val_size": c["val_size"],
             "ticket": run.ticket is not None, "kept": kept_files(c, run.regime)}

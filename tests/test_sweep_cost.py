@@ -314,7 +314,7 @@ def test_bad_input_is_one_line_and_exit_2_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["run", "g.toml", "--bench", "b.json"], "--bench applies only to `plan`"),
+    (["run", "g.toml", "--bench", "b.json"], "--bench applies only to `plan`; drop it from `run`"),
     (["run", "g.toml", "h.toml"], "more than one grid file applies only to `plan`"),
     (["plan", "g.toml", "--levels", ""], "--levels needs at least one value"),
     (["plan", "g.toml", "--seeds", "x"], "expected comma-separated integers"),
