@@ -217,10 +217,10 @@ class Engine:
                             max_steps=len(batches))
         return stats["images"]
 
-    def evaluate(self, batches, model=None):
+    def evaluate(self, batches, model=None, clean=False):
         out = evaluate(self.runner if model is None else model, batches, device=self.device,
-                       attack=self.eval_attack, precision=self.precision, channels_last=self.channels_last,
-                       progress=False)
+                       attack=None if clean else self.eval_attack, precision=self.precision,
+                       channels_last=self.channels_last, progress=False)
         return out["n"]
 
     def count_flops(self, batch):
@@ -338,7 +338,7 @@ def main(argv=None):
     train_engine["mfu"] = _mfu(train_fpi, train_engine["images_per_s"], peak)
     train_reference["mfu"] = _mfu(train_fpi, train_reference["images_per_s"], peak)
 
-    eval_record = None
+    eval_record = clean_record = None
     if not args.skip_eval:
         ref_eval = make_batches(args.eval_batches, *shape)
         eng_eval = engine.layout(ref_eval)
@@ -351,13 +351,16 @@ def main(argv=None):
         eval_reference["mfu"] = _mfu(eval_fpi, eval_reference["images_per_s"], peak)
         eval_record = {"steps": args.eval_steps, "engine": eval_engine, "reference": eval_reference,
                        **eval_speedups, "mfu": eval_engine["mfu"], "flops_per_image": eval_fpi}
+        # a standard run validates on clean images only: study/cost.py prices that part at this rate
+        clean_record = {"engine": _common.summary([_common.timed_rate(lambda: engine.evaluate(eng_eval, clean=True),
+                                                                      device) for _ in range(args.repeats)])}
 
     record = {
         **_common.stamp(device),
         "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "regime": args.regime,
         "engine": train_engine, "reference": train_reference,
         **train_speedups, "mfu": train_engine["mfu"],
-        "eval_pgd20": eval_record,
+        "eval_pgd20": eval_record, "eval_clean": clean_record,
         "sparsity": pruning_utils.sparsity(mask), "cifar_stem": args.cifar_stem, "num_classes": args.num_classes,
         "attack_steps": {"st": 0, "fat": 1, "at": args.attack_steps}[args.regime],
         "train_flops_per_image": train_fpi, "peak_tflops": peak,
@@ -390,6 +393,8 @@ def _report(rec):
               f"(paired {ev['speedup_paired']:.2f}x, best {ev['speedup_best']:.2f}x)")
         print(line("engine", ev["engine"]))
         print(line("reference", ev["reference"]))
+        print("evaluation, clean images only (a standard run's validation):")
+        print(line("engine", rec["eval_clean"]["engine"]))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def build_parser():
     return p
 
 
-def _read(path, what):
+def read_record(path, what):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -48,7 +48,8 @@ def _read(path, what):
         raise UserError(f"{what} file {path} is not readable JSON ({exc}); rerun the benchmark with --json.") from None
 
 
-def _rate(record, keys, path):
+def rate_at(record, keys, path):
+    """The positive number at ``record[keys[0]][keys[1]]...``, else a UserError naming ``path``."""
     node = record
     for key in keys:
         node = node.get(key) if isinstance(node, dict) else None
@@ -61,6 +62,21 @@ def validated_epochs(epochs, eval_from):
     return sum(1 for e in range(epochs) if e >= eval_from or e == epochs - 1)
 
 
+def run_seconds(*, epochs, validated, train_images, val_images, test_images, train_rate, val_rate, test_rate,
+                data_rate=None):
+    """Seconds per part of one run and in total: the formula of this module's docstring, with the
+    validation and test rates apart (a standard run validates clean images only but tests under PGD).
+    study/cost.py prices every run of a grid with it."""
+    out = {"train_s": epochs * train_images / train_rate,
+           "val_s": validated * val_images / val_rate if validated and val_images else 0.0,
+           "test_s": test_images / test_rate if test_images else 0.0,
+           "data_s": 0.0}
+    if data_rate is not None:
+        out["data_s"] = (epochs * train_images + validated * val_images + test_images) / data_rate
+    out["total_s"] = out["train_s"] + out["val_s"] + out["test_s"] + out["data_s"]
+    return out
+
+
 def estimate(step, loader=None, *, epochs=100, eval_from=45, train_images=45_000, val_images=5_000,
              test_images=10_000, step_path="step", loader_path="loader"):
     """Seconds per part of the run and in total, from the two benchmark records."""
@@ -68,21 +84,16 @@ def estimate(step, loader=None, *, epochs=100, eval_from=45, train_images=45_000
         raise UserError(f"{step_path} times regime '{step.get('regime')}', not 'at'; run bench_step.py --regime at.")
     if step.get("eval_pgd20") is None:
         raise UserError(f"{step_path} has no evaluation timing; run bench_step.py without --skip-eval.")
-    r_train = _rate(step, ("engine", "images_per_s"), step_path)
-    r_eval = _rate(step, ("eval_pgd20", "engine", "images_per_s"), step_path)
+    r_train = rate_at(step, ("engine", "images_per_s"), step_path)
+    r_eval = rate_at(step, ("eval_pgd20", "engine", "images_per_s"), step_path)
+    r_data = rate_at(loader, ("tensor_loader", "images_per_s"), loader_path) if loader is not None else None
     v = validated_epochs(epochs, eval_from)
-    out = {"train_s": epochs * train_images / r_train,
-           "val_s": v * val_images / r_eval,
-           "test_s": test_images / r_eval,
-           "data_s": 0.0, "validated_epochs": v, "train_rate": r_train, "eval_rate": r_eval,
-           "attack_steps": step.get("attack_steps"), "eval_steps": step["eval_pgd20"].get("steps"),
-           "data_rate": None, "data_ratio": None}
-    if loader is not None:
-        r_data = _rate(loader, ("tensor_loader", "images_per_s"), loader_path)
-        out["data_s"] = (epochs * train_images + v * val_images + test_images) / r_data
-        out["data_rate"] = r_data
-        out["data_ratio"] = r_data / r_train
-    out["total_s"] = out["train_s"] + out["val_s"] + out["test_s"] + out["data_s"]
+    out = run_seconds(epochs=epochs, validated=v, train_images=train_images, val_images=val_images,
+                      test_images=test_images, train_rate=r_train, val_rate=r_eval, test_rate=r_eval,
+                      data_rate=r_data)
+    out.update({"validated_epochs": v, "train_rate": r_train, "eval_rate": r_eval,
+                "attack_steps": step.get("attack_steps"), "eval_steps": step["eval_pgd20"].get("steps"),
+                "data_rate": r_data, "data_ratio": None if r_data is None else r_data / r_train})
     out["total_min"] = out["total_s"] / 60.0
     return out
 
@@ -91,8 +102,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.epochs < 1 or min(args.train_images, args.val_images, args.test_images) < 0:
         raise UserError("--epochs must be positive and the image counts non-negative.")
-    step = _read(args.step_json, "step benchmark")
-    loader = _read(args.loader, "loader benchmark") if args.loader is not None else None
+    step = read_record(args.step_json, "step benchmark")
+    loader = read_record(args.loader, "loader benchmark") if args.loader is not None else None
     est = estimate(step, loader, epochs=args.epochs, eval_from=args.eval_from, train_images=args.train_images,
                    val_images=args.val_images, test_images=args.test_images,
                    step_path=str(args.step_json), loader_path=str(args.loader))

@@ -1,9 +1,12 @@
 """Run a grid of stage-2 runs (main_downstream.py) on local GPUs/CPUs or on SLURM, and track it.
 
-    python script/sweep.py plan   GRID.toml      # every run: its directory and exact command, and totals
+    python script/sweep.py plan   GRID.toml [GRID.toml ...] [--bench FILE]
+                                            # every run: its directory and exact command, and totals; on
+                                            # stderr the GPU-hours and disk per group and grid file
     python script/sweep.py run    GRID.toml [--backend local|slurm] [--workers N] [--retries 1] [--print]
                                             [--rerun-stale]
     python script/sweep.py status GRID.toml      # per group: done / running / failed / pending / stale, GPU-hours, disk
+    ... [--seeds 1,2] [--datasets cifar10] [--levels 5,10,19]   # any command: only these runs
 
 The grid file (docs/contracts.md §7) names the θ_p file and the stage-1 ticket directories of each
 pre-training, the axes and extra flags. The paper's per-dataset protocol (lr, epochs, milestones,
@@ -31,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # light: nothing here imports torch, so plan's and the grid's errors come at once
+from study.cost import Pricer, cost_lines, select  # noqa: E402
 from study.grid import (  # noqa: E402
     Grid,
     Run,
@@ -56,7 +60,7 @@ from study.rundirs import (  # noqa: E402
 )
 from study.slurm import SlurmRun, parse_minutes, run_slurm  # noqa: E402
 from study.status import status_lines  # noqa: E402
-from utils.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser, int_list  # noqa: E402
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402
 
 # what users and tests call as sweep.NAME from before the study/ package
@@ -65,10 +69,28 @@ __all__ = ["Grid", "Run", "Task", "SlurmRun", "UserError", "build_grid", "expand
            "run_slurm", "status_lines", "main"]
 
 
+# a smaller study: every command takes these and acts on those runs only (study.cost.select)
+SUBSET = {"seeds": "1,2", "datasets": "cifar10", "levels": "5,10,19"}
+
+
+def _names(text):
+    return [v for v in str(text).replace(" ", "").split(",") if v]
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["plan", "run", "status"])
     p.add_argument("grid", help="grid file (TOML, docs/contracts.md §7)")
+    p.add_argument("more_grids", nargs="*", metavar="GRID",
+                   help="plan: more grid files of the study (one run tree): the cost per file and of their "
+                        "distinct runs")
+    p.add_argument("--bench", action="append", default=None, metavar="FILE",
+                   help="plan: a benchmarks/bench_step.py --json record (repeatable) pricing runs of its regime, "
+                        "architecture and image size that no finished run prices")
+    p.add_argument("--seeds", type=int_list, default=None, help="only these seeds, e.g. 1,2")
+    p.add_argument("--datasets", type=_names, default=None, help="only these datasets, e.g. cifar10,svhn")
+    p.add_argument("--levels", type=int_list, default=None,
+                   help="only these ticket rounds, e.g. 5,10,19 (the dense baselines stay)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
     p.add_argument("--workers", type=int, default=None,
                    help="local: parallel runs (default: one per visible GPU; on a CPU-only machine 1)")
@@ -91,7 +113,14 @@ def parse_args(argv=None):
     p.add_argument("--slurm-folder", default=None, help="submitit's logs and task files (default: OUT/.submitit)")
     args = p.parse_args(argv)
     given = {a.dest: "/".join(a.option_strings) for a in p._actions
-             if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default}
+             if a.option_strings and a.dest not in ("help", *SUBSET, "bench") and getattr(args, a.dest) != a.default}
+    if args.command != "plan" and args.bench:
+        p.error(f"--bench applies only to `plan`; drop it from `{args.command}`.")
+    if args.command != "plan" and args.more_grids:
+        p.error(f"more than one grid file applies only to `plan`; `{args.command}` takes one grid file.")
+    for dest in SUBSET:
+        if getattr(args, dest) == []:
+            p.error(f"--{dest} needs at least one value, e.g. --{dest} {SUBSET[dest]}")
     if args.command != "run" and given:
         p.error(f"{', '.join(given.values())} apply only to `run`; drop them from `{args.command}`.")
     slurm_only = [flag for dest, flag in given.items() if dest.startswith("slurm_")]
@@ -118,6 +147,32 @@ def plan(runs, states):
     count = {s: sum(state == s for state, _ in states.values()) for s in ("done", "pending", "stale")}
     stale = f", {count['stale']} stale (`run --rerun-stale` moves them aside and runs them again)"
     print(f"{len(runs)} runs: {count['done']} done, {count['pending']} pending" + (stale if count["stale"] else ""))
+
+
+def checked_runs(grid):
+    """The runs of a grid whose flags main_downstream.py accepts (every check `run` makes first)."""
+    runs = expand(grid)
+    check_flag_keys(grid)
+    refuse_flags_acting_nowhere(grid, runs)
+    check_flags(runs)
+    return runs
+
+
+def plan_study(args, grid, runs):
+    """plan: the runs of one or more grid files (those they share listed once), then their cost."""
+    grids = [grid] + [load_grid(path) for path in args.more_grids]
+    planned = [(args.grid, runs)] + [(path, checked_runs(g)) for path, g in zip(args.more_grids, grids[1:])]
+    planned = select(planned, seeds=args.seeds, datasets=args.datasets, levels=args.levels)
+    pricer = Pricer([g.out for g in grids], args.bench or ())  # a bad --bench is refused before any output
+    unique = list({r.run_dir: r for _, rs in planned for r in rs}.values())
+    states = {id(r): plan_state(r) for r in unique}
+    lines = cost_lines(planned, pricer, done={r.run_dir for r in unique if states[id(r)][0] == "done"})
+    plan(unique, states)
+    # on stderr: stdout stays one line per run and the total
+    for line in left_out_lines(unique):
+        print(f"note: {line}", file=sys.stderr)
+    print("\n".join(lines), file=sys.stderr)
+    return 0
 
 
 def move_stale(runs, states, rerun):
@@ -161,15 +216,13 @@ def main(argv=None):
     check_flag_keys(grid)
     refuse_flags_acting_nowhere(grid, runs)
     check_flags(runs)
+    if args.command == "plan":
+        return plan_study(args, grid, runs)
+    ((_, runs),) = select([(args.grid, runs)], seeds=args.seeds, datasets=args.datasets, levels=args.levels)
     if args.command == "status":
         print("\n".join(status_lines(grid, runs)))
         return 0
     states = {id(r): plan_state(r) for r in runs}
-    if args.command == "plan":
-        plan(runs, states)
-        for line in left_out_lines(runs):  # on stderr: stdout stays one line per run and the total
-            print(f"note: {line}", file=sys.stderr)
-        return 0
     refuse_linked_control_files(r.run_dir for r in runs if states[id(r)][0] != "done")
     move_stale(runs, states, args.rerun_stale)
     if args.print_only:

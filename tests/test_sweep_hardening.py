@@ -386,7 +386,7 @@ def test_flags_go_only_to_the_runs_they_act_on(tmp_path):
     assert "--keep-sa-best" in runs["at"].argv() and "--train-steps" in runs["at"].argv()
     proc = _sweep("plan", grid)
     assert proc.returncode == 0, proc.stderr
-    notes = proc.stderr.strip().splitlines()
+    notes = proc.stderr.split("cost of ")[0].strip().splitlines()  # the notes, then plan's cost report
     assert len(notes) == 2 and all(n.startswith("note: --") and "left out of 1 of 2 runs" in n for n in notes), notes
     assert any(n.startswith("note: --keep-sa-best:") and "--regime at and fat" in n for n in notes), notes
     assert proc.stdout.strip().splitlines()[-1] == "2 runs: 0 done, 2 pending"
