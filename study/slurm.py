@@ -225,11 +225,12 @@ def queued_job(run_dir, jobs):
     return job if job in jobs else None
 
 
-def run_slurm(runs, args, grid, out=sys.stdout):
+def run_slurm(runs, args, grid, out=None):
     """Submit every pending run as one task of a SLURM job array (``--slurm-gpus-per-task`` GPUs each).
 
     Runs still queued or running from an earlier submission (known by the job id each run directory
     records, asked of squeue) are not submitted again."""
+    out = out or sys.stdout
     try:
         import submitit
     except ImportError:
