@@ -163,10 +163,8 @@ def parse_minutes(text):
     return minutes
 
 
-# submitit parameters the sweep sets itself, and the sweep flag that sets each
-OWN_PARAMETERS = {"time": "--slurm-time", "partition": "--slurm-partition", "gpus_per_task": "--slurm-gpus-per-task",
-                  "array_parallelism": "--slurm-array-parallelism", "job_name": "--slurm-job-name",
-                  "signal_delay_s": "--slurm-signal-delay", "nodes": None, "ntasks_per_node": None, "setup": None}
+# submitit parameters fixed by the sweep's design: one run is one task on one node, importing the repository
+FIXED_PARAMETERS = {"nodes", "ntasks_per_node", "setup"}
 JOB_FILE = ".sweep-slurm-job"  # in a run directory: the SLURM job id its last submission got
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED", "PREEMPTED"}
@@ -175,9 +173,10 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", 
 def slurm_options(items):
     """--slurm-option KEY=VALUE items -> (submitit parameters, additional #SBATCH parameters).
 
-    Keys are spelt either way (cpus-per-task, cpus_per_task): submitit writes each parameter with
-    dashes, and one option given with a dash and set by the sweep with an underscore would be
-    written twice (the last wins). A key the sweep sets itself is refused with the flag that sets it."""
+    Keys are spelt either way (gpus-per-task, gpus_per_task): submitit writes each parameter with
+    dashes, so an option given with a dash that the sweep also sets with an underscore would be
+    written twice (the last wins). Normalised, an option overrides the sweep's own value, so
+    ``gpus-per-task=0`` asks for no GPU as ``--slurm-gpus-per-task 0`` does."""
     import inspect
 
     from submitit.slurm.slurm import _make_sbatch_string
@@ -189,10 +188,8 @@ def slurm_options(items):
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
             raise UserError(f"--slurm-option '{item}' must look like KEY=VALUE, e.g. --slurm-option account=myproj.")
-        if key in OWN_PARAMETERS:
-            flag = OWN_PARAMETERS[key]
-            raise UserError(f"--slurm-option '{item}' sets what the sweep sets itself; "
-                            + (f"use {flag} instead." if flag else "each run is one task on one node."))
+        if key in FIXED_PARAMETERS:
+            raise UserError(f"--slurm-option '{item}' cannot be changed: each run is one task on one node.")
         (params if key in named else extra)[key] = value.strip()
     return params, extra
 
@@ -258,11 +255,12 @@ def run_slurm(runs, args, grid, out=None):
         return None
     params = {"time": parse_minutes(args.slurm_time), "nodes": 1, "ntasks_per_node": 1,
               "signal_delay_s": args.slurm_signal_delay, "array_parallelism": args.slurm_array_parallelism,
-              "job_name": args.slurm_job_name, **named}
-    if args.slurm_gpus_per_task:  # 0: ask for none (a CPU partition, or a cluster without GPU GRES)
-        params["gpus_per_task"] = args.slurm_gpus_per_task
+              "job_name": args.slurm_job_name, "gpus_per_task": args.slurm_gpus_per_task}
     if args.slurm_partition:
         params["partition"] = args.slurm_partition
+    params.update(named)
+    if str(params["gpus_per_task"]).strip() in ("0", ""):  # ask for none: a CPU partition, or no GPU GRES
+        del params["gpus_per_task"]
     # a task unpickles its SlurmRun by reference to study.slurm: the repository must be importable
     # on the node whatever directory sbatch was called from
     params["setup"] = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]

@@ -56,10 +56,17 @@ def test_gpus_per_task_zero_asks_for_no_gpu_and_option_spellings_mean_the_same(t
     assert not [ln for ln in lines if "gpus" in ln or "gres" in ln], lines
     assert "#SBATCH --cpus-per-task=2" in lines and "#SBATCH --mem-per-cpu=1G" in lines
     assert "as job array 77 (tasks 77_0 to 77_23)" in out, out
-    for spelling, flag in (("gpus-per-task=0", "--slurm-gpus-per-task"), ("gpus_per_task=0", "--slurm-gpus-per-task"),
-                           ("--time=10", "--slurm-time")):
-        with pytest.raises(slurm.UserError, match=f"sets what the sweep sets itself; use {flag} instead"):
-            slurm.slurm_options([spelling])
+    # the option's two spellings mean the same, and say what the flag says
+    for spelling in ("gpus-per-task=0", "gpus_per_task=0", "--gpus-per-task=0"):
+        env_i, capture_i = fake_slurm(tmp_path / spelling)
+        out_dir = f"runs_opt_{len(spelling)}_{spelling[0]}"
+        rc, _, err = run_sweep(monkeypatch, capsys, env_i, "run", write_grid(tickets, out_dir, name=f"{out_dir}.toml"),
+                               "--backend", "slurm", f"--slurm-option={spelling}")
+        assert rc == 0, err
+        (script_i,) = capture_i.glob("script_*.sh")
+        assert not [ln for ln in script_i.read_text().splitlines() if "gpus" in ln], spelling
+    with pytest.raises(slurm.UserError, match="one task on one node"):
+        slurm.slurm_options(["ntasks-per-node=4"])
 
 
 def test_runs_queued_from_an_earlier_submission_are_not_submitted_again(tickets, tmp_path, monkeypatch,  # noqa: F811
@@ -133,6 +140,6 @@ def test_slurm_options_reject_malformed_items():
     pytest.importorskip("submitit")
     with pytest.raises(slurm.UserError, match="KEY=VALUE"):
         slurm.slurm_options(["account"])
-    params, extra = slurm.slurm_options(["cpus-per-task=3", "some-site-flag=x"])
-    assert params == {"cpus_per_task": "3"} and extra == {"some_site_flag": "x"}
+    params, extra = slurm.slurm_options(["cpus-per-task=3", "some-site-flag=x", "time=10"])
+    assert params == {"cpus_per_task": "3", "time": "10"} and extra == {"some_site_flag": "x"}
     assert Path(slurm.__file__).name == "slurm.py"
