@@ -103,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--slurm-time", default="24:00:00", help="time limit per task: minutes or HH:MM:SS")
     p.add_argument("--slurm-array-parallelism", type=int, default=256, help="tasks running at once")
+    p.add_argument("--slurm-gpus-per-task", type=int, default=1,
+                   help="GPUs each task asks for (default 1; 0 asks for none: a CPU partition, or a cluster "
+                        "without GPU GRES)")
     p.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra #SBATCH option (repeatable), e.g. account=myproj or cpus-per-task=8")
     p.add_argument("--slurm-signal-delay", type=int, default=120,
@@ -133,6 +136,8 @@ def parse_args(argv=None):
         p.error("--workers must be at least 1")
     if args.retries < 0:
         p.error("--retries must be 0 or more")
+    if args.slurm_gpus_per_task < 0:
+        p.error("--slurm-gpus-per-task must be 0 or more")
     if args.slurm_array_parallelism < 1:
         p.error("--slurm-array-parallelism must be at least 1")
     return args

@@ -373,7 +373,7 @@ def test_slurm_time_limit_signal_stops_the_run_inside_the_task(tmp_path):
         signal.signal(signal.SIGUSR2, previous)
     assert task.stopped_status == 75  # alive after its SIGUSR2, stopped by the forwarded SIGTERM
     assert task.requeue_with.function is task
-    assert "sweep: slurm task" in (tmp_path / "run" / ".sweep.log").read_text()
+    assert "# sweep: slurm job (no SLURM_JOB_ID) on " in (tmp_path / "run" / ".sweep.log").read_text()
 
 
 def test_slurm_backend_without_submitit_is_a_clear_error(tickets, tmp_path):
