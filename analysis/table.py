@@ -19,9 +19,10 @@ named). Each case is a warning. Levels whose comparison holds a run kept at chan
 (--allow-chance) are marked * in double_win.md's per-level table.
 
 Outputs: double_win.csv (the six §5.5 columns, then extreme_sparsity_contiguous, verdict,
-extreme_sparsity_supported), double_win.md (the same table, the per-level verdicts with their
-support, uncertain cells marked '?', missing runs), double_win_details.csv (the per-level comparison
-and the support of each comparison and of the level's double-win), summary.csv (every cell),
+extreme_sparsity_supported), double_win.md (what the supports resampled, the same table, the per-level
+verdicts with their support, uncertain cells marked '?', those the std estimator decides '†', missing
+runs), double_win_details.csv (the per-level comparison, the support of each comparison and of the
+level's double-win, its sources and its verdict with ddof=0), summary.csv (every cell),
 warnings.txt. ``verdict_rows(dirs, expected=None)`` returns the double_win.csv rows without writing.
 """
 

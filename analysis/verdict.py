@@ -27,7 +27,9 @@ under which all three comparisons hold.  When the number of distinct resamples i
 (≤ ``exact_limit`` weighted combinations of ticket and dense resamples; 100 for 3 seeds each) every
 resample is enumerated with its probability, so the support is exact; otherwise it is estimated
 from ``draws`` seeded random draws.  A verdict is *supported* at support ≥ 0.9, *contradicted* at
-≤ 0.1 and *uncertain* in between.
+≤ 0.1 and *uncertain* in between.  Where the runs of a side come from two or more *sources* (θ_p
+file, ticket directory), the resample is two-stage: sources first, then the runs of each drawn
+source (:func:`_hierarchical_support`); with one source it is the run resample above.
 """
 
 import math
