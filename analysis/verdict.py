@@ -269,18 +269,40 @@ def _hierarchical_support(t, d, t_groups, d_groups, draws, seed, exact_limit):
     if _n_hierarchical(t_sizes, exact_limit) * _n_hierarchical(d_sizes, exact_limit) <= exact_limit:
         ct, wt = _hierarchical_compositions(t_sizes)
         cd, wd = _hierarchical_compositions(d_sizes)
-        tm, _ = _pooled_stats(t, ct)
         dm, ds = _pooled_stats(d, cd)
-        return float(min(1.0, max(0.0, wt @ _holds(tm, dm, ds).astype(np.float64) @ wd)))
-    rng = np.random.default_rng(seed)
-    all_t, all_d = _hierarchical_draw(rng, t_sizes, draws), _hierarchical_draw(rng, d_sizes, draws)
+        return float(min(1.0, max(0.0, wt @ _holds(_pooled_means(t, ct), dm, ds).astype(np.float64) @ wd)))
+    all_t = _hierarchical_drawn(t_sizes, d_sizes, draws, seed)[0]
+    edges = _hierarchical_edges(d.tobytes(), d.shape, t_sizes, d_sizes, draws, seed)
     hits = 0
+    for start, edge in zip(range(0, draws, CHUNK), edges):
+        hits += int(np.all(_pooled_means(t, all_t[start:start + CHUNK]) >= edge, axis=1).sum())
+    return hits / draws
+
+
+@lru_cache(maxsize=4)
+def _hierarchical_drawn(t_sizes, d_sizes, draws, seed):
+    """(ticket counts, dense counts) of ``draws`` two-stage resamples per side, from a generator
+    seeded with ``seed``: a pure function of its arguments, shared by every block of these sizes."""
+    rng = np.random.default_rng(seed)
+    out = _hierarchical_draw(rng, t_sizes, draws), _hierarchical_draw(rng, d_sizes, draws)
+    for counts in out:
+        counts.flags.writeable = False  # shared by every caller through the cache
+    return out
+
+
+@lru_cache(maxsize=64)
+def _hierarchical_edges(d_bytes, shape, t_sizes, d_sizes, draws, seed):
+    """The matching edge of each drawn dense resample, per chunk, computed once per dense baseline
+    (keyed by its runs' bytes, ordered by source) as :func:`_drawn_edges` does for one source."""
+    d = np.frombuffer(d_bytes, dtype=np.float64).reshape(shape).copy()
+    all_d = _hierarchical_drawn(t_sizes, d_sizes, draws, seed)[1]
+    edges = []
     for start in range(0, draws, CHUNK):
-        tm, _ = _pooled_stats(t, all_t[start:start + CHUNK])
         dm, ds = _pooled_stats(d, all_d[start:start + CHUNK])
         edge = dm - ds - TOL * np.maximum(1.0, np.abs(dm))
-        hits += int(np.all(tm >= edge, axis=1).sum())
-    return hits / draws
+        edge.flags.writeable = False
+        edges.append(edge)
+    return tuple(edges)
 
 
 def _n_hierarchical(sizes, cap):
@@ -328,10 +350,15 @@ def _hierarchical_draw(rng, sizes, k):
     return np.bincount(flat, minlength=k * total).reshape(k, total).astype(np.float64)
 
 
+def _pooled_means(rows, counts):
+    """Mean per metric of each resample whose size varies (``counts``: resamples × runs)."""
+    return counts @ rows / counts.sum(axis=1)[:, None]
+
+
 def _pooled_stats(rows, counts):
     """Mean and sample std per metric of each resample whose size varies (``counts``: resamples × runs)."""
     totals = counts.sum(axis=1)[:, None]
-    means = counts @ rows / totals
+    means = _pooled_means(rows, counts)
     dev = rows[None, :, :] - means[:, None, :]
     ss = np.einsum("kr,krm->km", counts, dev * dev)
     var = np.where(totals > 1, ss / np.maximum(totals - 1, 1), 0.0)
