@@ -179,10 +179,6 @@ def missing_messages(missing):
 
 # --------------------------------------------------------------------------- verdict
 
-def _values(cell, metric):
-    return [getattr(r, metric) for r in cell.runs]
-
-
 def run_source(run):
     """A run's source (docs/contracts.md §5): its θ_p file, plus for a ticket the directory of its
     ticket file, as results.json's ``init`` and ``ticket`` write them (normalised, not resolved:
@@ -203,7 +199,7 @@ def _supports(st, at, base):
     src = [[run_source(r) for r in c.runs] for c in (st, base["st"], at, base["at"])]
     st_kw = {"ticket_sources": src[0], "dense_sources": src[1]}
     at_kw = {"ticket_sources": src[2], "dense_sources": src[3]}
-    st_sa, dst_sa = _values(st, "sa"), _values(base["st"], "sa")
+    st_sa, dst_sa = [r.sa for r in st.runs], [r.sa for r in base["st"].runs]
     at_rows = [(r.sa, r.ra) for r in at.runs]
     dat_rows = [(r.sa, r.ra) for r in base["at"].runs]
     st_support = verdict.block_support(st_sa, dst_sa, **st_kw)
@@ -539,6 +535,8 @@ def resampling_markdown(rows):
     judged = sum(len(r.get("supports", {})) for r in rows)
     hierarchical = sum(r.get("hierarchical", 0) for r in rows)
     flips = sum(len(r.get("ddof_flips", ())) for r in rows)
+    if not judged:
+        return ""
     if hierarchical:
         what = (f"in {hierarchical} of the {judged} judged levels a side has two or more sources (θ_p file, ticket "
                 "directory), so the support resampled the sources, then the runs within each drawn source; in the "
