@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from analysis import table, verdict
@@ -194,3 +195,39 @@ def test_a_verdict_that_depends_on_the_std_estimator_is_marked(tmp_path):
     level_line = next(line for line in md.splitlines() if line.startswith("| cifar10 | 1.0 | at | imp | win"))
     cells = [c.strip() for c in level_line.strip("|").split("|")][4:]
     assert cells[0].endswith(")") and cells[1].endswith(" †")
+
+
+def _support_before(t, d, draws, seed):
+    """The drawn support as b15f4fc computed it (np.add.at per chunk), kept to prove the same numbers."""
+    t, d = verdict._as_rows(t), verdict._as_rows(d)
+    n, m = len(t), len(d)
+    rng, hits = np.random.default_rng(seed), 0
+
+    def counts(size, k):
+        idx = rng.integers(0, size, size=(k, size))
+        c = np.zeros((k, size))
+        np.add.at(c, (np.repeat(np.arange(k), size), idx.ravel()), 1.0)
+        return c
+
+    for start in range(0, draws, 2000):
+        k = min(2000, draws - start)
+        ct, cd = counts(n, k), counts(m, k)
+        tm, _ = verdict._resampled_stats(t, ct)
+        dm, ds = verdict._resampled_stats(d, cd)
+        hits += int(np.all(tm >= dm - ds - verdict.TOL * np.maximum(1.0, np.abs(dm)), axis=1).sum())
+    return hits / draws
+
+
+def test_shared_draws_give_the_numbers_of_per_block_draws():
+    rng = np.random.default_rng(11)
+    dense = 90.0 + rng.normal(size=(7, 2))
+    # several blocks of the same sizes share one set of draws and one dense edge; each must still
+    # get exactly the number it got when it drew alone (a chunk count that is not a multiple, too)
+    supports = []
+    for shift in (-0.6, -0.3, 0.0, 0.4):
+        ticket = 90.0 + shift + rng.normal(size=(6, 2))
+        for draws, seed in ((4500, 0), (4500, 3)):
+            for t, d in ((ticket, dense), (ticket[:, 0], dense[:, 0])):
+                supports.append(verdict.block_support(t, d, exact_limit=0, draws=draws, seed=seed))
+                assert supports[-1] == _support_before(t, d, draws, seed)
+    assert sum(0.05 < p < 0.95 for p in supports) >= 8  # near the edge, where a changed draw shows
