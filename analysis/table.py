@@ -539,8 +539,8 @@ def resampling_markdown(rows):
         return ""
     if hierarchical:
         what = (f"in {hierarchical} of the {judged} judged levels a side has two or more sources (θ_p file, ticket "
-                "directory), so the support resampled the sources, then the runs within each drawn source; in the "
-                "others, the runs (seeds)")
+                "directory), so the support resampled the sources, then the runs within each drawn source"
+                + ("; in the others, the runs (seeds)" if hierarchical < judged else ""))
     else:
         what = (f"each of the {judged} judged levels has one source (θ_p file, ticket directory) per side, so the "
                 "support resampled its runs (seeds) only")
