@@ -19,13 +19,15 @@ named). Each case is a warning. Levels whose comparison holds a run kept at chan
 (--allow-chance) are marked * in double_win.md's per-level table.
 
 Outputs: double_win.csv (the six §5.5 columns, then extreme_sparsity_contiguous, verdict,
-extreme_sparsity_supported), double_win.md (the same table, the per-level verdicts with their
-support, uncertain cells marked '?', missing runs), double_win_details.csv (the per-level comparison
-and the support of each comparison and of the level's double-win), summary.csv (every cell),
+extreme_sparsity_supported), double_win.md (what the supports resampled, the same table, the per-level
+verdicts with their support, uncertain cells marked '?', those the std estimator decides '†', missing
+runs), double_win_details.csv (the per-level comparison, the support of each comparison and of the
+level's double-win, its sources and its verdict with ddof=0), summary.csv (every cell),
 warnings.txt. ``verdict_rows(dirs, expected=None)`` returns the double_win.csv rows without writing.
 """
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +61,8 @@ LEVEL_FIELDS = ["dataset", "data_rate", "pretrain", "method", "sparsity", "judge
                 "st_sa_mean", "st_sa_std", "dense_st_sa_mean", "dense_st_sa_std", "st_sa_matching",
                 "at_sa_mean", "at_sa_std", "dense_at_sa_mean", "dense_at_sa_std", "at_sa_matching",
                 "at_ra_mean", "at_ra_std", "dense_at_ra_mean", "dense_at_ra_std", "at_ra_matching", "note",
-                "st_sa_support", "at_sa_support", "at_ra_support", "double_win_support", "support"]
+                "st_sa_support", "at_sa_support", "at_ra_support", "double_win_support", "support",
+                "sources", "double_win_ddof0"]
 
 # --------------------------------------------------------------------------- expected runs
 
@@ -176,23 +179,42 @@ def missing_messages(missing):
 
 # --------------------------------------------------------------------------- verdict
 
-def _matching(mean, dense_mean, dense_std):
-    return verdict.matching(mean, dense_mean, dense_std)
-
-
-def _values(cell, metric):
-    return [getattr(r, metric) for r in cell.runs]
+def run_source(run):
+    """A run's source (docs/contracts.md §5): its θ_p file, plus for a ticket the directory of its
+    ticket file, as results.json's ``init`` and ``ticket`` write them (normalised, not resolved:
+    the same file has other absolute paths on other machines).  Unrecorded parts are ''."""
+    obj = run.results
+    init = obj.get("init")
+    init = os.path.normpath(init) if isinstance(init, str) and init else ""
+    if run.dense:
+        return (init,)
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    ticket = obj.get("ticket") or config.get("ticket")
+    return (init, os.path.dirname(os.path.normpath(ticket)) if isinstance(ticket, str) and ticket else "")
 
 
 def _supports(st, at, base):
-    """Support of each comparison and of the level's double-win (analysis.verdict)."""
-    st_sa, dst_sa = _values(st, "sa"), _values(base["st"], "sa")
+    """(support of each comparison and of the level's double-win, distinct sources of each of the
+    level's four cells): hierarchical where a side has two or more sources (analysis.verdict)."""
+    src = [[run_source(r) for r in c.runs] for c in (st, base["st"], at, base["at"])]
+    st_kw = {"ticket_sources": src[0], "dense_sources": src[1]}
+    at_kw = {"ticket_sources": src[2], "dense_sources": src[3]}
+    st_sa, dst_sa = [r.sa for r in st.runs], [r.sa for r in base["st"].runs]
     at_rows = [(r.sa, r.ra) for r in at.runs]
     dat_rows = [(r.sa, r.ra) for r in base["at"].runs]
-    return {"st_sa_support": verdict.matching_support(st_sa, dst_sa),
-            "at_sa_support": verdict.matching_support([x[0] for x in at_rows], [x[0] for x in dat_rows]),
-            "at_ra_support": verdict.matching_support([x[1] for x in at_rows], [x[1] for x in dat_rows]),
-            "double_win_support": verdict.level_support(st_sa, dst_sa, at_rows, dat_rows)}
+    st_support = verdict.block_support(st_sa, dst_sa, **st_kw)
+    # the ST and AT runs are resampled independently, so the double-win support is the product
+    # of the ST block's and the joint (SA, RA) AT block's (verdict.level_support)
+    joint = 0.0 if st_support == 0.0 else st_support * verdict.block_support(at_rows, dat_rows, **at_kw)
+    return ({"st_sa_support": st_support,
+             "at_sa_support": verdict.block_support([x[0] for x in at_rows], [x[0] for x in dat_rows], **at_kw),
+             "at_ra_support": verdict.block_support([x[1] for x in at_rows], [x[1] for x in dat_rows], **at_kw),
+             "double_win_support": joint}, [len(set(s)) for s in src])
+
+
+def _population_std(cell, metric):
+    values = [getattr(r, metric) for r in cell.runs]
+    return math.nan if any(v is None for v in values) else verdict.mean_std([float(v) for v in values], ddof=0)[1]
 
 
 def judge(cells, missing=None):
@@ -222,7 +244,7 @@ def judge(cells, missing=None):
         gone = missing.get(group, {})
         levels = sorted({k[5] for k in cells if k[:4] == group}
                         | {s for s, by_regime in gone.items() if any(r in by_regime for r in VERDICT_REGIMES)})
-        wins, judged, supports = {}, [], {}
+        wins, judged, supports, flips, hierarchical = {}, [], {}, set(), 0
         chance = _chance_levels(cells, group, base, levels)
         for s in levels:
             st, at = cells.get(group + ("st", s)), cells.get(group + ("at", s))
@@ -232,6 +254,9 @@ def judge(cells, missing=None):
             if row["judged"]:
                 judged.append(s)
                 supports[s] = support
+                hierarchical += row["hierarchical"]
+                if row["double_win"] != row["double_win_ddof0"]:
+                    flips.add(s)
             wins[s] = row["double_win"]
             for regime, cell in (("st", st), ("at", at)):
                 # a regime the group lacks altogether was reported once above; a level listed as
@@ -242,7 +267,7 @@ def judge(cells, missing=None):
             level_rows.append(row)
         unjudged = [s for s in levels if s not in judged]
         rows.append(_table_row(group, wins, supports, unjudged, reasons, base_reasons, mismatch))
-        rows[-1]["chance"] = chance
+        rows[-1].update(chance=chance, hierarchical=hierarchical, ddof_flips=flips)
     return rows, level_rows, warnings
 
 
@@ -320,13 +345,15 @@ def _level_row(group, s, st, at, base, absent, no_verdict):
     ds, rate, pre, label = group
     row = {"dataset": ds, "data_rate": common.fmt_rate(rate), "pretrain": pre, "method": label,
            "sparsity": common.fmt_sparsity(s), "judged": False, "double_win": False, "note": ""}
+    population = []  # each comparison judged again with the dense population std (ddof=0)
     for regime, metric, cell, b in (("st", "sa", st, base["st"]), ("at", "sa", at, base["at"]),
                                     ("at", "ra", at, base["at"])):
         mean, std = cell.stat(metric) if cell is not None else (math.nan, math.nan)
         dmean, dstd = b.stat(metric) if b is not None else (math.nan, math.nan)
         row.update({f"{regime}_{metric}_mean": csv_number(mean), f"{regime}_{metric}_std": csv_number(std),
                     f"dense_{regime}_{metric}_mean": csv_number(dmean), f"dense_{regime}_{metric}_std": csv_number(dstd),
-                    f"{regime}_{metric}_matching": _matching(mean, dmean, dstd)})
+                    f"{regime}_{metric}_matching": verdict.matching(mean, dmean, dstd)})
+        population.append(b is not None and verdict.matching(mean, dmean, _population_std(b, metric)))
     notes = []
     for regime, cell in (("st", st), ("at", at)):
         if cell is None:
@@ -343,9 +370,12 @@ def _level_row(group, s, st, at, base, absent, no_verdict):
         return row, None
     row["judged"] = True
     row["double_win"] = verdict.double_win(row["st_sa_matching"], row["at_sa_matching"], row["at_ra_matching"])
-    sup = _supports(st, at, base)
+    row["double_win_ddof0"] = verdict.double_win(*population)
+    sup, sources = _supports(st, at, base)
     row.update({k: round(v, 4) for k, v in sup.items()})
     row["support"] = verdict.support_label(sup["double_win_support"])
+    # the column counts the sources both sides have; the support is hierarchical where either has two
+    row["sources"], row["hierarchical"] = min(sources), max(sources) > 1
     return row, sup["double_win_support"]
 
 
@@ -484,6 +514,8 @@ def levels_markdown(rows):
                 cell = f"{'win' if r['wins'][s] else 'no'}{mark} ({p:.2f})"
             if s in r.get("chance", ()):
                 cell += " *"
+            if s in r.get("ddof_flips", ()):
+                cell += " †"
             line[common.fmt_sparsity(s)] = cell
         table.append(line)
     return ("\n## Double-win per level\n\n" + common.markdown_table(table, fields)
@@ -492,7 +524,29 @@ def levels_markdown(rows):
               f"{verdict.CONTRADICTED} and {verdict.SUPPORTED}): other seeds could well flip it."
             + (" **\\*** marks a level whose comparison holds a run that ended at chance level on validation SA "
                "and was kept with --allow-chance (its own runs or the dense baseline's; see the warnings)."
-               if any(r.get("chance") for r in rows) else "") + "\n")
+               if any(r.get("chance") for r in rows) else "")
+            + (" **†** marks a level whose double-win verdict changes when the dense std is the population std "
+               "(ddof = 0) instead of the sample std (ddof = 1)." if any(r.get("ddof_flips") for r in rows) else "")
+            + "\n")
+
+
+def resampling_markdown(rows):
+    """What the support resampled, and how many judged levels the choice of std estimator decides."""
+    judged = sum(len(r.get("supports", {})) for r in rows)
+    hierarchical = sum(r.get("hierarchical", 0) for r in rows)
+    flips = sum(len(r.get("ddof_flips", ())) for r in rows)
+    if not judged:
+        return ""
+    if hierarchical:
+        what = (f"in {hierarchical} of the {judged} judged levels a side has two or more sources (θ_p file, ticket "
+                "directory), so the support resampled the sources, then the runs within each drawn source"
+                + ("; in the others, the runs (seeds)" if hierarchical < judged else ""))
+    else:
+        what = (f"each of the {judged} judged levels has one source (θ_p file, ticket directory) per side, so the "
+                "support resampled its runs (seeds) only")
+    return (f"**Resampled:** {what}. **Std:** the rule uses the dense sample std (ddof = 1); with the population "
+            f"std (ddof = 0) {flips} of the {judged} judged levels change their double-win verdict"
+            + (", marked **†** below" if flips else "") + ".\n\n")
 
 
 def missing_markdown(missing):
@@ -528,7 +582,7 @@ def write_tables(result, out_dir):
     rows = result.rows
     out_dir.mkdir(parents=True, exist_ok=True)
     common.write_csv(rows, out_dir / "double_win.csv", CSV_FIELDS)
-    atomic_write_text("# Double-win tickets\n\n" + common.markdown_table(rows, CSV_FIELDS)
+    atomic_write_text("# Double-win tickets\n\n" + resampling_markdown(rows) + common.markdown_table(rows, CSV_FIELDS)
                       + incomplete_markdown(rows) + levels_markdown(rows) + missing_markdown(result.missing)
                       + notes_markdown(result.warnings), out_dir / "double_win.md")
     common.write_csv(result.level_rows, out_dir / "double_win_details.csv", LEVEL_FIELDS)
