@@ -254,3 +254,13 @@ def test_missing_tensorboard_is_refused_by_stage1_before_anything_is_written(tmp
         main_imp_pretrain.main(["--dataset", "digits", "--init", "none", "--method", "imp", "--rounds", "2",
                                 "--epochs-per-round", "1", "--tensorboard", "--save-dir", str(out)])
     assert not out.exists()
+
+
+def test_tensorboard_never_makes_a_run_directory_another_run():
+    from utils.rundir import config_differences
+
+    old = main_downstream.config_for([*STAGE2[:-1], "--save-dir", "x"])  # written before the flag existed
+    del old["tensorboard"]
+    assert config_differences(old, main_downstream.config_for([*STAGE2, "--save-dir", "x"])) == []
+    assert main_downstream.config_changes(old, main_downstream.config_for([*STAGE2, "--save-dir", "x"]),
+                                          finished=False) == []
