@@ -16,7 +16,7 @@ import torch
 import attacks
 import models
 import pruning_utils
-from training import setup
+from training import setup, tensorboard
 from training.chance import check_chance_level
 from training.downstream_args import (  # noqa: F401  (stage 2's command line, reached as main_downstream.NAME)
     FLAG_CONTEXT,
@@ -185,7 +185,8 @@ def run(args, stop):
                         resumed=resumed)
     progress = ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
                             checkpoint_minutes=args.checkpoint_minutes,
-                            loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes)).run()
+                            loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes),
+                            tensorboard=args.tensorboard).run()
     state = policy.state(progress)
     chance = check_chance_level(args, state, data.num_classes, kept_state_text(save_dir, state))
     finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
@@ -434,9 +435,12 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
     if dist_info.primary:
         # details beyond the results contract (docs/contracts.md §3) go beside it
         atomic_write_json({"init_format": init_info.get("format"), "dropped_head": init_info.get("dropped_head"),
+                           "init_normalization": init_info.get("file_normalization"),
                            "test_images": test["n"], "stopped_early": state["stopped"],
                            "train_seconds": total_seconds, "world_size": dist_info.world_size, **extra},
                           save_dir / "run_info.json")
+        if args.tensorboard:
+            tensorboard.write_test(save_dir, max(results["selected_epoch"], 0), results["sa"], results["ra"])
         atomic_write_json(results, save_dir / "results.json")
         if not args.keep_checkpoint:  # optimizer state is only needed to resume; at grid scale it is terabytes
             (save_dir / "checkpoint.pt").unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import torch
 
 import attacks
 import pruning_utils
-from training import lmp, setup
+from training import lmp, setup, tensorboard
 from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, LossGuard, make_sgd, set_lr, train_epoch
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
@@ -69,6 +69,9 @@ def build_parser():
     p.add_argument("--max-loss", "--max_loss", type=float, default=None,
                    help=f"stop as diverged when the re-training loss stays above this for {MAX_LOSS_PATIENCE} steps "
                         f"(default {MAX_LOSS_FACTOR} x ln(classes), the loss of a uniform prediction)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-epoch curves as TensorBoard event files in SAVE_DIR/tb "
+                        "(needs `pip install tensorboard`; watch with tensorboard --logdir <dir above the runs>)")
     p.set_defaults(attack_bn=None)  # resolved in parse_args: LMP keeps θ_p's BatchNorm frozen, so its default differs
     return p
 
@@ -92,7 +95,7 @@ FLAG_CONTEXT = ("method", "retrain", "rounds", "epochs_per_round", "pattern", "i
 FLAG_SCOPE = {
     **{dest: (_trains, TRAINS) for dest in (
         "retrain", "lr", "momentum", "weight_decay", "batch_size", "max_loss", "checkpoint_minutes", "amp",
-        "compile", "channels_last", "cudnn_benchmark", "progress", "augment", "image_size")},
+        "compile", "channels_last", "cudnn_benchmark", "progress", "augment", "image_size", "tensorboard")},
     **{dest: (_attacks, ATTACKS) for dest in ("eps", "alpha", "attack_steps")},
     "attack_bn": (lambda c: _attacks(c) and c["method"] == "imp",
                   "applies only to --method imp with --retrain at (LMP crafts its attacks in eval mode)"),
@@ -153,6 +156,7 @@ def parse_args(argv=None):
         args.retrain = None
     check_pattern_args(args)
     refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
+    tensorboard.require(args.tensorboard)
     return args
 
 
@@ -546,7 +550,7 @@ def run(args, stop):
         policy = Retraining(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision,
                             config=config)
         ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop,
-                     checkpoint_minutes=args.checkpoint_minutes, loss_guard=loss_guard).run()
+                     checkpoint_minutes=args.checkpoint_minutes, loss_guard=loss_guard, tensorboard=args.tensorboard).run()
     check_complete(writer, save_dir, dist_info)
     setup.log(f"done: {args.rounds} {args.method.upper()} tickets in {writer.dir} (sparsity.json lists the levels)")
     du.cleanup()

@@ -8,6 +8,9 @@ Formats read (detected from the file's structure, never from its name):
   (older files: ``{"state_dict": sd}``) with ``module.model.<name>``, a duplicate copy under
   ``module.attacker.model.<name>`` and input normalizers under ``module.normalizer.`` and
   ``module.attacker.normalize.``.
+* ``robustbench`` - the ``state_dict()`` of a model from RobustBench's ``load_model`` (its ImageNet
+  zoo): ``nn.Sequential(normalize=ImageNormalizer, model=ResNet)``, so ``normalize.mean`` and
+  ``normalize.std`` (shape (1, 3, 1, 1)) beside ``model.<name>``.
 * ``fast_adversarial`` - locuslab fast_adversarial ImageNet: ``{"state_dict": {"module.<name>"},
   "epoch", "arch", "best_prec1", "optimizer"}``.
 * ``seed`` - the VITA-Group Double-Win-LTH checkpoints, written by ``torch.nn.utils.prune``:
@@ -17,7 +20,8 @@ Formats read (detected from the file's structure, never from its name):
 * ``double-win`` - this project's own file, written by :func:`save_model_checkpoint`.
 
 The input normalizers stored in files are not loaded: the model normalizes its input itself
-with the statistics of the dataset it is used on.  They are reported in the returned info.
+with the statistics of the dataset it is used on (on ImageNet these are the files' own).  They are
+reported in the returned info (``file_normalization``), which stage 2 records in run_info.json.
 """
 
 import torch
@@ -84,7 +88,7 @@ def _tensor_dict(state, path):
     bad = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         raise UserError(f"'{path}' is not a model checkpoint: entries {bad[:_SHOWN]} are not named tensors; "
-                        "pass a torchvision/robustness/fast_adversarial/seed-repo/double-win weights file.")
+                        "pass a torchvision/robustness/robustbench/fast_adversarial/seed-repo/double-win weights file.")
     if not state:
         raise UserError(f"'{path}' holds no weights; pass a checkpoint with a model state dict.")
     return state
@@ -93,6 +97,25 @@ def _tensor_dict(state, path):
 def _is_robustness(state):
     return (any(k.startswith("model.") for k in state)
             and all(k.startswith(("model.", "attacker.", "normalizer.")) for k in state))
+
+
+def _is_robustbench(state):
+    return ("normalize.mean" in state and "normalize.std" in state
+            and all(k.startswith("model.") for k in state if k not in ("normalize.mean", "normalize.std")))
+
+
+def _from_robustbench(state, path):
+    stats = []
+    for name in ("normalize.mean", "normalize.std"):
+        values = state[name].flatten()
+        if values.numel() != 3 or not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+            shown = [float(v) for v in values[:_SHOWN]] + (["..."] if values.numel() > _SHOWN else [])
+            raise UserError(f"'{path}' (robustbench format): {name} holds {values.numel()} value(s) {shown}, not three "
+                            "positive numbers (one per RGB channel); the file is damaged or not a RobustBench "
+                            "ImageNet model, save it again with torch.save(model.state_dict(), path).")
+        stats.append(_as_list(values))
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return weights, tuple(stats)
 
 
 def _is_seed_sequential(state):
@@ -175,6 +198,10 @@ def _decode(raw, path, model):
         return "double-win", weights, (raw.get("input_mean"), raw.get("input_std")), None
 
     state = _strip_prefix(_inner_state_dict(raw, path), "module.")
+    # before the seed repo's files, whose ImageNet model also carries normalize.mean/std
+    if _is_robustbench(state):
+        weights, normalization = _from_robustbench(state, path)
+        return "robustbench", weights, normalization, None
     if _is_robustness(state):
         weights, normalization = _from_robustness(state)
         return "robustness", weights, normalization, None

@@ -6,7 +6,7 @@ import argparse
 import json
 
 import attacks
-from training import setup
+from training import setup, tensorboard
 from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE
 from utils.cli import ArgumentParser, flag_applies_in, fraction, int_list, refuse_flags_without_effect
 from utils.errors import UserError
@@ -103,6 +103,9 @@ def build_parser():
     p.add_argument("--allow-chance", action="store_true", default=argparse.SUPPRESS,
                    help="write results.json even when the selected model is at chance level (an expected outcome, "
                         "e.g. an extreme random ticket); without it such a run fails with exit status 2")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-epoch curves and the final test SA/RA as TensorBoard event files in SAVE_DIR/tb "
+                        "(needs `pip install tensorboard`; watch with tensorboard --logdir <dir above the runs>)")
     return p
 
 
@@ -146,6 +149,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     setup.check_common_args(args)
     refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
+    tensorboard.require(args.tensorboard)
     return args
 
 

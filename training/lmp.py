@@ -63,7 +63,7 @@ def run(args, model, data, writer, *, save_dir, dist_info, precision, config, lo
     policy = LearnedMasks(args, model, data, writer, save_dir=save_dir, dist_info=dist_info, precision=precision,
                           config=config, log_fields=log_fields, broadcast_mask=broadcast_mask)
     ResumableRun(policy, save_dir=save_dir, dist_info=dist_info, stop=stop, checkpoint_minutes=args.checkpoint_minutes,
-                 loss_guard=loss_guard).run()
+                 loss_guard=loss_guard, tensorboard=args.tensorboard).run()
 
 
 class LearnedMasks(Policy):

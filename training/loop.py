@@ -4,8 +4,8 @@ A run is a sequence of units (an IMP round, an LMP level; stage 2 has one) of ep
 what makes every run resumable and safe, the same way for each stage: the checkpoint (written after
 every epoch and at every unit boundary, read back when the same command is run again), every rank's
 RNG state, the loss guard, the position and sums inside an epoch that a stop signal or
-``--checkpoint-minutes`` saves through the StepCheckpointer, log.csv, and the one error a diverged
-loss becomes. A stage states only its policy (:class:`Policy`): what one epoch trains, what follows
+``--checkpoint-minutes`` saves through the StepCheckpointer, log.csv (and with ``--tensorboard`` its
+event files, training/tensorboard.py), and the one error a diverged loss becomes. A stage states only its policy (:class:`Policy`): what one epoch trains, what follows
 it (validation, selection), what else its checkpoint holds, and how a unit ends.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training import setup
+from training.tensorboard import Board
 from utils import distributed as du
 from utils.checkpoint import atomic_save, read_resume_checkpoint
 from utils.errors import NonFiniteLoss, UserError
@@ -104,7 +105,7 @@ class Policy:
 class ResumableRun:
     """Runs a :class:`Policy` to its end, resuming from ``save_dir/checkpoint.pt`` when it exists."""
 
-    def __init__(self, policy, *, save_dir, dist_info, stop, checkpoint_minutes, loss_guard):
+    def __init__(self, policy, *, save_dir, dist_info, stop, checkpoint_minutes, loss_guard, tensorboard=False):
         self.policy = policy
         self.dist_info = dist_info
         self.loss_guard = loss_guard
@@ -112,11 +113,25 @@ class ResumableRun:
         self.log_path = Path(save_dir) / "log.csv"
         self.checkpointer = StepCheckpointer(self._save_mid_epoch, stop, checkpoint_minutes)
         self.progress = None
+        self.board = Board(save_dir) if tensorboard and dist_info.primary else None
 
     def run(self):
         """Every remaining unit and epoch; returns the final :class:`Progress`."""
-        policy = self.policy
         progress = self.progress = self._resume()
+        if self.board is not None:
+            self.board.start(progress.log)
+        try:
+            self._units()
+        finally:
+            if self.board is not None:
+                self.board.close()
+        if self.policy.log_always and self.dist_info.primary and not self.log_path.exists():
+            write_csv(progress.log, self.log_path, self.policy.log_fields)
+        du.barrier()
+        return progress
+
+    def _units(self):
+        policy, progress = self.policy, self.progress
         while policy.has_unit(progress.unit):
             policy.enter_unit(progress)
             while progress.epoch < policy.epochs(progress.unit) and not policy.stopped:
@@ -125,10 +140,6 @@ class ResumableRun:
                 break
             progress.unit, progress.epoch = progress.unit + 1, 0
             self.save()
-        if policy.log_always and self.dist_info.primary and not self.log_path.exists():
-            write_csv(progress.log, self.log_path, policy.log_fields)
-        du.barrier()
-        return progress
 
     def _resume(self):
         if not self.ckpt_path.exists():
@@ -158,6 +169,8 @@ class ResumableRun:
         if self.dist_info.primary:  # before the checkpoint: a kill in between re-runs this epoch and rewrites both
             write_csv(progress.log, self.log_path, self.policy.log_fields)
         self.save()
+        if self.board is not None:  # after the checkpoint: a resume never trains this epoch again
+            self.board.epoch(row, len(progress.log) - 1)
         self.checkpointer.reset_clock()
         self.policy.report(progress, row)
         du.barrier()

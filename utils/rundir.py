@@ -23,11 +23,12 @@ from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UserError
 from utils.records import read_config
 
-# Settings that change how fast a run goes, what it prints or keeps, whether it starts afresh
+# Settings that change how fast a run goes, what it prints, keeps or also writes (--tensorboard), whether it starts afresh
 # (--restart), when it gives up (--max-loss) or whether a result at chance level is kept
 # (--allow-chance), never what a finished run computes.
 NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "channels_last", "cudnn_benchmark",
-                               "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss", "allow_chance"})
+                               "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss", "allow_chance",
+                               "tensorboard"})
 
 
 # Flags added after run directories already existed, with the default that reproduces what those
