@@ -26,6 +26,8 @@ import zlib
 from analysis import verdict
 
 PRETRAIN_COLORS = {"std": "#1f77b4", "fat": "#2ca02c", "at": "#d62728"}
+# other pre-training labels: hues the table below leaves free
+_PRETRAIN_PALETTE = ("#9467bd", "#8c564b", "#393b79", "#637939", "#7b4173")
 _PALETTE = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79")
 # the methods figures (one pre-training, every method) colour by method alone; these avoid the
 # pre-training hues, so a methods figure is never read as a pre-training
@@ -42,7 +44,7 @@ SERIES_COLORS = {
     ("at", "dense"): "#67000d",
 }
 # for labels outside the table: (hue shift, saturation factor, lightness factor) per family
-_FAMILY_TURN = {"imp": (0.0, 1.0, 1.0), "omp": (0.08, 1.0, 1.1), "lmp": (-0.08, 1.0, 1.0), "rp": (0.0, 0.35, 1.1),
+_FAMILY_TURN = {"imp": (0.0, 1.0, 1.0), "omp": (0.12, 1.0, 1.15), "lmp": (-0.12, 1.0, 0.95), "rp": (0.0, 0.3, 1.35),
                 "dense": (0.0, 1.0, 0.5)}
 
 WIN, LOSS, UNCERTAIN, UNJUDGED = "win", "loss", "uncertain", "unjudged"
@@ -61,7 +63,9 @@ def palette_color(label):
 
 
 def pretrain_color(label):
-    return PRETRAIN_COLORS.get(label) or palette_color(label)
+    if label in PRETRAIN_COLORS:
+        return PRETRAIN_COLORS[label]
+    return _PRETRAIN_PALETTE[zlib.crc32(str(label).encode("utf-8")) % len(_PRETRAIN_PALETTE)]
 
 
 def method_color(label):
