@@ -1,37 +1,18 @@
 """Shared by the analysis scripts: finding and reading run outputs, rebuilding a trained run's
-model and test images, colours that stay fixed for a label in every figure, table writers."""
+model and test images, table writers (colours and markers: analysis/style.py)."""
 
-import zlib
 from pathlib import Path
 
 from analysis import verdict
+from analysis.style import METHOD_COLORS, PRETRAIN_COLORS, method_color, pretrain_color  # noqa: F401  (reached as common.NAME)
 from utils import records
 from utils.errors import UserError
 from utils.rundir import csv_text, write_csv  # noqa: F401  (the tables the analysis writes)
 
 REGIMES = records.REGIMES
 
-# One colour per pre-training label in every figure; other labels take a palette colour chosen
-# from a hash of the label, so a label keeps its colour across figures and invocations.
-PRETRAIN_COLORS = {"std": "#1f77b4", "fat": "#2ca02c", "at": "#d62728"}
-_PALETTE = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79")
-# method colours avoid the pretrain colours, so a methods figure is never read as a pre-training
-METHOD_COLORS = {"imp": "#9467bd", "imp-st": "#9467bd", "imp-at": "#e377c2", "omp": "#ff7f0e",
-                 "rp": "#7f7f7f", "dense": "#000000"}
 PRETRAIN_ORDER = ("std", "fat", "at")
 METHOD_ORDER = ("imp", "imp-st", "imp-at", "omp", "rp")
-
-
-def _palette_color(label):
-    return _PALETTE[zlib.crc32(str(label).encode("utf-8")) % len(_PALETTE)]
-
-
-def pretrain_color(label):
-    return PRETRAIN_COLORS.get(label) or _palette_color(label)
-
-
-def method_color(label):
-    return METHOD_COLORS.get(label) or _palette_color(label)
 
 
 def order_key(value, preferred):

@@ -4,8 +4,10 @@ the stage-2 results.json files, and accuracy against measured latency and FLOPs.
     python analysis/plot_companion.py RUNS_DIR [RUNS_DIR ...] --out OUT_DIR [--bench BENCH.json ...]
 
 Runs are read and split into cells by analysis/companion_runs.py: by sparsity pattern, IMP's
-rewind variant, full fine-tuning vs linear evaluation and pretrain label (one colour each, as in
-plot_curves). A cell is drawn as mean ± std over its seeds; dense runs (sparsity 0) of the same
+rewind variant, full fine-tuning vs linear evaluation and pretrain label. Colours are those of
+plot_curves (analysis/style.py): one per pretrain label x method family (IMP, OMP, LMP, RP, dense),
+so robust and natural pre-training and the methods within each differ in colour; line style and
+marker tell the method (or the pattern) apart as well. A cell is drawn as mean ± std over its seeds; dense runs (sparsity 0) of the same
 dataset, data rate, pretrain label, regime and evaluation mode are the horizontal line and band.
 
 Figures (PNG, each with a CSV of every number it draws):
@@ -50,7 +52,7 @@ from typing import Optional
 if __package__ in (None, ""):  # run as `python analysis/plot_companion.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import common  # noqa: E402
+from analysis import common, style  # noqa: E402
 from analysis.companion_runs import (  # noqa: E402
     EVAL_NAMES,
     PATTERN_ORDER,
@@ -73,7 +75,7 @@ ZOOM = (90.0, 99.0)
 DEFAULT_TOLERANCE = 2.0
 
 # line style and marker per base method and per pattern, the same in every figure; colour is the
-# pretrain label's (plot_curves' colours), so robust vs natural reads the same everywhere
+# (pretrain label, method family)'s (analysis/style.py), the same as in plot_curves' figures
 METHOD_STYLES = {"imp": ("-", "o"), "omp": ("-", "^"), "lmp": ("-", "D"), "rp": (":", "x")}
 NO_REWIND_STYLE = ("-.", "s")
 PATTERN_STYLES = {"unstructured": ("-", "o"), "channel": ("-.", "s"), "nm": (":", "^")}
@@ -115,7 +117,7 @@ def _method_style(label, rewind):
 def make_series(cells, key, by):
     """The drawn line of ``key``; ``by`` is what varies within its figure: "method" or "pattern"."""
     ds, rate, pre, pattern, nm, label, rewind = key
-    color = common.pretrain_color(pre)
+    color = style.series_color(pre, label)
     if label == DENSE:
         return Series(key, f"{pre} dense", color, "--", "", False, cells[key])
     if by == "method":
@@ -436,8 +438,8 @@ def efficiency_figures(series, records, out_dir, tolerance):
     for ds, rate in sorted({k[:2] for k in ticket_keys}, key=lambda dr: (dr[0], -dr[1])):
         keys = sorted((k for k in ticket_keys if k[:2] == (ds, rate)), key=series_sort_key)
         keys += sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=series_sort_key)
-        # every pattern and method on one axes: colour the pretrain label, line style the pattern,
-        # marker the method
+        # every pattern and method on one axes: colour the pretrain label and method family, line
+        # style the pattern, marker the method
         lines = []
         for k in keys:
             ser = make_series(series, k, "method")

@@ -8,8 +8,11 @@ is judged), then draws. ``--grid`` takes the expected runs from the sweep's grid
 
 Outputs in OUT_DIR: double_win.csv, double_win.md, double_win_details.csv, summary.csv,
 warnings.txt (analysis/table.py), and PNG figures each with a CSV of the data drawn: curves_* (per
-dataset and data rate, one line per pretrain label; hollow markers at levels whose double-win is
-uncertain), data_rate_* (data rates side by side), methods_* (pruning methods of one pre-training).
+dataset and data rate, one line per pretrain label), data_rate_* (data rates side by side),
+methods_* (pruning methods of one pre-training). Each ticket level carries its double-win verdict as
+a marker — filled circle: double-win, cross: not, hollow circle: uncertain (analysis/style.py);
+levels evenly spaced in IMP rounds sit one step apart, other sets of levels on a numeric axis. The
+CSVs' x_position is the level's rank among the figure's levels in either case.
 Bad input (no results.json found, a missing directory, no readable results) exits with status 2,
 and so do runs of one group (dataset, data rate, pretrain, method, regime) made with different
 protocols (epochs, lr, ε, ...: analysis.runs.PROTOCOL_KEYS), unless ``--mix-protocols`` draws them
@@ -26,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analysis/plot_curves.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import common, verdict  # noqa: E402
+from analysis import common, style  # noqa: E402
 from analysis.runs import DENSE, csv_number, load_runs  # noqa: E402, F401  (load_runs: reached as plot_curves.load_runs too)
 from analysis.table import (  # noqa: E402, F401  (verdict_rows, collect: reached as plot_curves.NAME too)
     CSV_FIELDS,
@@ -79,59 +82,74 @@ def _panels(series_list):
     return panels
 
 
-def _draw_panel(ax, series_list, regime, metric, xs, fig_name, panel, data_rows, supports=None):
-    pos = {s: i for i, s in enumerate(xs)}
+def _draw_panel(ax, series_list, regime, metric, xs, fig_name, panel, data_rows, verdicts=None, kinds=None):
+    """One (regime, metric) panel; ``verdicts``: (supports, wins) of analysis/table.py's rows; the verdict
+    marker kinds drawn are added to ``kinds``."""
+    rank = {s: i for i, s in enumerate(xs)}  # the CSV's x_position: the level's place among the figure's levels
+    pos, numeric = style.sparsity_positions(xs)
     drawn = False
     for ser in series_list:
         by_s = ser.cells.get(regime, {})
         if not by_s:
             continue
         if ser.kind == "dense":
-            cell = by_s.get(0.0)
-            mean, std = cell.stat(metric)
-            if math.isnan(mean):
-                continue
-            ax.axhline(mean, color=ser.color, ls="--", lw=1.3, label=ser.name)
-            ax.axhspan(mean - std, mean + std, color=ser.color, alpha=0.12, lw=0)
-            data_rows.append(_figure_row(fig_name, panel, regime, metric, ser, 0.0, "", mean, std, cell))
-            drawn = True
+            drawn |= _draw_dense(ax, ser, by_s, regime, metric, fig_name, panel, data_rows)
             continue
+        key = (ser.dataset, ser.data_rate, ser.pretrain, ser.method)
+        supports, wins = verdicts or ({}, None)
+        level_support = (supports or {}).get(key, {})
+        level_win = None if wins is None else wins.get(key, {})
         pts = []
-        level_support = (supports or {}).get((ser.dataset, ser.data_rate, ser.pretrain, ser.method), {})
         for s in sorted(by_s):
             mean, std = by_s[s].stat(metric)
             if math.isnan(mean) or s not in pos:
                 continue
             support = level_support.get(s)
-            pts.append((pos[s], mean, std, by_s[s].complete, verdict.support_label(support) == "uncertain"))
-            data_rows.append(_figure_row(fig_name, panel, regime, metric, ser, s, pos[s], mean, std, by_s[s],
+            kind = style.verdict_kind(None if level_win is None else level_win.get(s), support)
+            pts.append((pos[s], mean, std, by_s[s].complete, kind))
+            data_rows.append(_figure_row(fig_name, panel, regime, metric, ser, s, rank[s], mean, std, by_s[s],
                                          support))
-        if not pts:
-            continue
-        x = [p[0] for p in pts]
-        m = [p[1] for p in pts]
-        lo = [p[1] - p[2] for p in pts]
-        hi = [p[1] + p[2] for p in pts]
-        ls = ":" if ser.kind == "random" else "-"
-        ax.plot(x, m, ls=ls, marker="o", ms=3.5, lw=1.6, color=ser.color, label=ser.name)
-        ax.fill_between(x, lo, hi, color=ser.color, alpha=0.18, lw=0)
-        unsure = [p for p in pts if p[4]]
-        if unsure:  # hollow: the level's double-win verdict could flip with other seeds
-            ax.plot([p[0] for p in unsure], [p[1] for p in unsure], ls="none", marker="o", ms=5, mfc="white",
-                    mec=ser.color, mew=1.4)
-        bad = [p for p in pts if not p[3]]
-        if bad:
-            ax.plot([p[0] for p in bad], [p[1] for p in bad], ls="none", marker="o", ms=8, mfc="none",
-                    mec="black", mew=1.2)
-        drawn = True
+        if pts:
+            _draw_ticket_line(ax, ser, pts)
+            if kinds is not None:
+                kinds.update(p[4] for p in pts)
+            drawn = True
     ax.set_title(f"{regime.upper()}: {metric.upper()}", fontsize=10)
-    ax.set_xticks(range(len(xs)))
-    ax.set_xticklabels([common.fmt_sparsity(s) for s in xs], rotation=60, fontsize=7)
-    ax.set_xlim(-0.5, max(len(xs) - 0.5, 0.5))
+    style.sparsity_axis(ax, xs, numeric, common.fmt_sparsity)
     ax.grid(True, alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="grey")
     return drawn
+
+
+def _draw_dense(ax, ser, by_s, regime, metric, fig_name, panel, data_rows):
+    cell = by_s.get(0.0)
+    mean, std = cell.stat(metric)
+    if math.isnan(mean):
+        return False
+    ax.axhline(mean, color=ser.color, ls="--", lw=1.3, label=ser.name)
+    ax.axhspan(mean - std, mean + std, color=ser.color, alpha=0.12, lw=0)
+    data_rows.append(_figure_row(fig_name, panel, regime, metric, ser, 0.0, "", mean, std, cell))
+    return True
+
+
+def _draw_ticket_line(ax, ser, pts):
+    """The line with its band, a verdict marker at each level, and a ring around levels missing seeds.
+
+    ``pts``: (x, mean, std, complete, verdict kind) per level."""
+    x = [p[0] for p in pts]
+    ls = ":" if ser.kind == "random" else "-"
+    ax.plot(x, [p[1] for p in pts], ls=ls, lw=1.6, color=ser.color, label=ser.name)
+    ax.fill_between(x, [p[1] - p[2] for p in pts], [p[1] + p[2] for p in pts], color=ser.color, alpha=0.18, lw=0)
+    for kind in style.VERDICT_KINDS:
+        mine = [p for p in pts if p[4] == kind]
+        if mine:
+            ax.plot([p[0] for p in mine], [p[1] for p in mine], ls="none", zorder=3,
+                    **style.verdict_marker(kind, ser.color))
+    bad = [p for p in pts if not p[3]]
+    if bad:
+        ax.plot([p[0] for p in bad], [p[1] for p in bad], ls="none", marker="o", ms=9, mfc="none",
+                mec="black", mew=1.2)
 
 
 def _figure_row(fig_name, panel, regime, metric, ser, s, x, mean, std, cell, support=None):
@@ -149,16 +167,11 @@ def _has_incomplete(series_list):
     return any(not c.complete for ser in series_list for by_s in ser.cells.values() for c in by_s.values())
 
 
-def _has_uncertain(series_list, supports):
-    for ser in series_list:
-        sup = (supports or {}).get((ser.dataset, ser.data_rate, ser.pretrain, ser.method), {})
-        if ser.kind != "dense" and any(verdict.support_label(p) == "uncertain" for p in sup.values()):
-            return True
-    return False
+def draw_figure(out_dir, name, title, columns, supports=None, wins=None):
+    """``columns``: list of (column title, series list); rows are the (regime, metric) panels.
 
-
-def draw_figure(out_dir, name, title, columns, supports=None):
-    """``columns``: list of (column title, series list); rows are the (regime, metric) panels."""
+    ``supports`` / ``wins``: {(dataset, rate, pretrain, method): {level: support / double-win}} give
+    each ticket level its verdict marker (analysis/style.py)."""
     plt = common.use_agg()
     all_series = [s for _, ss in columns for s in ss]
     panels = _panels(all_series)
@@ -169,29 +182,27 @@ def draw_figure(out_dir, name, title, columns, supports=None):
     else:
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
         grid = [list(axes[i]) for i in range(nrow)]
-    data_rows = []
+    data_rows, kinds = [], set()
     for pi, (regime, metric) in enumerate(panels):
         for ci, (col_title, series_list) in enumerate(columns):
             ax = grid[pi][ci]
             panel = f"{regime}_{metric}" + (f"_{col_title}" if ncol > 1 else "")
             # one set of levels for every column, so data rates side by side line up
-            _draw_panel(ax, series_list, regime, metric, _levels(all_series), name, panel, data_rows, supports)
+            _draw_panel(ax, series_list, regime, metric, _levels(all_series), name, panel, data_rows,
+                        (supports, wins), kinds)
             if ncol > 1:
                 ax.set_title(f"{col_title} — {regime.upper()}: {metric.upper()}", fontsize=9)
             if ci == 0 or ncol == 1:
                 ax.set_ylabel("accuracy (%)", fontsize=9)
             ax.set_xlabel("sparsity (%)", fontsize=8)
     flat = [ax for row in grid for ax in row]
+    for handle in style.verdict_legend_handles(kinds):
+        flat[0].add_line(handle)
     if _has_incomplete(all_series):
         from matplotlib.lines import Line2D
 
         flat[0].add_line(Line2D([], [], ls="none", marker="o", ms=8, mfc="none", mec="black",
                                 label="fewer seeds (see warnings)"))
-    if _has_uncertain(all_series, supports):
-        from matplotlib.lines import Line2D
-
-        flat[0].add_line(Line2D([], [], ls="none", marker="o", ms=5, mfc="white", mec="black",
-                                label=f"uncertain double-win (support {verdict.CONTRADICTED}–{verdict.SUPPORTED})"))
     common.figure_legend(fig, flat)
     fig.suptitle(title, fontsize=11)
     height = fig.get_size_inches()[1]
@@ -205,24 +216,25 @@ def _rate_tag(rate):
     return f"rate{100 * rate:g}"
 
 
-def make_figures(cells, out_dir, supports=None):
+def make_figures(cells, out_dir, supports=None, wins=None):
+    """Every figure of the cells; ``supports`` / ``wins`` as in draw_figure. Returns the PNG paths."""
     paths = []
     ticket_keys = {k[:4] for k in cells if k[3] != DENSE}
 
     def dense_series(ds, rate, pre, color=None):
-        return _series(cells, ds, rate, pre, DENSE, "dense", color or common.pretrain_color(pre), f"{pre} dense")
+        return _series(cells, ds, rate, pre, DENSE, "dense", color or style.series_color(pre, DENSE), f"{pre} dense")
 
     def pretrain_columns(ds, rate, label):
         out = []
         pretrains = sorted({k[2] for k in ticket_keys if k[0] == ds and k[1] == rate and k[3] == label},
                            key=lambda p: common.order_key(p, common.PRETRAIN_ORDER))
         for pre in pretrains:
-            color = common.pretrain_color(pre)
-            main = _series(cells, ds, rate, pre, label, "random" if label == RANDOM else "ticket", color,
-                           f"{pre} {label}")
+            main = _series(cells, ds, rate, pre, label, "random" if label == RANDOM else "ticket",
+                           style.series_color(pre, label), f"{pre} {label}")
             out.append(main)
             if label != RANDOM and (ds, rate, pre, RANDOM) in ticket_keys:
-                out.append(_series(cells, ds, rate, pre, RANDOM, "random", color, f"{pre} rp"))
+                out.append(_series(cells, ds, rate, pre, RANDOM, "random", style.series_color(pre, RANDOM),
+                                   f"{pre} rp"))
             dense = dense_series(ds, rate, pre)
             if dense is not None:
                 out.append(dense)
@@ -242,7 +254,7 @@ def make_figures(cells, out_dir, supports=None):
                     continue
                 name = f"curves_{common.safe_name(ds)}_{_rate_tag(rate)}_{common.safe_name(label)}"
                 title = f"{ds}, {common.fmt_rate_percent(rate)} data, {label} tickets (mean ± std over seeds)"
-                paths.append(draw_figure(out_dir, name, title, [("", cols)], supports))
+                paths.append(draw_figure(out_dir, name, title, [("", cols)], supports, wins))
         # data rates side by side
         if len(rates) > 1:
             for label in main_labels:
@@ -251,7 +263,7 @@ def make_figures(cells, out_dir, supports=None):
                     continue
                 name = f"data_rate_{common.safe_name(ds)}_{common.safe_name(label)}"
                 title = f"{ds}: data rates, {label} tickets (mean ± std over seeds)"
-                paths.append(draw_figure(out_dir, name, title, columns, supports))
+                paths.append(draw_figure(out_dir, name, title, columns, supports, wins))
         # pruning methods of one pre-training
         for rate in rates:
             pretrains = sorted({k[2] for k in ticket_keys if k[0] == ds and k[1] == rate},
@@ -262,14 +274,19 @@ def make_figures(cells, out_dir, supports=None):
                 if len(labels) < 2:
                     continue
                 cols = [_series(cells, ds, rate, pre, lab, "random" if lab == RANDOM else "ticket",
-                                common.method_color(lab), _method_name(cells, lab)) for lab in labels]
+                                style.method_color(lab), _method_name(cells, lab)) for lab in labels]
                 dense = dense_series(ds, rate, pre, color="#000000")
                 if dense is not None:
                     cols.append(dense)
                 name = f"methods_{common.safe_name(ds)}_{_rate_tag(rate)}_{common.safe_name(pre)}"
                 title = f"{ds}, {common.fmt_rate_percent(rate)} data, {pre} pre-training: pruning methods"
-                paths.append(draw_figure(out_dir, name, title, [("", cols)], supports))
+                paths.append(draw_figure(out_dir, name, title, [("", cols)], supports, wins))
     return paths
+
+
+def level_wins(rows):
+    """{(dataset, rate, pretrain, label): {level: double-win by the rule}} of every judged level."""
+    return {(r["dataset"], float(r["data_rate"]), r["pretrain"], r["method"]): dict(r["wins"]) for r in rows}
 
 
 def _method_name(cells, label):
@@ -313,7 +330,7 @@ def analyse(dirs, out_dir, figures=True, expected=None, grid_base=None, mix_prot
                         "together anyway.")
     result.warnings.extend(f"runs of one group differ in their protocol (--mix-protocols): {c}." for c in conflicts)
     warnings = write_tables(result, out_dir)
-    paths = make_figures(result.cells, out_dir, level_supports(result.rows)) if figures else []
+    paths = make_figures(result.cells, out_dir, level_supports(result.rows), level_wins(result.rows)) if figures else []
     return result.rows, warnings, paths
 
 
