@@ -21,6 +21,7 @@ from training.chance import check_chance_level
 from training.downstream_args import (  # noqa: F401  (stage 2's command line, reached as main_downstream.NAME)
     FLAG_CONTEXT,
     FLAG_SCOPE,
+    MODEL_FILES,
     PAPER_DEFAULTS,
     build_parser,
     config_changes,
@@ -200,8 +201,8 @@ def report_finished(args, save_dir, dist_info):
         raise UserError(f"--save-dir '{save_dir}' holds a finished run (results.json), which --restart never "
                         "discards; choose another --save-dir.")
     check_finished_config(save_dir, args)
-    if not args.keep_checkpoint and dist_info.primary:  # left by a kill between results.json and its removal
-        (save_dir / "checkpoint.pt").unlink(missing_ok=True)
+    if dist_info.primary:  # files a kill between results.json and their removal left, or that a rerun no longer keeps
+        remove_after_results(args, save_dir)
     print_finished(save_dir)
     return 0
 
@@ -399,6 +400,15 @@ def test_selected(model, path, mask, data, args, precision, device):
                         "checkpoints are kept; inspect them, or rerun with --restart and a lower --lr.") from None
 
 
+def remove_after_results(args, save_dir):
+    """The retention policy, applied once results.json exists: the optimizer state is only needed to resume
+    (at grid scale it is terabytes), and under --keep-model none the selected models go too (at paper scale
+    ~95 MB a run, which no analysis but robustness and loss landscapes reads)."""
+    names = (() if args.keep_checkpoint else ("checkpoint.pt",)) + (MODEL_FILES if args.keep_model == "none" else ())
+    for name in names:
+        (save_dir / name).unlink(missing_ok=True)
+
+
 def precision_name(precision):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
 
@@ -438,12 +448,12 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
                            "train_seconds": total_seconds, "world_size": dist_info.world_size, **extra},
                           save_dir / "run_info.json")
         atomic_write_json(results, save_dir / "results.json")
-        if not args.keep_checkpoint:  # optimizer state is only needed to resume; at grid scale it is terabytes
-            (save_dir / "checkpoint.pt").unlink(missing_ok=True)
+        remove_after_results(args, save_dir)
         ra = "n/a" if results["ra"] is None else f"{results['ra']:.2f}"
+        kept = "" if args.keep_model == "best" else " (no model file kept: --keep-model none)"
         setup.log(f"done: {args.dataset} {args.regime} sparsity {results['sparsity']:.2f}% rate {args.data_rate} "
                   f"seed {args.seed}: SA {results['sa']:.2f}  RA {ra}  (epoch {results['selected_epoch']}, "
-                  f"{total_seconds / 60:.1f} min) -> {save_dir / 'results.json'}")
+                  f"{total_seconds / 60:.1f} min) -> {save_dir / 'results.json'}{kept}")
     return results
 
 

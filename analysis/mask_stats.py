@@ -318,7 +318,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("tickets", nargs="+", metavar="TICKET_DIR_OR_FILE")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    p.add_argument("--heatmap", default=None, metavar="TICKET", help="ticket file whose kernels to draw")
+    p.add_argument("--heatmap", default=None, metavar="TICKET", help="ticket file whose kernels to draw (default: none, no heatmap)")
     p.add_argument("--heatmap-width", type=int, default=2048,
                    help="most pixels per heatmap row; wider layers are binned (default 2048)")
     args = p.parse_args(argv)

@@ -5,6 +5,7 @@ ticket found in stage 1 always fits the model stage 2 builds from the same flags
 """
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -17,13 +18,44 @@ from utils.cli import class_list, fraction, label
 from utils.errors import Preempted, UserError
 from utils.rundir import lock_run_dir, prepare_run_dir, release_locks
 
+FOLDER_HELP = ("folder = your own image-folder tree: --data holds train/ and val/, each with one subfolder per "
+               "class (the same names in both); images are resized to --image-size and normalised with "
+               "ImageNet's statistics")
+# DataLoader processes per rank when --workers is not given (folder datasets only); fewer on a
+# machine with fewer CPUs, where more would only compete for them (PyTorch warns about it)
+DEFAULT_WORKERS = 4
 
-def add_common_args(p, datasets):
-    """Flags both entry points share (docs/contracts.md §4), with the seed repo's underscore aliases."""
-    p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
-    p.add_argument("--dataset", required=True, choices=datasets)
+
+def available_cpus():
+    """The CPUs this process may run on (its affinity mask, which SLURM and taskset set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers():
+    """DEFAULT_WORKERS, or the CPUs available to each of the node's processes (torchrun's
+    LOCAL_WORLD_SIZE) if that is fewer: at least 0 (loading in the main process)."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(DEFAULT_WORKERS, available_cpus() // ranks)
+
+
+def add_common_args(p, datasets, defaults=None):
+    """Flags both entry points share (docs/contracts.md §4), with the seed repo's underscore aliases.
+
+    ``defaults``: dest -> what the stage uses for a flag left unset (lr, weight_decay, batch_size,
+    alpha, attack_bn, pretrain), said in its --help."""
+    said = dict(defaults or {})
+
+    def text(dest, words):
+        return f"{words} (default: {said[dest]})" if dest in said else words
+
+    p.add_argument("--data", default=None, help="dataset root folder (default: none; needed by every --dataset but "
+                                                "digits, which comes with scikit-learn)")
+    p.add_argument("--dataset", required=True, choices=datasets, help=FOLDER_HELP if "folder" in datasets else None)
     p.add_argument("--classes", type=class_list, default=None,
-                   help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7)")
+                   help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7; default: all)")
     p.add_argument("--arch", default="resnet50", help="resnet18/34/50/101/152, wide_resnet50_2, resnet10, resnet_tiny")
     p.add_argument("--cifar-stem", "--cifar_stem", action="store_true",
                    help="3x3 stride-1 stem without max-pool, for native 32 px inputs")
@@ -31,23 +63,32 @@ def add_common_args(p, datasets):
                    help="keep a freshly initialised first conv instead of θ_p's (needed to put ImageNet "
                         "weights into a --cifar-stem model); the ticket's stem mask is then ignored")
     p.add_argument("--init", "--pretrained", dest="init", required=True,
-                   help="pre-trained weights θ_p (torchvision, robustness, fast_adversarial, seed or ours); "
-                        "'none' trains from random initialisation")
+                   help="pre-trained weights θ_p (torchvision, robustness, fast_adversarial, seed or ours; "
+                        "docs/checkpoints.md); 'none' trains from random initialisation")
     p.add_argument("--pretrain", type=label, default=None,
-                   help="label of the pre-training, e.g. std, fat, at (letters, digits, '.', '_', '-': it names folders)")
+                   help=text("pretrain", "label of the pre-training, e.g. std, fat, at (letters, digits, '.', "
+                                         "'_', '-': it names folders)"))
     p.add_argument("--image-size", "--image_size", type=int, default=None,
-                   help="input resolution (default: 224 for CIFAR/SVHN as in the paper, native for digits)")
-    p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"])
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", "--weight_decay", type=float, default=None)
-    p.add_argument("--batch-size", "--batch_size", type=int, default=None, help="global batch size over all GPUs")
-    p.add_argument("--eps", type=fraction, default=8 / 255, help="attack radius in [0,1] pixels, e.g. 8/255")
-    p.add_argument("--alpha", type=fraction, default=None, help="attack step size, e.g. 2/255")
+                   help="input resolution (default: 224 for CIFAR/SVHN as in the paper and for image folders, "
+                        "native for digits)")
+    p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"],
+                   help="training augmentation; auto = random-resized crop and flip when images are upsampled (the "
+                        "paper's 224 px) and for image folders, else pad-crop-flip (pad-crop for digits)")
+    p.add_argument("--lr", type=float, default=None, help=text("lr", "SGD learning rate"))
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", "--weight_decay", type=float, default=None,
+                   help=text("weight_decay", "SGD weight decay"))
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None,
+                   help=text("batch_size", "global batch size over all GPUs"))
+    p.add_argument("--eps", type=fraction, default=8 / 255,
+                   help="attack radius in [0,1] pixels, e.g. 8/255 (default: 8/255)")
+    p.add_argument("--alpha", type=fraction, default=None, help=text("alpha", "attack step size, e.g. 2/255"))
     p.add_argument("--attack-bn", "--attack_bn", choices=["train", "eval"], default="train",
-                   help="BatchNorm mode while crafting training attacks (the seed code used train)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--workers", type=int, default=4, help="loader processes (folder datasets only)")
+                   help=text("attack_bn", "BatchNorm mode while crafting training attacks (the seed code used train)"))
+    p.add_argument("--seed", type=int, default=1, help="seed of the run's randomness (initialisation, order, attacks)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"loader processes per GPU process (folder datasets only; default: {DEFAULT_WORKERS}, or the "
+                        f"CPUs available to each process if fewer: here {default_workers()})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA, off on CPU")

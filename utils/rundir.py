@@ -27,7 +27,8 @@ from utils.records import read_config
 # (--restart), when it gives up (--max-loss) or whether a result at chance level is kept
 # (--allow-chance), never what a finished run computes.
 NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "channels_last", "cudnn_benchmark",
-                               "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss", "allow_chance"})
+                               "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss", "allow_chance",
+                               "keep_model"})
 
 
 # Flags added after run directories already existed, with the default that reproduces what those

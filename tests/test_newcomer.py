@@ -1,0 +1,155 @@
+"""What a newcomer meets (issue 25): the retention policy for model files, the install's package list
+and entry points, a default in every --help, --help and --data on every shell script, and the
+adaptations a run makes to its request said once and recorded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main_downstream
+import models
+from study.grid import build_grid, check_flags, expand
+from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet_tiny", "--cifar-stem", "--no-progress", "--batch-size", "64", "--no-channels-last"]
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init") / "init.pt"
+    models.save_model_checkpoint(path, models.build_model("resnet_tiny", 10, cifar_stem=True))
+    return path
+
+
+def _digits_run(init, out, *extra):
+    argv = ["--dataset", "digits", "--init", init, "--pretrain", "std", "--regime", "st", "--epochs", "1",
+            "--test-steps", "0", "--save-dir", out, *TINY, *extra]
+    return main_downstream.main([str(a) for a in argv])
+
+
+# -- retention ---------------------------------------------------------------------------------------
+
+def test_keep_model_none_removes_the_model_files_once_results_exist_and_a_rerun_applies_it(init, tmp_path, capsys):
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    _digits_run(init, kept)
+    assert (kept / "model_best.pt").is_file() and not (kept / "checkpoint.pt").exists()
+    _digits_run(init, dropped, "--keep-model", "none")
+    assert "no model file kept" in capsys.readouterr().out
+    assert sorted(p.name for p in dropped.iterdir() if p.suffix == ".pt") == []
+    results = json.loads((dropped / "results.json").read_text())
+    assert results["config"]["keep_model"] == "none"
+    # the retention setting is not another run: a rerun of the finished run with the other setting is
+    # "already finished", and a rerun asking for none removes a model that an earlier run kept
+    _digits_run(init, dropped, "--keep-model", "best")
+    _digits_run(init, kept, "--keep-model", "none")
+    assert "already finished" in capsys.readouterr().out
+    assert not (kept / "model_best.pt").exists() and (kept / "results.json").is_file()
+
+
+def test_a_trajectory_without_its_centre_model_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="--keep-model best") as info:
+        main_downstream.parse_args(["--dataset", "digits", "--init", "none", "--save-dir", str(tmp_path / "r"),
+                                    "--save-trajectory", "--keep-model", "none"])
+    assert "\n" not in str(info.value)
+    proc = subprocess.run([sys.executable, str(REPO / "main_downstream.py"), "--dataset", "digits", "--init", "none",
+                           "--save-dir", str(tmp_path / "r"), "--keep-model", "last"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--keep-model" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def _grid(tmp_path, **flags):
+    spec = {"out": "runs", "pretrain": {"std": {"init": "none"}},
+            "axes": {"dataset": ["digits"], "regime": ["st"], "seed": [1, 2]},
+            "flags": {"arch": "resnet_tiny", "epochs": 1, **flags}}
+    return build_grid(spec, tmp_path, tmp_path / "grid.toml")
+
+
+def test_sweep_runs_keep_no_model_unless_the_grid_asks(tmp_path):
+    runs = expand(_grid(tmp_path))
+    assert [r.keep_model for r in runs] == ["none", "none"]
+    assert all(r.argv()[r.argv().index("--keep-model") + 1] == "none" for r in runs)
+    assert main_downstream.config_for(runs[0].argv())["keep_model"] == "none"
+    for spelling in ("keep_model", "keep-model"):
+        kept = expand(_grid(tmp_path, **{spelling: "best"}))
+        assert [r.keep_model for r in kept] == ["best", "best"]
+        assert main_downstream.config_for(kept[0].argv())["keep_model"] == "best"
+    # a figure that reads the trajectory needs the model it centres on
+    with pytest.raises(UserError, match='keep_model = "best"'):
+        check_flags(expand(_grid(tmp_path, save_trajectory=True)))
+    check_flags(expand(_grid(tmp_path, save_trajectory=True, keep_model="best")))
+    with pytest.raises(UserError, match="keep-model"):
+        check_flags(expand(_grid(tmp_path, keep_model="all")))
+
+
+def test_a_finished_sweep_run_is_not_stale_for_its_retention_setting():
+    old = main_downstream.config_for(["--dataset", "digits", "--init", "none", "--save-dir", "x"])
+    del old["keep_model"]  # a run made before the flag existed kept its model
+    new = main_downstream.config_for(["--dataset", "digits", "--init", "none", "--save-dir", "x",
+                                      "--keep-model", "none"])
+    assert main_downstream.config_changes(old, new) == []
+
+
+# -- help ----------------------------------------------------------------------------------------------
+
+CLIS = ["main_downstream.py", "main_imp_pretrain.py", "script/sweep.py", "script/demo.py",
+        *(f"analysis/{n}.py" for n in ("export_ticket", "loss_landscape", "plot_curves", "compare_verdicts",
+                                       "paper_vs_ours", "robustness", "mask_stats", "plot_companion")),
+        *(f"benchmarks/{n}.py" for n in ("bench_loader", "bench_step", "bench_eval_precision", "bench_inference",
+                                         "estimate_run"))]
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parser_of(path, monkeypatch):
+    """The ArgumentParser a command-line tool builds, caught as it parses (nothing runs)."""
+    import importlib.util
+
+    import utils.cli
+
+    caught = []
+
+    def catch(self, *args, **kwargs):
+        caught.append(self)
+        raise _Parsed
+
+    monkeypatch.setattr(utils.cli.ArgumentParser, "parse_args", catch)
+    spec = importlib.util.spec_from_file_location(f"cli_{Path(path).stem}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(_Parsed):
+        module.main([])
+    return caught[-1]
+
+
+@pytest.mark.parametrize("path", CLIS)
+def test_every_option_of_every_tool_says_its_default_in_help(path, monkeypatch):
+    import argparse
+
+    parser = _parser_of(path, monkeypatch)
+    formatter = parser._get_formatter()
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.nargs != 0 and not a.required and a.help is not argparse.SUPPRESS
+               and "default" not in formatter._get_help_string(a).lower()]
+    assert missing == [], f"{path}: --help states no default for {missing}"
+    text = parser.format_help()
+    assert "%(default)" not in text and "default: None" not in text
+
+
+def test_stage_help_names_the_defaults_a_newcomer_looks_for():
+    import main_imp_pretrain
+
+    text = " ".join(main_imp_pretrain.build_parser().format_help().split())
+    for needle in ("--lr LR SGD learning rate (default: 0.0005", "(default: 0.2)", "(default: 19)", "(default: 30)",
+                   "(default: 2048)", "(default: 8/255)", "(default: eps/4)", "(default: resnet50)", "(default: 1)",
+                   "(default: 3)", "folder = your own image-folder tree"):
+        assert needle in text, needle
+    text = " ".join(main_downstream.build_parser().format_help().split())
+    assert "Default: best for a direct run; runs launched by script/sweep.py get none" in text
+    assert "(default: per regime and dataset, listed below)" in text
