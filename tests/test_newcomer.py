@@ -3,6 +3,7 @@ and entry points, a default in every --help, --help and --data on every shell sc
 adaptations a run makes to its request said once and recorded."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,80 @@ def test_stage_help_names_the_defaults_a_newcomer_looks_for():
     text = " ".join(main_downstream.build_parser().format_help().split())
     assert "Default: best for a direct run; runs launched by script/sweep.py get none" in text
     assert "(default: per regime and dataset, listed below)" in text
+
+
+# -- shell scripts ----------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("script/*.sh"), *REPO.glob("script/*/*.sh")])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_shell_script_answers_help(script):
+    proc = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "#" not in proc.stdout.splitlines()[0]
+    if script != "script/_launch.sh":
+        assert "usage:" in proc.stdout
+
+
+def test_demo_help_states_the_seeds_the_demo_runs():
+    sys.path.insert(0, str(REPO / "script"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(REPO / "script"))
+    proc = subprocess.run(["bash", "script/demo.sh", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable})
+    text = " ".join(proc.stdout.split())
+    assert f"{len(demo.settings(False)['seeds'])} seeds each (one with --quick)" in text
+    assert len(demo.settings(True)["seeds"]) == 1
+
+
+def _recording_python(tmp_path):
+    """A PYTHON for the scripts that records the entry point's argv instead of running it."""
+    record = tmp_path / "argv.json"
+    fake = tmp_path / "fakepython"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'if [ "$1" = "-c" ]; then echo 0; exit 0; fi\n'
+                    f"'{sys.executable}' -c 'import json,sys; json.dump(sys.argv[2:], open(\"{record}\", \"w\"))' \"$@\"\n")
+    fake.chmod(0o755)
+    return fake, record
+
+
+@pytest.mark.parametrize("env, extra, used, said", [
+    ({}, ["--data", "/mine"], "/mine", "from --data"),
+    ({"DATA_DIR": "/env"}, [], "/env", "from the environment variable DATA_DIR"),
+    ({"DATA_DIR": "/env"}, ["--data=/mine"], "/mine", "from --data"),
+    ({}, [], "data", "the default; pass --data DIR"),
+])
+def test_stage2_scripts_take_data_as_a_flag_and_say_which_folder_they_use(tmp_path, env, extra, used, said):
+    fake, record = _recording_python(tmp_path)
+    base = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
+    proc = subprocess.run(["bash", "script/train_downstream/adv_svhn.sh", "INIT.pt", str(tmp_path / "r"), "none",
+                           *extra], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**base, **env, "PYTHON": str(fake), "PRETRAIN": "std"})
+    assert proc.returncode == 0, proc.stderr
+    assert said in proc.stderr and proc.stderr.count("data:") == 1
+    argv = json.loads(record.read_text())
+    given = [a.split("=", 1)[1] if a.startswith("--data=") else argv[i + 1]
+             for i, a in enumerate(argv) if a == "--data" or a.startswith("--data=")]
+    assert given[-1] == used
+
+
+def test_stage1_scripts_take_data_as_a_flag_or_the_older_third_argument(tmp_path):
+    fake, record = _recording_python(tmp_path)
+    env = {**os.environ, "PYTHON": str(fake), "PRETRAIN": "at", "NGPU": "1"}
+    for args in (["--data", "/imagenet", "--rounds", "2"], ["/imagenet", "--rounds", "2"]):
+        proc = subprocess.run(["bash", "script/imp_pretrain/imp_adv.sh", "INIT.pt", str(tmp_path / "s"), *args],
+                              capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+        assert proc.returncode == 0 and "data: /imagenet" in proc.stderr, proc.stderr
+        argv = json.loads(record.read_text())
+        assert argv[argv.index("--data") + 1] == "/imagenet"
+        assert argv[len(argv) - argv[::-1].index("--rounds")] == "2"  # the last one, which argparse keeps
+        assert int(argv[argv.index("--workers") + 1]) <= len(os.sched_getaffinity(0))
+    record.unlink()
+    proc = subprocess.run(["bash", "script/imp_pretrain/imp_adv.sh", "INIT.pt", str(tmp_path / "s"), "--rounds", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+    assert proc.returncode == 2 and "--data DIR" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not record.exists()
