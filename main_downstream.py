@@ -26,6 +26,7 @@ from training.downstream_args import (  # noqa: F401  (stage 2's command line, r
     build_parser,
     config_changes,
     config_for,
+    first_validated_epoch,
     flag_applies,
     parse_args,
     resolve_defaults,
@@ -157,13 +158,15 @@ def run(args, stop):
     save_dir = Path(args.save_dir)
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed + dist_info.rank)
-    resolve_defaults(args)
+    notes = resolve_defaults(args)
     Precision.resolve(args.eval_amp, dist_info.device)  # a test precision the device lacks fails now, not after training
     setup.claim_dir(save_dir, dist_info)  # finished, resumed or new is decided under the lock
     if os.path.lexists(save_dir / "results.json"):
         return report_finished(args, save_dir, dist_info)
+    for note in notes:
+        setup.log(f"note: {note}")
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
-                            val_size=args.val_size)
+                            val_size=args.val_size, notes=notes)
     if data.val is None:
         raise UserError("model selection needs a validation split; set --val-size to a positive number.")
 
@@ -189,8 +192,8 @@ def run(args, stop):
                             loss_guard=LossGuard.for_classes(args.max_loss, data.num_classes)).run()
     state = policy.state(progress)
     chance = check_chance_level(args, state, data.num_classes, kept_state_text(save_dir, state))
-    finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
-           dist_info, chance)
+    finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision,
+           {**init_info, "adaptations": notes}, save_dir, dist_info, chance)
     du.cleanup()
     return 0
 
@@ -292,7 +295,7 @@ class FineTuning(Policy):
                "val_sa": None, "val_ra": None}
         if self.guard_batch is not None and self._guard_fired(epoch):
             return None
-        if epoch >= args.eval_from or epoch == args.epochs - 1:
+        if epoch >= first_validated_epoch(args):
             self._validate(progress, row)
         # an epoch resumed mid-way counts the seconds spent before the interruption too
         row["seconds"] = time.perf_counter() - self.t0 + self.carried_seconds
@@ -436,7 +439,8 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
         "history": state["history"],
         # the top-level keys are the contract (docs/contracts.md §3); what was resolved at run time (the
         # first validated epoch, the subset rule, the precisions) is recorded in the config
-        "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": args.eval_from,
+        "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": first_validated_epoch(args),
+                   "val_images": len(data.val_indices),
                    "precision": {"train": precision_name(precision), "validation": precision_name(precision),
                                  "test": precision_name(test_precision)}, **chance},
         "git": git_commit(),
@@ -444,6 +448,7 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
     if dist_info.primary:
         # details beyond the results contract (docs/contracts.md §3) go beside it
         atomic_write_json({"init_format": init_info.get("format"), "dropped_head": init_info.get("dropped_head"),
+                           "adaptations": init_info.get("adaptations", []),
                            "test_images": test["n"], "stopped_early": state["stopped"],
                            "train_seconds": total_seconds, "world_size": dist_info.world_size, **extra},
                           save_dir / "run_info.json")

@@ -394,9 +394,7 @@ def run_config(args):
 
 
 def check_head(args, data, init_info):
-    if init_info.get("dropped_head"):
-        setup.log(f"note: θ_p's head does not fit the {data.num_classes} classes of --dataset {args.dataset}; "
-                  "a new head is initialised (the head is never pruned)")
+    if init_info.get("dropped_head"):  # setup.build_model has said so (the head is never pruned)
         if args.method == "lmp":
             raise UserError(f"LMP keeps θ_p frozen, head included, but θ_p's head does not fit the "
                             f"{data.num_classes} classes of --dataset {args.dataset}; pass a θ_p trained on "

@@ -231,3 +231,50 @@ def test_stage1_scripts_take_data_as_a_flag_or_the_older_third_argument(tmp_path
                           capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
     assert proc.returncode == 2 and "--data DIR" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not record.exists()
+
+
+# -- adaptations said once and recorded --------------------------------------------------------------------
+
+def test_a_small_validation_split_a_late_eval_from_and_the_checkpoint_format_are_said_once_and_recorded(
+        tmp_path, init, capsys):
+    from tests.fixtures import write_cifar10
+
+    write_cifar10(tmp_path / "data", per_batch=40, n_test=20)  # 200 training images
+    out = tmp_path / "run"
+    main_downstream.main([str(a) for a in [
+        "--data", tmp_path / "data", "--dataset", "cifar10", "--init", init, "--pretrain", "at", "--regime", "at",
+        "--epochs", "1", "--train-steps", "1", "--test-steps", "1", "--image-size", "32", "--save-dir", out,
+        *TINY, "--allow-chance"]])  # random images: chance level by design
+    lines = capsys.readouterr().out.splitlines()
+    said = {key: [ln for ln in lines if key in ln] for key in ("validation holds out 20 training images",
+                                                              "first validated epoch, 45, is past the last",
+                                                              "read as a double-win checkpoint; head replaced")}
+    assert all(len(found) == 1 for found in said.values()), said
+    info = json.loads((out / "run_info.json").read_text())
+    assert len(info["adaptations"]) == 2 and info["init_format"] == "double-win" and info["dropped_head"] is True
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["eval_from"] == 0 and config["val_images"] == 20  # what was used, not what the protocol says
+
+
+def test_an_eval_from_past_the_last_epoch_is_refused_when_given():
+    base = ["--dataset", "cifar10", "--init", "none", "--regime", "at", "--save-dir", "x", "--epochs", "10"]
+    with pytest.raises(UserError, match="choose 9 or less"):
+        main_downstream.resolve_defaults(main_downstream.parse_args([*base, "--eval-from", "10"]))
+    assert main_downstream.resolve_defaults(main_downstream.parse_args([*base, "--eval-from", "9"])) == []
+    notes = main_downstream.resolve_defaults(main_downstream.parse_args(base))
+    assert len(notes) == 1 and "only the last epoch (9)" in notes[0]
+
+
+def test_default_workers_never_exceed_the_cpus_of_the_process(monkeypatch):
+    from training import setup
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert setup.default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert setup.default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert setup.default_workers() == setup.DEFAULT_WORKERS
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    parser = main_downstream.build_parser()
+    assert parser.get_default("workers") == setup.DEFAULT_WORKERS
+    assert "here 4" in " ".join(parser.format_help().split())

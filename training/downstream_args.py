@@ -76,7 +76,8 @@ def build_parser():
     p.add_argument("--schedule", choices=["step", "cosine"], default=None,
                    help="lr schedule (default: step at --milestones; cosine for SVHN adversarial training)")
     p.add_argument("--val-size", "--val_size", type=int, default=None,
-                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN)")
+                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN; 10%% of "
+                        "a training split under 50,000 images, with a note)")
     p.add_argument("--train-steps", "--train_steps", "--train_step", type=int, default=10,
                    help="PGD steps of adversarial training")
     # the seed repo's names for the training attack's radius and step (same as --eps / --alpha)
@@ -90,8 +91,9 @@ def build_parser():
     p.add_argument("--test-alpha", "--test_alpha", "--test_gamma", dest="test_alpha", type=fraction, default=None,
                    help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default: the test radius / 4, 2/255 at 8/255)")
     p.add_argument("--eval-from", "--eval_from", type=int, default=None,
-                   help="validate (and select) from this epoch on; default per protocol: 45 for CIFAR at, "
-                        "0 otherwise (SVHN at, fat, st)")
+                   help="validate (and select) from this epoch on, counted from 0 (default per protocol: 45 for "
+                        "CIFAR at, 0 otherwise; a protocol value past the last epoch becomes the last epoch, with a "
+                        "note; a given one past it is refused)")
     p.add_argument("--eval-amp", "--eval_amp", choices=["off", "bf16", "fp16"], default="off",
                    help="precision of the reported test SA/RA (default off = fp32; validation uses --amp)")
     p.add_argument("--max-loss", "--max_loss", type=float, default=None,
@@ -175,7 +177,10 @@ def flag_applies(dest, **context):
 
 
 def resolve_defaults(args, n_train_full=None):
-    """Fill unset flags from the paper's protocol for this regime and dataset."""
+    """Fill unset flags from the paper's protocol for this regime and dataset. Returns the adaptations
+    made to the request (sentences), which the run says and records."""
+    notes = []
+    eval_from_given = args.eval_from is not None
     defaults = dict(PAPER_DEFAULTS[args.regime])
     if args.dataset == "svhn" and args.regime in ("at", "fat"):
         svhn = dict(SVHN_ADVERSARIAL)
@@ -203,12 +208,24 @@ def resolve_defaults(args, n_train_full=None):
         args.eval_from = EVAL_FROM_ADVERSARIAL.get(args.dataset, 0) if args.regime == "at" else 0
     if args.eval_from < 0:
         raise UserError(f"--eval-from must be 0 or more, not {args.eval_from}.")
+    if args.eval_from > args.epochs - 1:
+        if eval_from_given:
+            raise UserError(f"--eval-from {args.eval_from} is past the last epoch: --epochs {args.epochs} trains "
+                            f"epochs 0 to {args.epochs - 1}; choose {args.epochs - 1} or less.")
+        notes.append(f"the protocol's first validated epoch, {args.eval_from}, is past the last of --epochs "
+                     f"{args.epochs}, so only the last epoch ({args.epochs - 1}) is validated and selected")
     if args.max_loss is not None and not args.max_loss > 0:
         raise UserError(f"--max-loss must be a positive number, not {args.max_loss}.")
     if not args.checkpoint_minutes >= 0:
         raise UserError(f"--checkpoint-minutes must be 0 or more, not {args.checkpoint_minutes}.")
     if args.subset_seed < 0:
         raise UserError(f"--subset-seed must be 0 or more, not {args.subset_seed}.")
+    return notes
+
+
+def first_validated_epoch(args):
+    """The epoch selection starts at: --eval-from, or the last epoch when the protocol's is past it."""
+    return min(args.eval_from, args.epochs - 1)
 
 
 def run_config(args, ticket):

@@ -12,6 +12,7 @@ import torch
 
 import dataset
 import models
+from data_loading.splits import val_size_note
 from training.engine import Precision
 from utils import distributed as du
 from utils.cli import class_list, fraction, label
@@ -143,18 +144,32 @@ def default_image_size(name):
     return {"cifar10": 224, "cifar100": 224, "svhn": 224, "imagenet": 224, "folder": 224}.get(name)
 
 
-def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None):
+def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None, notes=None):
+    """The stage's data; a default validation split smaller than the paper's is said once (and added
+    to ``notes``, the run's adaptations, when given)."""
     per_rank = batch_size // dist_info.world_size
     if per_rank < 1 or batch_size % dist_info.world_size:
         raise UserError(f"--batch-size {batch_size} is the global batch and must be a multiple of the "
                         f"{dist_info.world_size} processes.")
     image_size = args.image_size if args.image_size is not None else default_image_size(args.dataset)
-    return dataset.build_data(
+    data = dataset.build_data(
         args.dataset, args.data, image_size=image_size, batch_size=per_rank, eval_batch_size=max(per_rank, 64),
         val_size=val_size, data_rate=data_rate, seed=args.seed, device=dist_info.device, workers=args.workers,
         augment=args.augment, classes=args.classes, rank=dist_info.rank, world_size=dist_info.world_size,
         channels_last=bool(args.channels_last), subset=getattr(args, "subset", "random"),
         subset_seed=getattr(args, "subset_seed", 0))
+    note = val_size_note(len(data.val_indices), val_size)
+    if note is not None:
+        adapted(note, notes)
+    return data
+
+
+def adapted(text, notes=None):
+    """An adaptation the run makes to what was asked: said once, in one line, and added to ``notes``
+    (which the stage records in run_info.json)."""
+    log(f"note: {text}")
+    if notes is not None:
+        notes.append(text)
 
 
 def build_model(args, data, device, load_head):
@@ -163,6 +178,11 @@ def build_model(args, data, device, load_head):
     info = {"format": None, "dropped_head": None}
     if str(args.init).lower() != "none":
         info = models.load_pretrained(model, args.init, load_head=load_head, load_stem=not args.reinit_stem)
+        head = (f"replaced by a new {data.num_classes}-class head" + (
+            "" if load_head is False else f" (θ_p's does not fit the {data.num_classes} classes)")
+                if info["dropped_head"] else "loaded with it")
+        stem = "; the stem is freshly initialised (--reinit-stem)" if info.get("dropped_stem") else ""
+        log(f"θ_p: '{args.init}' read as a {info['format']} checkpoint; head {head}{stem}")
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
