@@ -278,3 +278,61 @@ def test_default_workers_never_exceed_the_cpus_of_the_process(monkeypatch):
     parser = main_downstream.build_parser()
     assert parser.get_default("workers") == setup.DEFAULT_WORKERS
     assert "here 4" in " ".join(parser.format_help().split())
+
+
+# -- install -------------------------------------------------------------------------------------------------
+
+def _pyproject():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_the_install_lists_every_top_level_module_and_package_and_its_commands_resolve():
+    spec = _pyproject()
+    setuptools = spec["tool"]["setuptools"]
+    modules = {p.stem for p in REPO.glob("*.py")}
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()} - {"tests", "benchmarks"}
+    assert set(setuptools["py-modules"]) == modules
+    assert set(setuptools["packages"]) == packages | {"double_win_script"}
+    assert setuptools["package-dir"] == {"double_win_script": "script"}
+    sys.path.insert(0, str(REPO / "script"))
+    try:
+        import entry
+    finally:
+        sys.path.remove(str(REPO / "script"))
+    scripts = spec["project"]["scripts"]
+    assert set(scripts) == set(entry.COMMANDS)
+    for command, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "double_win_script.entry" and callable(getattr(entry, function)), command
+        assert callable(entry._module(entry.COMMANDS[command]).main), command
+    # a user mistake through a command is the tool's one line and exit status 2
+    with pytest.raises(SystemExit) as info:
+        entry.run("dwl-transfer", ["--dataset", "digits", "--init", "none", "--save-dir", "x", "--eps", "bad"])
+    assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_a_built_wheel_holds_the_layout_and_the_commands(tmp_path):
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the clone
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
+                                                                ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("double_win_lth-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    setuptools = _pyproject()["tool"]["setuptools"]
+    assert {f"{m}.py" for m in setuptools["py-modules"]} | set(setuptools["packages"]) <= tops
+    assert not {"tests", "benchmarks", "script"} & tops
+    assert {"analysis/paper_numbers.toml", "double_win_script/grids/fig3.toml",
+            "double_win_script/train_downstream/std.sh", "double_win_script/_launch.sh"} <= set(names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for command in _pyproject()["project"]["scripts"]:
+        assert f"{command} = double_win_script.entry:" in entry_points
