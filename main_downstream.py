@@ -21,10 +21,12 @@ from training.chance import check_chance_level
 from training.downstream_args import (  # noqa: F401  (stage 2's command line, reached as main_downstream.NAME)
     FLAG_CONTEXT,
     FLAG_SCOPE,
+    MODEL_FILES,
     PAPER_DEFAULTS,
     build_parser,
     config_changes,
     config_for,
+    first_validated_epoch,
     flag_applies,
     parse_args,
     resolve_defaults,
@@ -156,13 +158,15 @@ def run(args, stop):
     save_dir = Path(args.save_dir)
     precision = setup.resolve_precision(args, dist_info.device)
     seed_everything(args.seed + dist_info.rank)
-    resolve_defaults(args)
+    notes = resolve_defaults(args)
     Precision.resolve(args.eval_amp, dist_info.device)  # a test precision the device lacks fails now, not after training
     setup.claim_dir(save_dir, dist_info)  # finished, resumed or new is decided under the lock
     if os.path.lexists(save_dir / "results.json"):
         return report_finished(args, save_dir, dist_info)
+    for note in notes:
+        setup.log(f"note: {note}")
     data = setup.build_data(args, dist_info, batch_size=args.batch_size, data_rate=args.data_rate,
-                            val_size=args.val_size)
+                            val_size=args.val_size, notes=notes)
     if data.val is None:
         raise UserError("model selection needs a validation split; set --val-size to a positive number.")
 
@@ -189,8 +193,8 @@ def run(args, stop):
                             tensorboard=args.tensorboard).run()
     state = policy.state(progress)
     chance = check_chance_level(args, state, data.num_classes, kept_state_text(save_dir, state))
-    finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision, init_info, save_dir,
-           dist_info, chance)
+    finish(args, model, mask, ticket, data, policy.state(progress), policy.selection, precision,
+           {**init_info, "adaptations": notes}, save_dir, dist_info, chance)
     du.cleanup()
     return 0
 
@@ -201,8 +205,8 @@ def report_finished(args, save_dir, dist_info):
         raise UserError(f"--save-dir '{save_dir}' holds a finished run (results.json), which --restart never "
                         "discards; choose another --save-dir.")
     check_finished_config(save_dir, args)
-    if not args.keep_checkpoint and dist_info.primary:  # left by a kill between results.json and its removal
-        (save_dir / "checkpoint.pt").unlink(missing_ok=True)
+    if dist_info.primary:  # files a kill between results.json and their removal left, or that a rerun no longer keeps
+        remove_after_results(args, save_dir)
     print_finished(save_dir)
     return 0
 
@@ -292,7 +296,7 @@ class FineTuning(Policy):
                "val_sa": None, "val_ra": None}
         if self.guard_batch is not None and self._guard_fired(epoch):
             return None
-        if epoch >= args.eval_from or epoch == args.epochs - 1:
+        if epoch >= first_validated_epoch(args):
             self._validate(progress, row)
         # an epoch resumed mid-way counts the seconds spent before the interruption too
         row["seconds"] = time.perf_counter() - self.t0 + self.carried_seconds
@@ -400,6 +404,15 @@ def test_selected(model, path, mask, data, args, precision, device):
                         "checkpoints are kept; inspect them, or rerun with --restart and a lower --lr.") from None
 
 
+def remove_after_results(args, save_dir):
+    """The retention policy, applied once results.json exists: the optimizer state is only needed to resume
+    (at grid scale it is terabytes), and under --keep-model none the selected models go too (at paper scale
+    ~95 MB a run, which no analysis but robustness and loss landscapes reads)."""
+    names = (() if args.keep_checkpoint else ("checkpoint.pt",)) + (MODEL_FILES if args.keep_model == "none" else ())
+    for name in names:
+        (save_dir / name).unlink(missing_ok=True)
+
+
 def precision_name(precision):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
 
@@ -427,7 +440,8 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
         "history": state["history"],
         # the top-level keys are the contract (docs/contracts.md §3); what was resolved at run time (the
         # first validated epoch, the subset rule, the precisions) is recorded in the config
-        "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": args.eval_from,
+        "config": {**run_config(args, ticket), **subset_record(args, data), "eval_from": first_validated_epoch(args),
+                   "val_images": len(data.val_indices),
                    "precision": {"train": precision_name(precision), "validation": precision_name(precision),
                                  "test": precision_name(test_precision)}, **chance},
         "git": git_commit(),
@@ -436,18 +450,19 @@ def finish(args, model, mask, ticket, data, state, selection, precision, init_in
         # details beyond the results contract (docs/contracts.md §3) go beside it
         atomic_write_json({"init_format": init_info.get("format"), "dropped_head": init_info.get("dropped_head"),
                            "init_normalization": init_info.get("file_normalization"),
+                           "adaptations": init_info.get("adaptations", []),
                            "test_images": test["n"], "stopped_early": state["stopped"],
                            "train_seconds": total_seconds, "world_size": dist_info.world_size, **extra},
                           save_dir / "run_info.json")
         if args.tensorboard:
             tensorboard.write_test(save_dir, max(results["selected_epoch"], 0), results["sa"], results["ra"])
         atomic_write_json(results, save_dir / "results.json")
-        if not args.keep_checkpoint:  # optimizer state is only needed to resume; at grid scale it is terabytes
-            (save_dir / "checkpoint.pt").unlink(missing_ok=True)
+        remove_after_results(args, save_dir)
         ra = "n/a" if results["ra"] is None else f"{results['ra']:.2f}"
+        kept = "" if args.keep_model == "best" else " (no model file kept: --keep-model none)"
         setup.log(f"done: {args.dataset} {args.regime} sparsity {results['sparsity']:.2f}% rate {args.data_rate} "
                   f"seed {args.seed}: SA {results['sa']:.2f}  RA {ra}  (epoch {results['selected_epoch']}, "
-                  f"{total_seconds / 60:.1f} min) -> {save_dir / 'results.json'}")
+                  f"{total_seconds / 60:.1f} min) -> {save_dir / 'results.json'}{kept}")
     return results
 
 

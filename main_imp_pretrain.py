@@ -39,7 +39,11 @@ LOG_FIELDS = ["round", "epoch", "lr", "train_loss", "train_acc", "sparsity", "se
 def build_parser():
     # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
     p = ArgumentParser(prog=Path(__file__).name, description=__doc__)
-    setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
+    setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"), defaults={
+        "lr": f"{PAPER_DEFAULTS['lr']:g}, the paper's IMP; {lmp.DEFAULT_LR:g} for --method lmp",
+        "weight_decay": f"{PAPER_DEFAULTS['weight_decay']:g}", "batch_size": str(PAPER_DEFAULTS["batch_size"]),
+        "alpha": "eps/4", "attack_bn": "train; LMP always crafts its attacks in eval mode",
+        "pretrain": "'unknown', which analysis/plot_curves.py pairs with no dense baseline"})
     p.add_argument("--method", choices=["imp", "omp", "rp", "lmp"], default="imp",
                    help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, docs/stage1.md §2)")
     p.add_argument("--retrain", choices=["st", "at"], default="st",
@@ -51,9 +55,10 @@ def build_parser():
                    help="LMP scores from θ_p: scaled (HYDRA: |w| / max|w| * sqrt(6 / fan_in) per layer) or "
                         "magnitude (|w|; untrained scores give OMP's mask)")
     p.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
-    p.add_argument("--rounds", "--pruning_times", type=int, default=19)
+    p.add_argument("--rounds", "--pruning_times", type=int, default=19, help="sparsity levels (IMP rounds)")
     p.add_argument("--epochs-per-round", "--epochs_per_round", "--prune-epoch", "--prune_epoch",
-                   dest="epochs_per_round", type=int, default=30)
+                   dest="epochs_per_round", type=int, default=30,
+                   help="IMP re-training epochs between rounds; LMP score-training epochs per level")
     p.add_argument("--attack-steps", "--attack_steps", type=int, default=3, help="PGD steps of adversarial re-training")
     p.add_argument("--exclude-stem", action="store_true", help="never prune the first convolution")
     p.add_argument("--layerwise", action="store_true", help="prune each layer by the rate instead of globally")
@@ -393,9 +398,7 @@ def run_config(args):
 
 
 def check_head(args, data, init_info):
-    if init_info.get("dropped_head"):
-        setup.log(f"note: θ_p's head does not fit the {data.num_classes} classes of --dataset {args.dataset}; "
-                  "a new head is initialised (the head is never pruned)")
+    if init_info.get("dropped_head"):  # setup.build_model has said so (the head is never pruned)
         if args.method == "lmp":
             raise UserError(f"LMP keeps θ_p frozen, head included, but θ_p's head does not fit the "
                             f"{data.num_classes} classes of --dataset {args.dataset}; pass a θ_p trained on "

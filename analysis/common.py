@@ -221,8 +221,9 @@ def load_run_model(run_dir, config, data, device, checkpoint="model_best.pt"):
 
     path = Path(run_dir) / checkpoint
     if not path.is_file():
-        raise UserError(f"'{path}' does not exist; pass a finished run directory of main_downstream.py "
-                        "(it writes model_best.pt).")
+        raise UserError(f"'{path}' does not exist; pass a finished run directory of main_downstream.py made with "
+                        "--keep-model best (a sweep's runs keep no model unless the grid's [flags] say keep_model = "
+                        "\"best\").")
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "double-win-model":
         raise UserError(f"'{path}' is not a double-win-model checkpoint; pass a run directory of main_downstream.py.")

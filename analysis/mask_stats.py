@@ -327,7 +327,7 @@ def parse_args(argv=None):
     p.add_argument("tickets", nargs="+", metavar="TICKET_DIR_OR_FILE")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
     p.add_argument("--heatmap", action="append", default=None, metavar="TICKET",
-                   help="ticket file whose kernels to draw (repeatable: one heatmap per ticket)")
+                   help="ticket file whose kernels to draw (repeatable: one heatmap per ticket; default: none)")
     p.add_argument("--heatmap-width", type=int, default=2048,
                    help="most pixels per heatmap row; wider layers are binned (default 2048)")
     args = p.parse_args(argv)

@@ -562,7 +562,7 @@ def parse_args(argv=None):
                    help="where to write the Markdown (default: ANALYSIS_OUT_DIR/paper_vs_ours.md)")
     p.add_argument("--figure", action="append", default=None, metavar="FIGURE",
                    help="only this figure's table, as [figures] names it (e.g. \"Fig. 4\") or by its grid file's "
-                        "name (fig4); repeatable")
+                        "name (fig4); repeatable (default: every figure)")
     return p.parse_args(argv)
 
 

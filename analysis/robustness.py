@@ -44,7 +44,9 @@ def find_run_dirs(items):
             raise UserError(f"run directory '{p}' does not exist; pass --save-dir folders of main_downstream.py.")
         found = [p] if (p / "model_best.pt").is_file() else sorted(f.parent for f in p.rglob("model_best.pt"))
         if not found:
-            raise UserError(f"no model_best.pt in or below '{p}'; pass finished runs of main_downstream.py.")
+            raise UserError(f"no model_best.pt in or below '{p}'; pass finished runs of main_downstream.py made with "
+                            "--keep-model best (a sweep's runs keep none unless the grid's [flags] say keep_model = "
+                            "\"best\").")
         runs.extend(found)
     unique = []
     for r in runs:
@@ -176,11 +178,13 @@ def parse_args(argv=None):
     p.add_argument("--autoattack", action="store_true", help="also run AutoAttack")
     p.add_argument("--autoattack-version", default="standard", choices=["standard", "plus", "rand"])
     p.add_argument("--autoattack-attacks", default=None,
-                   help="comma-separated AutoAttack parts replacing the version's list, e.g. apgd-ce,apgd-t")
+                   help="comma-separated AutoAttack parts replacing the version's list, e.g. apgd-ce,apgd-t (default: the version's own)")
     p.add_argument("--autoattack-steps", type=int, default=100)
     p.add_argument("--transfer-source", default=None, metavar="PATH",
-                   help="robust model crafting the transfer attack (same classes as the runs)")
-    p.add_argument("--transfer-arch", default=None, help="its architecture (read from the file when ours)")
+                   help="robust model crafting the transfer attack (same classes as the runs; default: none, no transfer "
+                        "attack)")
+    p.add_argument("--transfer-arch", default=None,
+                   help="its architecture (default: read from the file, as this project's model files record it)")
     p.add_argument("--transfer-cifar-stem", action="store_true", help="the source uses the 3x3 CIFAR stem")
     p.add_argument("--transfer-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

@@ -38,21 +38,22 @@ from utils.errors import UserError  # noqa: E402
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="digits", choices=["cifar10", "cifar100", "svhn", "digits", "folder"])
-    p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
-    p.add_argument("--classes", type=class_list, default=None)
+    p.add_argument("--data", default=None, help="dataset root folder (default: none; needed by every dataset but digits)")
+    p.add_argument("--classes", type=class_list, default=None, help="only these classes, e.g. 0-4 (default: all)")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--cifar-stem", action="store_true")
-    p.add_argument("--image-size", type=_common.positive_int, default=None)
+    p.add_argument("--image-size", type=_common.positive_int, default=None,
+                   help="input resolution (default: 224, native for digits)")
     p.add_argument("--init", required=True, help="a fine-tuned model whose head fits the dataset (model_best.pt)")
-    p.add_argument("--ticket", default=None, help="apply this ticket's masks before evaluating")
+    p.add_argument("--ticket", default=None, help="apply this ticket's masks before evaluating (default: none)")
     p.add_argument("--num-images", type=_common.positive_int, default=2000, help="test images evaluated")
     p.add_argument("--batch-size", type=_common.positive_int, default=256)
-    p.add_argument("--eps", type=fraction, default=8 / 255)
+    p.add_argument("--eps", type=fraction, default=8 / 255, help="PGD radius (default: 8/255)")
     p.add_argument("--alpha", type=fraction, default=None, help="PGD step (default eps / 4)")
     p.add_argument("--steps", type=_common.positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="write the record here")
+    p.add_argument("--json", default=None, help="write the record here (default: print only)")
     return p
 
 

@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--unstructured-sparsities", type=int_list, default=[90],
                    help="percent of conv weights masked (global magnitude), one variant each")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_common.positive_int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=_common.positive_int, default=None, help="CPU threads (torch.set_num_threads; default: PyTorch's own)")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="auto = fp16 on CUDA (the 2:4 kernels' type, used by every variant alike), fp32 on the CPU")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=True,
@@ -62,7 +62,7 @@ def build_parser():
     p.add_argument("--warmup", type=_common.positive_int, default=2, help="untimed passes of each kind per variant")
     p.add_argument("--repeats", type=_common.positive_int, default=5, help="rounds over all variants")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--json", type=Path, default=None, help="write the record here (default: print only)")
     return p
 
 

@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--repeats", type=_common.positive_int, default=3, help="alternating [tensor, cpu] rounds")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--json", type=Path, default=None, help="write the record here (default: print only)")
     return p
 
 

@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for the MFU (default: bf16 peak of a known GPU; none on the CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--json", type=Path, default=None, help="write the record here (default: print only)")
     return p
 
 

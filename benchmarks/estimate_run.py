@@ -29,13 +29,13 @@ TARGET_DATA_RATIO = 10.0
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("step_json", type=Path, help="bench_step.py --regime at --json output (with its evaluation)")
-    p.add_argument("--loader", type=Path, default=None, help="bench_loader.py --json output")
+    p.add_argument("--loader", type=Path, default=None, help="bench_loader.py --json output (default: none)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--eval-from", type=int, default=45, help="first validated epoch (the paper scripts pass 45)")
     p.add_argument("--train-images", type=int, default=45_000)
     p.add_argument("--val-images", type=int, default=5_000)
     p.add_argument("--test-images", type=int, default=10_000)
-    p.add_argument("--json", type=Path, default=None, help="write the estimate here")
+    p.add_argument("--json", type=Path, default=None, help="write the estimate here (default: print only)")
     return p
 
 

@@ -31,6 +31,15 @@ def default_val_size(name: str, n_train: int) -> int:
     return int(math.floor(0.1 * n_train + 0.5))
 
 
+def val_size_note(n_val: int, requested) -> "str | None":
+    """The sentence to tell the user when the default hold-out is smaller than the paper's 5,000
+    (a training split under 50,000 images); None when it is the paper's or was asked for."""
+    if requested is not None or n_val >= PAPER_VAL_SIZE:
+        return None
+    return (f"validation holds out {n_val} training images, 10% of a training split under {10 * PAPER_VAL_SIZE:,} "
+            f"images (the paper's {PAPER_VAL_SIZE:,} applies from there up); --val-size N sets it")
+
+
 def resolve_val_size(name: str, n_train: int, val_size) -> int:
     if val_size is None:
         val_size = default_val_size(name, n_train)

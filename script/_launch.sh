@@ -1,4 +1,4 @@
-# Sourced by the entry scripts: run a Python entry point on every local GPU.
+# Sourced by the entry scripts (not run by itself): run a Python entry point on every local GPU.
 #   NGPU=N            processes on this node (default: all visible GPUs; 1 process without GPUs)
 #   TORCHRUN_ARGS=... extra torchrun flags, e.g. for several nodes:
 #                     "--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id job1"
@@ -59,9 +59,67 @@ launch() {
   exit "$rc"
 }
 
+help_if_asked() {  # help_if_asked SCRIPT ARGS...: -h or --help first prints SCRIPT's header comment and exits 0
+  case "${2:-}" in
+    -h|--help) sed -n '1,/^[^#]/{/^#!/d;s/^# \{0,1\}//p;}' "$1"; exit 0 ;;
+  esac
+}
+
+flag_value() {  # flag_value NAME ARGS...: the value of the last NAME among ARGS (NAME VALUE or NAME=VALUE)
+  local name=$1 value="" prev=""
+  shift
+  for a in "$@"; do
+    [ "$prev" = "$name" ] && value=$a
+    case "$a" in "$name"=*) value=${a#*=} ;; esac
+    prev=$a
+  done
+  printf '%s' "$value"
+}
+
+data_to_add() {  # data_to_add ARGS...: the stage-2 data folder to add as --data (empty: ARGS hold --data)
+  local given
+  given=$(flag_value --data "$@")
+  if [ -n "$given" ]; then
+    echo "data: $given (from --data)" >&2
+  elif [ -n "${DATA_DIR:-}" ]; then
+    echo "data: $DATA_DIR (from the environment variable DATA_DIR; --data DIR is the flag)" >&2
+    printf '%s' "$DATA_DIR"
+  else
+    echo "data: ./data (the default; pass --data DIR)" >&2
+    printf 'data'
+  fi
+}
+
+workers_per_process() {  # workers_per_process MAX: loader workers per GPU process, fewer if the CPUs are fewer
+  local n=${NGPU:-$(local_gpus)} cpus
+  [ "${n:-0}" -ge 1 ] || n=1
+  cpus=$(nproc 2>/dev/null || echo "$1")  # nproc counts the CPUs this process may use (its affinity)
+  if [ $((cpus / n)) -lt "$1" ]; then echo $((cpus / n)); else echo "$1"; fi
+}
+
+stage1_checks() {  # stage1_checks SCRIPT ARGS...: a stage-1 script needs a PRETRAIN label and a data folder
+  local data
+  case " ${*:2} " in *" --pretrain "*|*" --pretrain="*) ;; *)
+    if [ -z "${PRETRAIN:-}" ]; then
+      echo "error: set PRETRAIN to the label of INIT (std, fat or at), e.g. PRETRAIN=at bash $1 ...; tickets are paired with the dense baseline of the same label, so a wrong default would compare them with the wrong one." >&2
+      exit 2
+    fi ;;
+  esac
+  data=$(flag_value --data "${@:2}")
+  if [ -z "$data" ] && { [ $# -lt 2 ] || [ "${2#-}" != "$2" ]; }; then
+    echo "error: no data folder; pass the ImageNet folder (train/ and val/) with --data DIR, e.g. bash $1 INIT SAVE_DIR --data /datasets/imagenet." >&2
+    exit 2
+  fi
+  if [ -n "$data" ]; then echo "data: $data (from --data)" >&2; else echo "data: $2 (the third argument)" >&2; fi
+}
+
 usage_if_short() {  # usage_if_short NEEDED GIVEN "usage text"
   if [ "$2" -lt "$1" ]; then
     echo "usage: $3" >&2
     exit 2
   fi
 }
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run rather than sourced: it only defines functions
+  help_if_asked "$0" --help
+fi

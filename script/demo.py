@@ -8,7 +8,7 @@ the backbone must transfer). Every step goes through the real entry points and f
    random pruning from the AT model, and structured tickets — channel OMP (whole filters) from
    the AT and the STD model;
 3. transfer every ticket and the dense models to the target task under ST and AT, at 100% and
-   10% of the data, 3 seeds each, with main_downstream.py: a grid run by the sweep's local backend
+   10% of the data, 5 seeds each (one with --quick), with main_downstream.py: a grid run by the sweep's local backend
    (study/local.py, the same runner as the paper's grid; every run's log is the .sweep.log in its
    directory);
 4. analysis/plot_curves.py and analysis/mask_stats.py: curves, the double-win table, mask stats.

@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--rerun-stale", action="store_true",
                    help="move each stale run directory (config.json differs from what the grid gives it now) "
                         "aside to DIR.stale-TIMESTAMP and run it again; without it `run` refuses such a grid")
-    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the cluster's)")
     p.add_argument("--slurm-time", default="24:00:00", help="time limit per task: minutes or HH:MM:SS")
     p.add_argument("--slurm-array-parallelism", type=int, default=256, help="tasks running at once")
     p.add_argument("--slurm-gpus-per-task", type=int, default=1,

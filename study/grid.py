@@ -41,6 +41,9 @@ AXIS_FLAGS = {"dataset", "init", "pretrained", "pretrain", "ticket", "tickets_fi
 PATH_FLAGS = {"data"}  # [flags] values that are paths, hence relative to the grid file
 # main_downstream.py's settings the grid sets per run (by whatever alias a [flags] key names them)
 AXIS_DESTS = {"dataset", "init", "pretrain", "ticket", "regime", "data_rate", "seed", "save_dir"}
+# What a sweep's run gets unless the grid's [flags] say otherwise: no model file once results.json is
+# written (a grid whose figure reads weights, e.g. loss landscapes, sets keep_model = "best").
+SWEEP_FLAGS = {"keep_model": "none"}
 # what may become one component of a run directory's path: a plain name, never "." or ".."
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -117,6 +120,12 @@ class Run:
             else:
                 left_out[flag] = where
         return acting, left_out
+
+    @property
+    def keep_model(self):
+        """The model files the run keeps once results.json is written: "best" or "none" (--keep-model)."""
+        given = [v for k, v in self.flags.items() if k.replace("-", "_") == "keep_model"]
+        return given[-1] if given else "best"  # main_downstream.py's own default
 
     def command(self, python="python"):
         return shlex.join([python, str(ENTRY), *self.argv()])
@@ -414,6 +423,12 @@ def _read_flags(grid_path, base, flags, source=""):
     return clean
 
 
+def sweep_flags(flags):
+    """A grid's [flags] with SWEEP_FLAGS' defaults for what they leave unset (a key may be spelt with dashes)."""
+    given = {k.replace("-", "_") for k in flags}
+    return {**{k: v for k, v in SWEEP_FLAGS.items() if k not in given}, **flags}
+
+
 def level_dir(sparsity):
     return f"s{sparsity:05.2f}"
 
@@ -439,7 +454,7 @@ def expand(grid, flags_for=None):
                         for seed in grid.seeds:
                             run = Run(dataset=dataset, data_rate=rate, regime=regime, pretrain=label, method=method,
                                       sparsity=s, seed=seed, round=r, init=pre["init"], ticket=ticket,
-                                      run_dir=where / f"seed{seed}", flags=dict(grid.flags))
+                                      run_dir=where / f"seed{seed}", flags=sweep_flags(grid.flags))
                             if flags_for is not None:
                                 run.flags.update(flags_for(run))
                             runs.append(run)

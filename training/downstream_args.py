@@ -30,6 +30,9 @@ SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones"
 # CIFAR PGD-adversarial runs select among epochs >= 45; SVHN AT, FAT (which the seed code did not
 # have) and every standard run from epoch 0.
 EVAL_FROM_ADVERSARIAL = {"cifar10": 45, "cifar100": 45}
+# --keep-model: which model files a finished run keeps (the sweep passes "none" unless a grid asks)
+KEEP_MODEL = ("best", "none")
+MODEL_FILES = ("model_best.pt", "model_best_sa.pt")
 
 
 def _regime_defaults_text():
@@ -49,10 +52,16 @@ def build_parser():
     # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
     p = ArgumentParser(prog="main_downstream.py", description=DESCRIPTION, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
+    per_regime = "per regime and dataset, listed below"
+    setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"), defaults={
+        "lr": per_regime, "weight_decay": per_regime, "batch_size": per_regime,
+        "alpha": "eps/4 under --regime at, 1.25 eps under fat",
+        "pretrain": "the ticket's own label; a dense run without it is 'unknown', the baseline of no ticket"})
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
-                   help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline")
-    p.add_argument("--regime", choices=["st", "fat", "at"], default="st")
+                   help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline "
+                        "(default: none)")
+    p.add_argument("--regime", choices=["st", "fat", "at"], default="st",
+                   help="fine-tuning: st standard, fat fast adversarial (FGSM-RS), at PGD adversarial")
     p.add_argument("--data-rate", "--data_rate", "--data_number", dest="data_rate", type=float, default=1.0,
                    help="fraction of the training split used: 1.0, 0.1, 0.01 (the seed repo called it --data_number)")
     p.add_argument("--subset", choices=["random", "first"], default="random",
@@ -61,13 +70,14 @@ def build_parser():
                         "training split, exactly as the seed code")
     p.add_argument("--subset-seed", "--subset_seed", type=int, default=0,
                    help="seed of the 'random' subset (vary it only to study subset variance on purpose)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {per_regime})")
     p.add_argument("--milestones", "--decreasing_lr", "--decreasing-lr", dest="milestones", type=int_list, default=None,
-                   help="epochs at which the lr is multiplied by 0.1, e.g. 50,75")
+                   help=f"epochs at which the lr is multiplied by 0.1, e.g. 50,75 (default: {per_regime})")
     p.add_argument("--schedule", choices=["step", "cosine"], default=None,
                    help="lr schedule (default: step at --milestones; cosine for SVHN adversarial training)")
     p.add_argument("--val-size", "--val_size", type=int, default=None,
-                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN)")
+                   help="training images held out for validation (default: the last 5,000 for CIFAR/SVHN; 10%% of "
+                        "a training split under 50,000 images, with a note)")
     p.add_argument("--train-steps", "--train_steps", "--train_step", type=int, default=10,
                    help="PGD steps of adversarial training")
     # the seed repo's names for the training attack's radius and step (same as --eps / --alpha)
@@ -81,8 +91,9 @@ def build_parser():
     p.add_argument("--test-alpha", "--test_alpha", "--test_gamma", dest="test_alpha", type=fraction, default=None,
                    help="PGD step size for evaluation, e.g. 2/255 or 0.0078 (default: the test radius / 4, 2/255 at 8/255)")
     p.add_argument("--eval-from", "--eval_from", type=int, default=None,
-                   help="validate (and select) from this epoch on; default per protocol: 45 for CIFAR at, "
-                        "0 otherwise (SVHN at, fat, st)")
+                   help="validate (and select) from this epoch on, counted from 0 (default per protocol: 45 for "
+                        "CIFAR at, 0 otherwise; a protocol value past the last epoch becomes the last epoch, with a "
+                        "note; a given one past it is refused)")
     p.add_argument("--eval-amp", "--eval_amp", choices=["off", "bf16", "fp16"], default="off",
                    help="precision of the reported test SA/RA (default off = fp32; validation uses --amp)")
     p.add_argument("--max-loss", "--max_loss", type=float, default=None,
@@ -91,13 +102,19 @@ def build_parser():
     p.add_argument("--checkpoint-minutes", "--checkpoint_minutes", type=float, default=30.0,
                    help="also checkpoint inside an epoch every this many minutes (0 = only at epoch ends)")
     p.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep checkpoint.pt (optimizer state) after results.json is written; model_best.pt is always kept")
+                   help="keep checkpoint.pt (optimizer state) after results.json is written (default: removed)")
+    p.add_argument("--keep-model", choices=KEEP_MODEL, default="best",
+                   help="model files kept once results.json is written: best = model_best.pt (and model_best_sa.pt), "
+                        "which analysis/robustness.py and loss_landscape.py read; none = remove them. Default: best "
+                        "for a direct run; runs launched by script/sweep.py get none unless the grid's [flags] says "
+                        "keep_model = \"best\"")
     p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
                    help="fat: do not stop on catastrophic overfitting")
     p.add_argument("--linear-eval", "--linear_eval", action="store_true",
                    help="freeze the backbone (weights and BatchNorm statistics) and train only the head")
     p.add_argument("--save-trajectory", action="store_true",
-                   help="keep the weights of every epoch (for analysis/loss_landscape.py)")
+                   help="keep the weights of every epoch (for analysis/loss_landscape.py, which centres them on "
+                        "model_best.pt, so it needs --keep-model best)")
     p.add_argument("--keep-sa-best", action="store_true",
                    help="adversarial regimes: also test the epoch with the best validation SA")
     p.add_argument("--allow-chance", action="store_true", default=argparse.SUPPRESS,
@@ -148,6 +165,10 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     setup.check_common_args(args)
+    if args.save_trajectory and args.keep_model == "none":
+        raise UserError("--save-trajectory keeps weights for analysis/loss_landscape.py, which centres them on "
+                        "model_best.pt, but --keep-model none removes it; use --keep-model best (keep_model = "
+                        "\"best\" in a grid's [flags]) or drop --save-trajectory.")
     refuse_flags_without_effect(p, argv, FLAG_SCOPE, {k: getattr(args, k) for k in FLAG_CONTEXT})
     tensorboard.require(args.tensorboard)
     return args
@@ -160,7 +181,10 @@ def flag_applies(dest, **context):
 
 
 def resolve_defaults(args, n_train_full=None):
-    """Fill unset flags from the paper's protocol for this regime and dataset."""
+    """Fill unset flags from the paper's protocol for this regime and dataset. Returns the adaptations
+    made to the request (sentences), which the run says and records."""
+    notes = []
+    eval_from_given = args.eval_from is not None
     defaults = dict(PAPER_DEFAULTS[args.regime])
     if args.dataset == "svhn" and args.regime in ("at", "fat"):
         svhn = dict(SVHN_ADVERSARIAL)
@@ -188,12 +212,24 @@ def resolve_defaults(args, n_train_full=None):
         args.eval_from = EVAL_FROM_ADVERSARIAL.get(args.dataset, 0) if args.regime == "at" else 0
     if args.eval_from < 0:
         raise UserError(f"--eval-from must be 0 or more, not {args.eval_from}.")
+    if args.eval_from > args.epochs - 1:
+        if eval_from_given:
+            raise UserError(f"--eval-from {args.eval_from} is past the last epoch: --epochs {args.epochs} trains "
+                            f"epochs 0 to {args.epochs - 1}; choose {args.epochs - 1} or less.")
+        notes.append(f"the protocol's first validated epoch, {args.eval_from}, is past the last of --epochs "
+                     f"{args.epochs}, so only the last epoch ({args.epochs - 1}) is validated and selected")
     if args.max_loss is not None and not args.max_loss > 0:
         raise UserError(f"--max-loss must be a positive number, not {args.max_loss}.")
     if not args.checkpoint_minutes >= 0:
         raise UserError(f"--checkpoint-minutes must be 0 or more, not {args.checkpoint_minutes}.")
     if args.subset_seed < 0:
         raise UserError(f"--subset-seed must be 0 or more, not {args.subset_seed}.")
+    return notes
+
+
+def first_validated_epoch(args):
+    """The epoch selection starts at: --eval-from, or the last epoch when the protocol's is past it."""
+    return min(args.eval_from, args.epochs - 1)
 
 
 def run_config(args, ticket):

@@ -5,25 +5,58 @@ ticket found in stage 1 always fits the model stage 2 builds from the same flags
 """
 
 import math
+import os
 from pathlib import Path
 
 import torch
 
 import dataset
 import models
+from data_loading.splits import val_size_note
 from training.engine import Precision
 from utils import distributed as du
 from utils.cli import class_list, fraction, label
 from utils.errors import Preempted, UserError
 from utils.rundir import lock_run_dir, prepare_run_dir, release_locks
 
+FOLDER_HELP = ("folder = your own image-folder tree: --data holds train/ and val/, each with one subfolder per "
+               "class (the same names in both); images are resized to --image-size and normalised with "
+               "ImageNet's statistics")
+# DataLoader processes per rank when --workers is not given (folder datasets only); fewer on a
+# machine with fewer CPUs, where more would only compete for them (PyTorch warns about it)
+DEFAULT_WORKERS = 4
 
-def add_common_args(p, datasets):
-    """Flags both entry points share (docs/contracts.md §4), with the seed repo's underscore aliases."""
-    p.add_argument("--data", default=None, help="dataset root folder (not needed for digits)")
-    p.add_argument("--dataset", required=True, choices=datasets)
+
+def available_cpus():
+    """The CPUs this process may run on (its affinity mask, which SLURM and taskset set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers():
+    """DEFAULT_WORKERS, or the CPUs available to each of the node's processes (torchrun's
+    LOCAL_WORLD_SIZE) if that is fewer: at least 0 (loading in the main process)."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(DEFAULT_WORKERS, available_cpus() // ranks)
+
+
+def add_common_args(p, datasets, defaults=None):
+    """Flags both entry points share (docs/contracts.md §4), with the seed repo's underscore aliases.
+
+    ``defaults``: dest -> what the stage uses for a flag left unset (lr, weight_decay, batch_size,
+    alpha, attack_bn, pretrain), said in its --help."""
+    said = dict(defaults or {})
+
+    def text(dest, words):
+        return f"{words} (default: {said[dest]})" if dest in said else words
+
+    p.add_argument("--data", default=None, help="dataset root folder (default: none; needed by every --dataset but "
+                                                "digits, which comes with scikit-learn)")
+    p.add_argument("--dataset", required=True, choices=datasets, help=FOLDER_HELP if "folder" in datasets else None)
     p.add_argument("--classes", type=class_list, default=None,
-                   help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7)")
+                   help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7; default: all)")
     p.add_argument("--arch", default="resnet50", help="resnet18/34/50/101/152, wide_resnet50_2, resnet10, resnet_tiny")
     p.add_argument("--cifar-stem", "--cifar_stem", action="store_true",
                    help="3x3 stride-1 stem without max-pool, for native 32 px inputs")
@@ -31,23 +64,32 @@ def add_common_args(p, datasets):
                    help="keep a freshly initialised first conv instead of θ_p's (needed to put ImageNet "
                         "weights into a --cifar-stem model); the ticket's stem mask is then ignored")
     p.add_argument("--init", "--pretrained", dest="init", required=True,
-                   help="pre-trained weights θ_p (torchvision, robustness, fast_adversarial, seed or ours); "
-                        "'none' trains from random initialisation")
+                   help="pre-trained weights θ_p (torchvision, robustness, fast_adversarial, seed or ours; "
+                        "docs/checkpoints.md); 'none' trains from random initialisation")
     p.add_argument("--pretrain", type=label, default=None,
-                   help="label of the pre-training, e.g. std, fat, at (letters, digits, '.', '_', '-': it names folders)")
+                   help=text("pretrain", "label of the pre-training, e.g. std, fat, at (letters, digits, '.', "
+                                         "'_', '-': it names folders)"))
     p.add_argument("--image-size", "--image_size", type=int, default=None,
-                   help="input resolution (default: 224 for CIFAR/SVHN as in the paper, native for digits)")
-    p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"])
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", "--weight_decay", type=float, default=None)
-    p.add_argument("--batch-size", "--batch_size", type=int, default=None, help="global batch size over all GPUs")
-    p.add_argument("--eps", type=fraction, default=8 / 255, help="attack radius in [0,1] pixels, e.g. 8/255")
-    p.add_argument("--alpha", type=fraction, default=None, help="attack step size, e.g. 2/255")
+                   help="input resolution (default: 224 for CIFAR/SVHN as in the paper and for image folders, "
+                        "native for digits)")
+    p.add_argument("--augment", default="auto", choices=["auto", "rrc-flip", "pad-crop-flip", "pad-crop", "none"],
+                   help="training augmentation; auto = random-resized crop and flip when images are upsampled (the "
+                        "paper's 224 px) and for image folders, else pad-crop-flip (pad-crop for digits)")
+    p.add_argument("--lr", type=float, default=None, help=text("lr", "SGD learning rate"))
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", "--weight_decay", type=float, default=None,
+                   help=text("weight_decay", "SGD weight decay"))
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None,
+                   help=text("batch_size", "global batch size over all GPUs"))
+    p.add_argument("--eps", type=fraction, default=8 / 255,
+                   help="attack radius in [0,1] pixels, e.g. 8/255 (default: 8/255)")
+    p.add_argument("--alpha", type=fraction, default=None, help=text("alpha", "attack step size, e.g. 2/255"))
     p.add_argument("--attack-bn", "--attack_bn", choices=["train", "eval"], default="train",
-                   help="BatchNorm mode while crafting training attacks (the seed code used train)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--workers", type=int, default=4, help="loader processes (folder datasets only)")
+                   help=text("attack_bn", "BatchNorm mode while crafting training attacks (the seed code used train)"))
+    p.add_argument("--seed", type=int, default=1, help="seed of the run's randomness (initialisation, order, attacks)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"loader processes per GPU process (folder datasets only; default: {DEFAULT_WORKERS}, or the "
+                        f"CPUs available to each process if fewer: here {default_workers()})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA, off on CPU")
@@ -102,18 +144,32 @@ def default_image_size(name):
     return {"cifar10": 224, "cifar100": 224, "svhn": 224, "imagenet": 224, "folder": 224}.get(name)
 
 
-def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None):
+def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None, notes=None):
+    """The stage's data; a default validation split smaller than the paper's is said once (and added
+    to ``notes``, the run's adaptations, when given)."""
     per_rank = batch_size // dist_info.world_size
     if per_rank < 1 or batch_size % dist_info.world_size:
         raise UserError(f"--batch-size {batch_size} is the global batch and must be a multiple of the "
                         f"{dist_info.world_size} processes.")
     image_size = args.image_size if args.image_size is not None else default_image_size(args.dataset)
-    return dataset.build_data(
+    data = dataset.build_data(
         args.dataset, args.data, image_size=image_size, batch_size=per_rank, eval_batch_size=max(per_rank, 64),
         val_size=val_size, data_rate=data_rate, seed=args.seed, device=dist_info.device, workers=args.workers,
         augment=args.augment, classes=args.classes, rank=dist_info.rank, world_size=dist_info.world_size,
         channels_last=bool(args.channels_last), subset=getattr(args, "subset", "random"),
         subset_seed=getattr(args, "subset_seed", 0))
+    note = val_size_note(len(data.val_indices), val_size)
+    if note is not None:
+        adapted(note, notes)
+    return data
+
+
+def adapted(text, notes=None):
+    """An adaptation the run makes to what was asked: said once, in one line, and added to ``notes``
+    (which the stage records in run_info.json)."""
+    log(f"note: {text}")
+    if notes is not None:
+        notes.append(text)
 
 
 def build_model(args, data, device, load_head):
@@ -122,6 +178,11 @@ def build_model(args, data, device, load_head):
     info = {"format": None, "dropped_head": None}
     if str(args.init).lower() != "none":
         info = models.load_pretrained(model, args.init, load_head=load_head, load_stem=not args.reinit_stem)
+        head = (f"replaced by a new {data.num_classes}-class head" + (
+            "" if load_head is False else f" (θ_p's does not fit the {data.num_classes} classes)")
+                if info["dropped_head"] else "loaded with it")
+        stem = "; the stem is freshly initialised (--reinit-stem)" if info.get("dropped_stem") else ""
+        log(f"θ_p: '{args.init}' read as a {info['format']} checkpoint; head {head}{stem}")
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -72,12 +72,34 @@ def class_list(text):
     return out
 
 
+def shows_default(action):
+    """Whether ``--help`` says the default of ``action`` by itself: an option taking a value, not
+    required, with a default that is a value (a None default depends on other flags, so its help
+    text must say what is used)."""
+    return (bool(action.option_strings) and action.nargs != 0 and not action.required
+            and action.help is not argparse.SUPPRESS and action.default not in (None, argparse.SUPPRESS)
+            and "default" not in (action.help or "").lower())
+
+
+class _ShowDefaults:
+    """Help formatter mixin: an option whose help does not state its default gets "(default: X)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not shows_default(action):
+            return text
+        value = ",".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {value})" if text else f"default: {value}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """The project's command-line parser: a flag is read only by its full name, so a misspelt
-    ``--see 7`` is an error rather than ``--seed 7``, and a usage error is one line naming the
-    problem with a pointer to ``--help`` (exit status 2); the full usage stays in ``--help``."""
+    ``--see 7`` is an error rather than ``--seed 7``, a usage error is one line naming the
+    problem with a pointer to ``--help`` (exit status 2), and ``--help`` shows every option's default."""
 
     def __init__(self, *args, **kwargs):
+        base = kwargs.pop("formatter_class", argparse.HelpFormatter)
+        kwargs["formatter_class"] = type(f"ShowDefaults{base.__name__}", (_ShowDefaults, base), {})
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):

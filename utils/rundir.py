@@ -28,7 +28,7 @@ from utils.records import read_config
 # (--allow-chance), never what a finished run computes.
 NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "channels_last", "cudnn_benchmark",
                                "keep_checkpoint", "checkpoint_minutes", "restart", "max_loss", "allow_chance",
-                               "tensorboard"})
+                               "tensorboard", "keep_model"})
 
 
 # Flags added after run directories already existed, with the default that reproduces what those
