@@ -15,6 +15,7 @@ ANALYSIS_OUT_DIR holds them; analysis/study_report.py writes one file for a whol
 """
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +230,7 @@ def read_outputs(out_dir):
     outputs = {}
     for name, columns, tool in OUTPUTS.values():
         path = Path(out_dir) / name
-        if name not in outputs and path.is_file():
+        if name not in outputs and os.path.lexists(path):  # a directory or link there is refused by read_table
             rows = read_table(path, columns, f"rerun {tool} with --out {out_dir}")
             for line, row in enumerate(rows, start=2):
                 for column in ("sparsity", "sparsity_a", "iou", "zero_kernel_percent", "data_rate", "transfer_acc",
@@ -578,7 +579,7 @@ def main(argv=None):
     csv_path = Path(args.analysis_dir) / "double_win.csv"
     outputs = read_outputs(args.analysis_dir) if Path(args.analysis_dir).is_dir() else {}
     # a mask or robustness analysis has no double_win.csv; without either kind of output say what is missing
-    table = read_double_win(args.analysis_dir) if csv_path.is_file() or not outputs else {}
+    table = read_double_win(args.analysis_dir) if os.path.lexists(csv_path) or not outputs else {}
     out = Path(args.out) if args.out else Path(args.analysis_dir) / "paper_vs_ours.md"
     if not out.parent.is_dir():
         raise UserError(f"--out '{out}': the folder '{out.parent}' does not exist; create it or choose another.")

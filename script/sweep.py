@@ -86,11 +86,12 @@ def parse_args(argv=None):
                         "distinct runs")
     p.add_argument("--bench", action="append", default=None, metavar="FILE",
                    help="plan: a benchmarks/bench_step.py --json record (repeatable) pricing runs of its regime, "
-                        "architecture and image size that no finished run prices")
-    p.add_argument("--seeds", type=int_list, default=None, help="only these seeds, e.g. 1,2")
-    p.add_argument("--datasets", type=_names, default=None, help="only these datasets, e.g. cifar10,svhn")
+                        "architecture and image size that no finished run prices (default: none; finished runs "
+                        "price what they can)")
+    p.add_argument("--seeds", type=int_list, default=None, help="only these seeds, e.g. 1,2 (default: every seed of the grid)")
+    p.add_argument("--datasets", type=_names, default=None, help="only these datasets, e.g. cifar10,svhn (default: every dataset of the grid)")
     p.add_argument("--levels", type=int_list, default=None,
-                   help="only these ticket rounds, e.g. 5,10,19 (the dense baselines stay)")
+                   help="only these ticket rounds, e.g. 5,10,19; the dense baselines stay (default: every round of the grid)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local")
     p.add_argument("--workers", type=int, default=None,
                    help="local: parallel runs (default: one per visible GPU; on a CPU-only machine 1)")
