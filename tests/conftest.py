@@ -21,6 +21,10 @@ torch.set_num_threads(1)
 
 # "file::test" (every parametrization of the test) or "file" (every test of the file)
 QUICK = (
+    "test_study_report.py::test_a_study_folder_stands_for_its_grid_files_in_the_papers_order",
+    "test_quick_tier.py::test_console_commands_resolve_to_a_main",
+    "test_sweep_cost.py::test_bench_record_gives_known_hours",
+    "test_robustbench_tensorboard.py::test_stage1_refuses_tensorboard_where_nothing_trains",
     "test_figures_style.py",
     "test_verdict.py",
     "test_records.py",

@@ -14,6 +14,10 @@ from tests.test_layout import REPO, graph, imports_of, module_name, project_file
 
 # module -> the quick test that exercises it ("file::test" or "file": every test of the file)
 COVERAGE = {
+    "analysis/study_report.py": "test_study_report.py::test_a_study_folder_stands_for_its_grid_files_in_the_papers_order",
+    "script/entry.py": "test_quick_tier.py::test_console_commands_resolve_to_a_main",
+    "study/cost.py": "test_sweep_cost.py::test_bench_record_gives_known_hours",
+    "training/tensorboard.py": "test_robustbench_tensorboard.py::test_stage1_refuses_tensorboard_where_nothing_trains",
     "analysis/__init__.py": "test_analysis.py::test_double_win_table_known_answer",
     "analysis/common.py": "test_analysis.py::test_bad_inputs_raise_user_error",
     "analysis/companion_runs.py": "test_companion.py::test_version_1_ticket_reads_as_unstructured",
@@ -191,3 +195,12 @@ def test_local_backend_runs_a_task_in_process_and_logs_it(tmp_path):
     assert local.call_in_process(task, 1) == 2  # a bad flag: the stage's exit status for bad input
     log = (tmp_path / "run" / LOG_NAME).read_text()
     assert "attempt 1" in log and "--no-such-flag" in log
+
+
+def test_console_commands_resolve_to_a_main():
+    """pyproject.toml's console commands (script/entry.py) each name a module with a main(argv)."""
+    entry = _load_script("script/entry.py")
+    for command, module in entry.COMMANDS.items():
+        path = REPO / (module.replace(".", "/") + ".py")
+        assert path.is_file(), (command, module)
+        assert "def main(" in path.read_text(encoding="utf-8"), (command, module)
