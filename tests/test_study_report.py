@@ -103,7 +103,10 @@ def test_the_new_grids_load_expand_and_share_the_study_tree(tmp_path):
     fig3, fig4, fig5 = (_dirs(tmp_path, n) for n in ("fig3", "fig4", "fig5"))
     fig7, table = _dirs(tmp_path, "fig7"), _dirs(tmp_path, "table_a2")
     assert len(fig7) == 6 and fig7 <= fig3 & fig5  # Figs. 7/A8 add no run to the study
-    assert len(table) == 12 and table <= fig3 & fig4 & fig5  # nor does Table A2
+    # Table A2 re-scores model_best.pt, which the sweep's runs of fig3/4/5 do not keep: its own subtree
+    assert len(table) == 12 and all(Path(d).is_relative_to(tree / "table_a2") for d in table)
+    table_a2 = study.grid.expand(study.grid.load_grid(tmp_path / "table_a2.toml"))
+    assert all(r.keep_model == "best" for r in table_a2) and all(r.keep_model == "best" for r in fig6)
     levels = {r["sparsity"] for r in study.grid.expected_runs(tmp_path / "table_a2.toml")}
     assert levels == {0.0, 89.26, 93.13, 95.6}  # Table A2's rows
     fig3_flags = tomllib.loads((GRIDS / "fig3.toml").read_text(encoding="utf-8"))["flags"]
@@ -111,7 +114,7 @@ def test_the_new_grids_load_expand_and_share_the_study_tree(tmp_path):
         text = (GRIDS / f"{name}.toml").read_text(encoding="utf-8")
         spec = tomllib.loads(text)
         assert spec["out"].startswith("runs/study")
-        assert {k: v for k, v in spec["flags"].items() if k != "save_trajectory"} == fig3_flags
+        assert {k: v for k, v in spec["flags"].items() if k not in ("save_trajectory", "keep_model")} == fig3_flags
         assert f"= {runs} main_downstream.py" in " ".join(text.split())  # the header's run count
         assert "Choices where the paper is silent" in text and "study_report.py" in text
 
