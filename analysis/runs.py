@@ -1,7 +1,8 @@
 """The stage-2 runs as the double-win table reads them, grouped into cells (docs/contracts.md §5).
 
 Every results.json under the given directories is one Run. Method labels: the results' "method"
-(a structured ticket adds its pattern, pruning_utils.ticket_family); when the IMP runs of the
+(a structured ticket adds its pattern, pruning_utils.ticket_family; an IMP ticket that was not
+rewound to θ_p adds its rewind variant, "imp-norewind", :func:`rewind_family`); when the IMP runs of the
 analysis use tickets of more than one re-training kind (read from the ticket's stage-1 config.json
 or the ticket file, when they still exist), IMP runs become "imp-st" / "imp-at" so the two are never
 averaged together. A results.json with SA/RA outside [0, 100], or whose ticket file exists but is
@@ -136,15 +137,24 @@ def _ticket_family(ticket_path, method, cache):
         nm = cfg.get("nm")
         if (cfg.get("method") == method and isinstance(cfg.get("pattern"), (str, type(None)))
                 and (nm is None or (isinstance(nm, list) and len(nm) == 2))):
-            family = pruning_utils.ticket_family(method, cfg.get("pattern"), nm)
+            family = rewind_family(pruning_utils.ticket_family(method, cfg.get("pattern"), nm), cfg.get("rewind"))
         if family is None:
             try:
                 t = pruning_utils.load_ticket(ticket_path)
-                family = pruning_utils.ticket_family(method, t.get("pattern"), t.get("nm"))
+                family = rewind_family(pruning_utils.ticket_family(method, t.get("pattern"), t.get("nm")),
+                                       t.get("rewind"))
             except Exception:  # noqa: BLE001 - _ticket_retrain already reported an unreadable file
                 family = method
         cache[key] = family
     return cache[key]
+
+
+def rewind_family(family, rewind):
+    """IMP's rewind variants are families of their own (never one line or verdict row): rewinding to
+    θ_p keeps the plain name (a stage-1 config records it as null), no rewinding adds "-norewind"."""
+    if rewind in (None, "theta_p") or not isinstance(rewind, str):
+        return family
+    return f"{family}-norewind" if rewind == "none" else f"{family}-{rewind}"
 
 
 def _stage1_config(ticket_path):
