@@ -25,7 +25,7 @@ from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, LossGuard, make_
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
 from utils.checkpoint import atomic_write_json
-from utils.cli import ArgumentParser, flag_applies_in, refuse_flags_without_effect, run_main
+from utils.cli import ArgumentParser, flag_applies_in, given_flags, refuse_flags_without_effect, run_main
 from utils.errors import UserError
 from utils.preemption import StopRequest
 from utils.records import read_config, read_sparsity
@@ -50,6 +50,12 @@ def build_parser():
     p.add_argument("--score-init", "--score_init", choices=list(lmp.SCORE_INITS), default="scaled",
                    help="LMP scores from θ_p: scaled (HYDRA: |w| / max|w| * sqrt(6 / fan_in) per layer) or "
                         "magnitude (|w|; untrained scores give OMP's mask)")
+    p.add_argument("--lmp-recipe", choices=list(lmp.RECIPES), default=lmp.DEFAULT_RECIPE,
+                   help="LMP preset (docs/companion.md): frozen-global (global top-k, BatchNorm frozen, IMP's batch "
+                        "and epochs) or hydra (HYDRA's: |s| top-k per layer, BatchNorm trained, 20 epochs, batch 128, "
+                        "PGD-10 with --retrain at, not TRADES); flags given explicitly win over the preset")
+    p.add_argument("--freeze-bn", action="store_true", default=None,
+                   help="--lmp-recipe hydra: keep BatchNorm frozen while the scores train (HYDRA's --freeze-bn)")
     p.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
     p.add_argument("--rounds", "--pruning_times", type=int, default=19)
     p.add_argument("--epochs-per-round", "--epochs_per_round", "--prune-epoch", "--prune_epoch",
@@ -109,6 +115,8 @@ FLAG_SCOPE = {
     "rewind": (lambda c: c["method"] == "imp" and _trains(c),
                "applies only to --method imp when it re-trains (--rounds 2 or more, --epochs-per-round 1 or more)"),
     "score_init": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),
+    "lmp_recipe": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),
+    "freeze_bn": (lambda c: c["method"] == "lmp", "applies only to --method lmp with --lmp-recipe hydra"),
     "rate": (lambda c: c["pattern"] != "nm", "applies to every --pattern but nm (N:M is one level)"),
     "nm": (lambda c: c["pattern"] == "nm", "applies only to --pattern nm"),
     "layerwise": (lambda c: c["method"] != "rp" and c["pattern"] == "unstructured",
@@ -126,9 +134,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     setup.check_common_args(args)
     if args.method == "lmp":
-        lmp.resolve_args(args)
-    elif args.attack_bn is None:
-        args.attack_bn = "train"
+        lmp.resolve_args(args, given_flags(p, argv))
+    else:
+        args.lmp_recipe = None
+        if args.attack_bn is None:
+            args.attack_bn = "train"
     if args.rewind != "theta_p" and args.method != "imp":
         raise UserError(f"--rewind {args.rewind} applies to IMP only (--method {args.method} never re-trains "
                         "weights); drop the flag or use --method imp.")
@@ -171,8 +181,9 @@ def check_pattern_args(args):
         raise UserError(f"--nm applies to --pattern nm only, not {args.pattern}; drop --nm or pass --pattern nm.")
     if args.pattern == "unstructured":
         return
-    if args.method == "lmp":
-        raise UserError(f"--method lmp learns unstructured masks only; drop --pattern {args.pattern}.")
+    if args.method == "lmp" and args.pattern != "channel":
+        raise UserError(f"--method lmp learns unstructured or channel (filter-wise) masks, not {args.pattern}; "
+                        "pass --pattern unstructured or channel.")
     if args.layerwise:
         raise UserError(f"--layerwise applies to --pattern unstructured; the {args.pattern} pattern has its own "
                         "per-layer rule, so drop --layerwise.")
@@ -388,6 +399,9 @@ def run_config(args):
         config["rewind"] = None
     if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
         raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
+    for key, old in (("lmp_recipe", lmp.DEFAULT_RECIPE), ("score_rank", "score"), ("train_bn", False)):
+        if config.get(key) == old:  # LMP's only recipe before presets: its directories resume as they are
+            config[key] = None
     config["init_sha256"] = fingerprint(args.init)
     return config
 
