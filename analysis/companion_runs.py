@@ -7,7 +7,9 @@ likewise), then split further by what the companion paper compares:
 - the sparsity pattern of the run's ticket ("unstructured", "channel", "nm"), read from the ticket
   file with pruning_utils.load_ticket (a version-1 ticket is unstructured); a ticket run whose
   ticket file is gone or cannot be loaded is skipped with a warning, since its pattern is unknown;
-- IMP's variant, the ticket's "rewind": "theta_p" (rewound every round) or "none";
+- IMP's variant, the ticket's "rewind": "theta_p" (rewound every round), "epoch_K" (rewound to epoch
+  K of the first re-training round) or "none"; stage 2's --random-reinit ablation is a method of its
+  own ("imp-reinit");
 - full fine-tuning vs linear evaluation (results.json config "linear_eval");
 - the pretrain label (robust, e.g. at / fat, vs natural, std).
 
@@ -88,9 +90,10 @@ def _image_size(obj):
 def load_runs(dirs):
     """(companion runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
     base, warnings = read_runs(dirs, linear_eval=True)
-    # the pattern is a dimension of its own here, so labels are the method's alone (no "_channel")
+    # the pattern and the rewind are dimensions of their own here, so labels are the method's alone
+    # (no "_channel", no "-norewind"); the --random-reinit ablation stays a method of its own
     for r in base:
-        r.family = r.method
+        r.family = r.method + ("-reinit" if r.family.endswith("-reinit") else "")
     assign_labels(base)
     cache, runs = {}, []
     for r in base:
@@ -161,7 +164,7 @@ def describe(key):
     ds, rate, pre, pattern, nm, label, rewind, arch = key
     if label == DENSE:
         return f"{ds}, data rate {common.fmt_rate(rate)}, {arch}, pretrain {pre}, dense"
-    variant = " (no rewind)" if rewind == "none" else ""
+    variant = f" ({method_name('', rewind).strip()})" if rewind != "theta_p" else ""
     return (f"{ds}, data rate {common.fmt_rate(rate)}, {arch}, pretrain {pre}, {pattern}{' ' + nm if nm else ''} "
             f"{label}{variant}")
 
@@ -250,8 +253,12 @@ def summary_rows(series):
 
 
 def method_name(label, rewind):
-    """A method as legends and warnings name it: IMP without rewinding says so."""
-    return f"{label} no-rewind" if rewind == "none" else label
+    """A method as legends and warnings name it: IMP without rewinding, or rewinding to epoch K of
+    its first re-training round, says so."""
+    from masks.ticket import rewind_epoch
+
+    k = rewind_epoch(rewind)
+    return f"{label} no-rewind" if rewind == "none" else f"{label} rew{k}" if k else label
 
 
 def pattern_name(pattern, nm):

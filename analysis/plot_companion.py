@@ -77,6 +77,8 @@ DEFAULT_TOLERANCE = 2.0
 # pretrain label's (plot_curves' colours), so robust vs natural reads the same everywhere
 METHOD_STYLES = {"imp": ("-", "o"), "omp": ("-", "^"), "lmp": ("-", "D"), "rp": (":", "x")}
 NO_REWIND_STYLE = ("-.", "s")
+REWIND_EPOCH_STYLE = ("--", "o")  # IMP rewound to epoch K of its first re-training round
+REINIT_STYLE = (":", "P")  # stage 2's --random-reinit ablation: the mask on fresh weights
 PATTERN_STYLES = {"unstructured": ("-", "o"), "channel": ("-.", "s"), "nm": (":", "^")}
 FALLBACK_STYLES = (("--", "v"), ("--", "P"), ("--", "*"), ("--", "h"))
 
@@ -108,8 +110,12 @@ class Series:
 
 def _method_style(label, rewind):
     base = label.split("-")[0]
+    if "-reinit" in label:
+        return REINIT_STYLE
     if base == "imp" and rewind == "none":
         return NO_REWIND_STYLE
+    if base == "imp" and rewind not in ("theta_p", ""):
+        return REWIND_EPOCH_STYLE
     return METHOD_STYLES.get(base) or FALLBACK_STYLES[sum(map(ord, base)) % len(FALLBACK_STYLES)]
 
 
