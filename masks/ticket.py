@@ -61,7 +61,8 @@ def make_ticket(mask, *, round, method, retrain, arch, pretrain, init, source_da
     """The ticket dict of docs/contracts.md §1, version 2 (masks copied to CPU; sparsity in percent, 2 decimals).
 
     ``pattern`` is "unstructured", "channel" or "nm" (then ``nm=[N, M]``); ``rewind`` is "theta_p"
-    (IMP rewinds to θ_p; also OMP/RP, which prune θ_p itself) or "none".
+    (IMP rewinds to θ_p; also OMP/RP, which prune θ_p itself), "none" or "epoch_K" (IMP rewinds to
+    epoch K of its first re-training round).
     ``round`` is the keyword of the file format; the builtin is reached as ``builtins.round`` here.
     """
     check_mask_type(mask)
@@ -137,7 +138,7 @@ def validate_ticket(ticket, where="ticket"):
     if pattern not in PATTERNS:
         raise UserError(f"{where} pattern {pattern!r} is not one of {list(PATTERNS)}; re-create the ticket.")
     if ticket.get("rewind", "theta_p") not in REWINDS and rewind_epoch(ticket.get("rewind")) is None:
-        raise UserError(f"{where} rewind {ticket.get('rewind')!r} is not one of {list(REWINDS)}; "
+        raise UserError(f"{where} rewind {ticket.get('rewind')!r} is not one of {list(REWINDS)} or epoch_K; "
                         "re-create the ticket.")
     if version < 2 and (pattern != "unstructured" or ticket.get("rewind", "theta_p") != "theta_p"):
         raise UserError(f"{where} is a version-1 ticket, which is unstructured and rewound to θ_p, but says "
