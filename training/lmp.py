@@ -44,12 +44,24 @@ DEFAULT_RECIPE = "frozen-global"
 RECIPES = {
     "frozen-global": {"lr": DEFAULT_LR, "layerwise": False, "score_rank": "score", "train_bn": False,
                       "epochs_per_round": None, "batch_size": None, "attack_steps": None, "weight_decay": None},
-    # inspire-group/hydra, configs/configs.yml and train.py: SGD lr 0.1, momentum 0.9, wd 1e-4, cosine,
-    # 20 epochs, batch 128 (ImageNet 256), PGD-10 at ε 8/255 on CIFAR, scores ranked by |s| per layer
+    # inspire-group/hydra: models/layers.py ranks |scores| per layer, the README prunes for 20 epochs;
+    # its configs (as issue 24 quotes them): SGD lr 0.1, momentum 0.9, wd 1e-4, cosine, batch 128
+    # (ImageNet 256), TRADES with PGD-10 on CIFAR, here PGD-10 cross-entropy
     "hydra": {"lr": DEFAULT_LR, "momentum": 0.9, "weight_decay": 1e-4, "epochs_per_round": 20, "batch_size": 128,
               "attack_steps": 10, "layerwise": True, "score_rank": "abs", "train_bn": True},
 }
 HYDRA_IMAGENET_BATCH = 256
+RECIPE_HELP = ("LMP preset (docs/companion.md): frozen-global (global top-k, BatchNorm frozen, IMP's batch and epochs) "
+               "or hydra (HYDRA's: |s| top-k per layer, BatchNorm trained, 20 epochs, batch 128, PGD-10 with "
+               "--retrain at, not TRADES); flags given explicitly win over the preset")
+
+
+def record_recipe(config):
+    """config.json records the frozen-global recipe (LMP's only one before presets) as unset, so
+    LMP directories made before --lmp-recipe existed resume as they are."""
+    for key, old in (("lmp_recipe", DEFAULT_RECIPE), ("score_rank", "score"), ("train_bn", False)):
+        if config.get(key) == old:
+            config[key] = None
 
 
 def resolve_args(args, given=()):
