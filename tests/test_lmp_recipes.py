@@ -84,3 +84,39 @@ def test_channel_lmp_learns_whole_filters_per_layer(tmp_path, theta_p):  # noqa:
         assert int(alive.sum()) == max(1, n - pruning_utils.imp_pruned_count(n, 2, 0.2)), g.conv
         assert bool(m[alive].all())  # whole filters: a kept filter keeps every weight it had
         assert torch.equal(alive_inputs(ticket["masks"][g.next]), alive)  # the removed filters' inputs go too
+
+
+def test_hydra_resumes_mid_level_with_its_trained_batchnorm(tmp_path, theta_p, monkeypatch):  # noqa: F811
+    """Killed mid-epoch and rerun, a hydra level ends with the uninterrupted run's mask: the
+    checkpoint carries the BatchNorm the level trained, not θ_p's."""
+    from training import lmp
+
+    flags = ("--method", "lmp", "--lmp-recipe", "hydra", "--rounds", "1", "--epochs-per-round", "2", "--lr", "2")
+    straight = tmp_path / "straight"
+    main_imp_pretrain.main(stage1(theta_p, straight, *flags))
+    real = lmp.train_epoch
+
+    class Killed(Exception):
+        pass
+
+    def spy(model, loader, optimizer, **kw):
+        if kill and kw["desc"].startswith("lmp level 1/1 epoch 2"):
+            save = kw["step_hook"]
+
+            def hook(step, carry_fn):
+                save(step, carry_fn)
+                if step >= 2:
+                    raise Killed
+
+            kw["step_hook"] = hook
+        return real(model, loader, optimizer, **kw)
+
+    monkeypatch.setattr(lmp, "train_epoch", spy)
+    out, kill = tmp_path / "killed", True
+    argv = stage1(theta_p, out, *flags, "--checkpoint-minutes", "1e-9")
+    with pytest.raises(Killed):
+        main_imp_pretrain.main(argv)
+    kill = False
+    main_imp_pretrain.main(argv)
+    a, b = masks(out, 1), masks(straight, 1)
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
