@@ -1,9 +1,8 @@
 """Issue 24: architectures and IMP's rewind variants are never one line (companion figures and plot_curves)."""
 
 import csv
-import subprocess
-import sys
 
+import pytest
 import torch
 
 import pruning_utils as pu
@@ -11,8 +10,7 @@ from analysis import plot_companion, plot_curves
 from tests.test_analysis import DENSE, read_table, write_level, write_result
 from tests.test_companion import write_result as write_companion_result
 from tests.test_companion import write_ticket
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+from utils.cli import run_main
 
 
 def read_csv(path):
@@ -40,17 +38,17 @@ def test_companion_two_architectures_are_two_lines(tmp_path):
     assert not (out / "companion_pattern_cifar10_rate100_unstructured.csv").exists()
 
 
-def test_plot_curves_refuses_a_line_of_two_architectures(tmp_path):
+def test_plot_curves_refuses_a_line_of_two_architectures(tmp_path, capsys):
     root = tmp_path / "runs"
     write_level(root, sparsity=0.0, **DENSE)
     write_level(root, sparsity=20.0, st_sa=92.0, at_sa=82.0, at_ra=50.0)
     for seed in (4, 5):
         write_result(root, method="imp", sparsity=20.0, regime="st", seed=seed, sa=91.0, arch="resnet18")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "analysis/plot_curves.py", str(root), "--out", str(out),
-                           "--mix-protocols"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as exc:  # asked to draw them together anyway: still refused
+        run_main(plot_curves.main, [str(root), "--out", str(out), "--mix-protocols"])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "mix architectures (resnet18" in lines[0] and "resnet50" in lines[0]
     assert not out.exists()
 
