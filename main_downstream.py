@@ -170,7 +170,11 @@ def run(args, stop):
     if data.val is None:
         raise UserError("model selection needs a validation split; set --val-size to a positive number.")
 
-    model, init_info = setup.build_model(args, data, dist_info.device, load_head=False)
+    built = args
+    if args.random_reinit:  # the re-initialisation ablation: the ticket's mask on the architecture's fresh weights
+        built = copy.copy(args)
+        built.init = "none"
+    model, init_info = setup.build_model(built, data, dist_info.device, load_head=False)
     ticket = load_ticket_for(model, args.ticket, args.reinit_stem) if args.ticket else None
     mask = None if ticket is None else {k: v.to(dist_info.device) for k, v in ticket["masks"].items()}
     if mask is not None:

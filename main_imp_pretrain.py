@@ -2,10 +2,11 @@
 
 IMP round k: prune ``--rate`` of the remaining prunable weights by global magnitude of the
 current weights (round 1: of θ_p), save the ticket, rewind every weight and BatchNorm buffer to
-θ_p (``--rewind none``: keep the re-trained ones), then re-train ``--epochs-per-round`` epochs with
-the mask enforced (standard or PGD adversarial). The last round needs no re-training: its weights
-would only choose a next mask. OMP and RP give tickets at the same sparsity levels straight from
-θ_p, without training. LMP learns each level's mask over a frozen θ_p (training/lmp.py).
+θ_p (``--rewind none``: keep the re-trained ones; ``epoch_K``: rewind to the weights after epoch K of
+round 1's re-training), then re-train ``--epochs-per-round`` epochs with the mask enforced (standard
+or PGD adversarial). The last round needs no re-training: its weights would only choose a next mask.
+OMP and RP give tickets at the same sparsity levels straight from θ_p, without training. LMP learns
+each level's mask over θ_p's frozen weights (training/lmp.py).
 
 Rerunning the same command resumes from the last per-epoch checkpoint and skips finished rounds.
 """
@@ -20,12 +21,13 @@ import torch
 
 import attacks
 import pruning_utils
+from masks.ticket import parse_rewind, rewind_epoch
 from training import lmp, setup, tensorboard
 from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, LossGuard, make_sgd, set_lr, train_epoch
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
 from utils.checkpoint import atomic_write_json
-from utils.cli import ArgumentParser, flag_applies_in, refuse_flags_without_effect, run_main
+from utils.cli import ArgumentParser, flag_applies_in, given_flags, refuse_flags_without_effect, run_main
 from utils.errors import UserError
 from utils.preemption import StopRequest
 from utils.records import read_config, read_sparsity
@@ -48,12 +50,14 @@ def build_parser():
                    help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, docs/stage1.md §2)")
     p.add_argument("--retrain", choices=["st", "at"], default="st",
                    help="IMP re-training / LMP score training: standard or PGD adversarial")
-    p.add_argument("--rewind", choices=["theta_p", "none"], default="theta_p",
-                   help="IMP: after pruning a round, rewind weights and BatchNorm buffers to θ_p (the paper) or "
-                        "continue from the re-trained weights (none)")
+    p.add_argument("--rewind", type=parse_rewind, default="theta_p",
+                   help="IMP: after pruning a round, rewind weights and BatchNorm buffers to θ_p (the paper), to "
+                        "epoch K of the first re-training round (epoch_K) or continue from the re-trained weights (none)")
     p.add_argument("--score-init", "--score_init", choices=list(lmp.SCORE_INITS), default="scaled",
                    help="LMP scores from θ_p: scaled (HYDRA: |w| / max|w| * sqrt(6 / fan_in) per layer) or "
                         "magnitude (|w|; untrained scores give OMP's mask)")
+    p.add_argument("--lmp-recipe", choices=list(lmp.RECIPES), default=lmp.DEFAULT_RECIPE, help=lmp.RECIPE_HELP)
+    p.add_argument("--freeze-bn", action="store_true", default=None, help="--lmp-recipe hydra: keep BatchNorm frozen")
     p.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
     p.add_argument("--rounds", "--pruning_times", type=int, default=19, help="sparsity levels (IMP rounds)")
     p.add_argument("--epochs-per-round", "--epochs_per_round", "--prune-epoch", "--prune_epoch",
@@ -114,6 +118,8 @@ FLAG_SCOPE = {
     "rewind": (lambda c: c["method"] == "imp" and _trains(c),
                "applies only to --method imp when it re-trains (--rounds 2 or more, --epochs-per-round 1 or more)"),
     "score_init": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),
+    "lmp_recipe": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),
+    "freeze_bn": (lambda c: c["method"] == "lmp", "applies only to --method lmp with --lmp-recipe hydra"),
     "rate": (lambda c: c["pattern"] != "nm", "applies to every --pattern but nm (N:M is one level)"),
     "nm": (lambda c: c["pattern"] == "nm", "applies only to --pattern nm"),
     "layerwise": (lambda c: c["method"] != "rp" and c["pattern"] == "unstructured",
@@ -131,12 +137,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     setup.check_common_args(args)
     if args.method == "lmp":
-        lmp.resolve_args(args)
-    elif args.attack_bn is None:
-        args.attack_bn = "train"
+        lmp.resolve_args(args, given_flags(p, argv))
+    else:
+        args.lmp_recipe = None
+        if args.attack_bn is None:
+            args.attack_bn = "train"
     if args.rewind != "theta_p" and args.method != "imp":
         raise UserError(f"--rewind {args.rewind} applies to IMP only (--method {args.method} never re-trains "
                         "weights); drop the flag or use --method imp.")
+    if (rewind_epoch(args.rewind) or 0) > (args.epochs_per_round if args.rounds > 1 else 0):
+        raise UserError(f"--rewind {args.rewind} rewinds to an epoch of the first re-training round, which needs "
+                        "--rounds 2 or more and at least that many --epochs-per-round.")
     if args.method != "lmp":
         if args.score_init != "scaled":
             raise UserError(f"--score-init applies to --method lmp only, not {args.method}; drop the flag.")
@@ -176,8 +187,9 @@ def check_pattern_args(args):
         raise UserError(f"--nm applies to --pattern nm only, not {args.pattern}; drop --nm or pass --pattern nm.")
     if args.pattern == "unstructured":
         return
-    if args.method == "lmp":
-        raise UserError(f"--method lmp learns unstructured masks only; drop --pattern {args.pattern}.")
+    if args.method == "lmp" and args.pattern != "channel":
+        raise UserError(f"--method lmp learns unstructured or channel (filter-wise) masks, not {args.pattern}; "
+                        "pass --pattern unstructured or channel.")
     if args.layerwise:
         raise UserError(f"--layerwise applies to --pattern unstructured; the {args.pattern} pattern has its own "
                         "per-layer rule, so drop --layerwise.")
@@ -393,6 +405,7 @@ def run_config(args):
         config["rewind"] = None
     if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
         raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
+    lmp.record_recipe(config)
     config["init_sha256"] = fingerprint(args.init)
     return config
 
@@ -424,6 +437,7 @@ class Retraining(Policy):
         self.scaler = precision.make_scaler()
         self.mask = pruning_utils.full_mask(model, include_stem=not args.exclude_stem, device=dist_info.device)
         self.optimizer = self.enforcer = None
+        self.rewind_point = None  # --rewind epoch_K: the weights after epoch K of round 1's re-training
 
     def _new_optimizer(self):
         args = self.args
@@ -432,6 +446,7 @@ class Retraining(Policy):
     def restore(self, ckpt):
         self.mask = {n: m.to(self.dist_info.device) for n, m in ckpt["mask"].items()}
         self.model.load_state_dict(ckpt["model"])
+        self.rewind_point = ckpt.get("rewind_point")
         self.optimizer = self._new_optimizer()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -464,6 +479,8 @@ class Retraining(Policy):
                            loss_guard=loss_guard, start_step=start_step, carry=carry, step_hook=step_hook)
 
     def after_epoch(self, progress, stats):
+        if progress.unit == 1 and progress.epoch + 1 == rewind_epoch(self.args.rewind):
+            self.rewind_point = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {"round": progress.unit, "epoch": progress.epoch, "lr": self.args.lr,
                 "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                 "sparsity": round(self.sparsity, 2), "seconds": round(stats["seconds"], 3)}
@@ -486,6 +503,8 @@ class Retraining(Policy):
         ticket = self.writer.write(k + 1, self.mask)
         if args.rewind == "theta_p":
             self.model.load_state_dict(self.theta_p)
+        elif self.rewind_point is not None:  # epoch_K, from round 1 on (round 0's weights are θ_p itself)
+            self.model.load_state_dict(self.rewind_point)
         pruning_utils.apply_mask(self.model, self.mask, pattern=args.pattern)
         self.optimizer = self._new_optimizer()
         setup.log(f"round {k + 1}/{args.rounds}: ticket at {ticket['sparsity']:.2f}% sparsity -> "
@@ -495,7 +514,7 @@ class Retraining(Policy):
     def checkpoint(self, progress):
         return {"round": progress.unit, "epoch": progress.epoch, "log": progress.log,
                 "model": self.model.state_dict(), "mask": {n: m.cpu() for n, m in self.mask.items()},
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "rewind_point": self.rewind_point,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "init": str(self.args.init), "partial": progress.partial, "init_sha256": self.config["init_sha256"]}
 

@@ -7,12 +7,16 @@ likewise), then split further by what the companion paper compares:
 - the sparsity pattern of the run's ticket ("unstructured", "channel", "nm"), read from the ticket
   file with pruning_utils.load_ticket (a version-1 ticket is unstructured); a ticket run whose
   ticket file is gone or cannot be loaded is skipped with a warning, since its pattern is unknown;
-- IMP's variant, the ticket's "rewind": "theta_p" (rewound every round) or "none";
+- IMP's variant, the ticket's "rewind": "theta_p" (rewound every round), "epoch_K" (rewound to epoch
+  K of the first re-training round) or "none"; stage 2's --random-reinit ablation is a method of its
+  own ("imp-reinit");
 - full fine-tuning vs linear evaluation (results.json config "linear_eval");
 - the pretrain label (robust, e.g. at / fat, vs natural, std).
 
-A cell is (dataset, data rate, pretrain, pattern, N:M, method, rewind, linear eval, regime,
-sparsity); it is drawn as mean ± std over its seeds (sample std, ddof=1; 0 for one seed).
+A cell is (dataset, data rate, pretrain, pattern, N:M, method, rewind, architecture, linear eval,
+regime, sparsity); it is drawn as mean ± std over its seeds (sample std, ddof=1; 0 for one seed).
+The architecture is part of every line's key, so ResNet-18 and ResNet-50 runs of one setting are two
+lines (in figures of their own), never one average.
 """
 
 import math
@@ -86,9 +90,10 @@ def _image_size(obj):
 def load_runs(dirs):
     """(companion runs, warnings) from every results.json under ``dirs``; UserError when none is usable."""
     base, warnings = read_runs(dirs, linear_eval=True)
-    # the pattern is a dimension of its own here, so labels are the method's alone (no "_channel")
+    # the pattern and the rewind are dimensions of their own here, so labels are the method's alone
+    # (no "_channel", no "-norewind"); the --random-reinit ablation stays a method of its own
     for r in base:
-        r.family = r.method
+        r.family = r.method + ("-reinit" if r.family.endswith("-reinit") else "")
     assign_labels(base)
     cache, runs = {}, []
     for r in base:
@@ -146,21 +151,21 @@ class Stat:
         return common.agg_mean_std([float(v) for v in values])
 
 
-# (dataset, rate, pretrain, pattern, nm, method label, rewind): one drawn line
+# (dataset, rate, pretrain, pattern, nm, method label, rewind, arch): one drawn line
 SeriesKey = tuple
 
 
 def series_key(c):
     r = c.run
-    return (r.dataset, r.data_rate, r.pretrain, c.pattern, c.nm, r.label, c.rewind)
+    return (r.dataset, r.data_rate, r.pretrain, c.pattern, c.nm, r.label, c.rewind, r.arch)
 
 
 def describe(key):
-    ds, rate, pre, pattern, nm, label, rewind = key
+    ds, rate, pre, pattern, nm, label, rewind, arch = key
     if label == DENSE:
-        return f"{ds}, data rate {common.fmt_rate(rate)}, pretrain {pre}, dense"
-    variant = " (no rewind)" if rewind == "none" else ""
-    return (f"{ds}, data rate {common.fmt_rate(rate)}, pretrain {pre}, {pattern}{' ' + nm if nm else ''} "
+        return f"{ds}, data rate {common.fmt_rate(rate)}, {arch}, pretrain {pre}, dense"
+    variant = f" ({method_name('', rewind).strip()})" if rewind != "theta_p" else ""
+    return (f"{ds}, data rate {common.fmt_rate(rate)}, {arch}, pretrain {pre}, {pattern}{' ' + nm if nm else ''} "
             f"{label}{variant}")
 
 
@@ -210,9 +215,9 @@ def build_cells(runs):
 
 
 def _split_label(key, linear):
-    ds, rate, pre, pattern, nm, label, rewind = key
+    ds, rate, pre, pattern, nm, label, rewind, arch = key
     text = label if label == DENSE else f"{pattern_name(pattern, nm)} {method_name(label, rewind)}"
-    return text + (" (linear eval)" if linear else "")
+    return f"{text} {arch}" + (" (linear eval)" if linear else "")
 
 
 def seed_key(seed):
@@ -224,8 +229,8 @@ def regime_key(regime):
 
 
 def series_sort_key(key):
-    ds, rate, pre, pattern, nm, label, rewind = key
-    return (ds, -rate, common.order_key(label, (DENSE,) + common.METHOD_ORDER + ("lmp",)),
+    ds, rate, pre, pattern, nm, label, rewind, arch = key
+    return (ds, -rate, arch, common.order_key(label, (DENSE,) + common.METHOD_ORDER + ("lmp",)),
             rewind != "theta_p", common.order_key(pattern, PATTERN_ORDER), nm,
             common.order_key(pre, common.PRETRAIN_ORDER))
 
@@ -233,7 +238,7 @@ def series_sort_key(key):
 def summary_rows(series):
     rows = []
     for key in sorted(series, key=series_sort_key):
-        ds, rate, pre, pattern, nm, label, rewind = key
+        ds, rate, pre, pattern, nm, label, rewind, arch = key
         for (linear, regime), levels in sorted(series[key].items(), key=lambda kv: (kv[0][0], regime_key(kv[0][1]))):
             for s, st in sorted(levels.items()):
                 sa, sa_std = st.stat("sa")
@@ -243,13 +248,17 @@ def summary_rows(series):
                              "sparsity": common.fmt_sparsity(s), "n": st.n, "seeds": st.seeds,
                              "complete": st.complete, "sa_mean": csv_number(sa), "sa_std": csv_number(sa_std),
                              "ra_mean": csv_number(ra), "ra_std": csv_number(ra_std),
-                             "arch": ";".join(sorted({c.run.arch for c in st.runs}))})
+                             "arch": arch})
     return rows
 
 
 def method_name(label, rewind):
-    """A method as legends and warnings name it: IMP without rewinding says so."""
-    return f"{label} no-rewind" if rewind == "none" else label
+    """A method as legends and warnings name it: IMP without rewinding, or rewinding to epoch K of
+    its first re-training round, says so."""
+    from masks.ticket import rewind_epoch
+
+    k = rewind_epoch(rewind)
+    return f"{label} no-rewind" if rewind == "none" else f"{label} rew{k}" if k else label
 
 
 def pattern_name(pattern, nm):

@@ -4,10 +4,12 @@ the stage-2 results.json files, and accuracy against measured latency and FLOPs.
     python analysis/plot_companion.py RUNS_DIR [RUNS_DIR ...] --out OUT_DIR [--bench BENCH.json ...]
 
 Runs are read and split into cells by analysis/companion_runs.py: by sparsity pattern, IMP's
-rewind variant, full fine-tuning vs linear evaluation and pretrain label. Colours are those of
-plot_curves (analysis/style.py): one per pretrain label x method family (IMP, OMP, LMP, RP, dense),
-so robust and natural pre-training and the methods within each differ in colour; line style and
-marker tell the method (or the pattern) apart as well. A cell is drawn as mean ± std over its seeds; dense runs (sparsity 0) of the same
+rewind variant, architecture, full fine-tuning vs linear evaluation and pretrain label. Colours are
+those of plot_curves (analysis/style.py): one per pretrain label x method family (IMP, OMP, LMP, RP,
+dense), so robust and natural pre-training and the methods within each differ in colour; line style
+and marker tell the method (or the pattern) apart as well. Each architecture gets figures of its own:
+when one dataset and data rate hold runs of several architectures, every figure name below gains
+"_<arch>" after the rate. A cell is drawn as mean ± std over its seeds; dense runs (sparsity 0) of the same
 dataset, data rate, pretrain label, regime and evaluation mode are the horizontal line and band.
 
 Figures (PNG, each with a CSV of every number it draws):
@@ -78,14 +80,16 @@ DEFAULT_TOLERANCE = 2.0
 # (pretrain label, method family)'s (analysis/style.py), the same as in plot_curves' figures
 METHOD_STYLES = {"imp": ("-", "o"), "omp": ("-", "^"), "lmp": ("-", "D"), "rp": (":", "x")}
 NO_REWIND_STYLE = ("-.", "s")
+REWIND_EPOCH_STYLE = ("--", "o")  # IMP rewound to epoch K of its first re-training round
+REINIT_STYLE = (":", "P")  # stage 2's --random-reinit ablation: the mask on fresh weights
 PATTERN_STYLES = {"unstructured": ("-", "o"), "channel": ("-.", "s"), "nm": (":", "^")}
 FALLBACK_STYLES = (("--", "v"), ("--", "P"), ("--", "*"), ("--", "h"))
 
 CURVE_FIELDS = ["figure", "panel", "range", "eval", "linear_eval", "regime", "metric", "series", "kind", "dataset",
-                "data_rate", "pretrain", "pattern", "nm", "method", "rewind", "sparsity", "mean", "std", "n", "seeds",
+                "arch", "data_rate", "pretrain", "pattern", "nm", "method", "rewind", "sparsity", "mean", "std", "n", "seeds",
                 "complete"]
 EFFICIENCY_FIELDS = ["figure", "panel", "axis", "x", "eval", "linear_eval", "regime", "metric", "series", "kind",
-                     "dataset", "data_rate", "pretrain", "pattern", "nm", "method", "rewind", "sparsity", "mean", "std",
+                     "dataset", "arch", "data_rate", "pretrain", "pattern", "nm", "method", "rewind", "sparsity", "mean", "std",
                      "n", "seeds", "complete", "bench_file", "bench_device", "bench_arch", "bench_variant",
                      "bench_sparsity", "sparsity_gap", "latency_ms", "flops_per_image", "throughput_images_per_s"]
 
@@ -109,14 +113,18 @@ class Series:
 
 def _method_style(label, rewind):
     base = label.split("-")[0]
+    if "-reinit" in label:
+        return REINIT_STYLE
     if base == "imp" and rewind == "none":
         return NO_REWIND_STYLE
+    if base == "imp" and rewind not in ("theta_p", ""):
+        return REWIND_EPOCH_STYLE
     return METHOD_STYLES.get(base) or FALLBACK_STYLES[sum(map(ord, base)) % len(FALLBACK_STYLES)]
 
 
 def make_series(cells, key, by):
     """The drawn line of ``key``; ``by`` is what varies within its figure: "method" or "pattern"."""
-    ds, rate, pre, pattern, nm, label, rewind = key
+    ds, rate, pre, pattern, nm, label, rewind, arch = key
     color = style.series_color(pre, label)
     if label == DENSE:
         return Series(key, f"{pre} dense", color, "--", "", False, cells[key])
@@ -130,8 +138,20 @@ def make_series(cells, key, by):
     return Series(key, name, color, ls, marker, label.endswith("-st"), cells[key])
 
 
-def _dense_keys(cells, ds, rate, pretrains):
-    return [k for k in cells if k[5] == DENSE and k[0] == ds and k[1] == rate and k[2] in pretrains]
+def _dense_keys(cells, ds, rate, arch, pretrains):
+    return [k for k in cells if k[5] == DENSE and k[0] == ds and k[1] == rate and k[7] == arch and k[2] in pretrains]
+
+
+def _figure_groups(ticket_keys):
+    """[(dataset, rate, arch, name tag, title prefix)]: one figure set per architecture; the arch joins
+    the tag only when its dataset and rate hold several, so one-arch trees keep their names."""
+    out = []
+    for ds, rate in sorted({k[:2] for k in ticket_keys}, key=lambda dr: (dr[0], -dr[1])):
+        archs = sorted({k[7] for k in ticket_keys if k[:2] == (ds, rate)})
+        for arch in archs:
+            tag = f"{common.safe_name(ds)}_rate{100 * rate:g}" + (f"_{common.safe_name(arch)}" if len(archs) > 1 else "")
+            out.append((ds, rate, arch, tag, f"{ds}, {common.fmt_rate_percent(rate)} data, {arch}"))
+    return out
 
 
 def _panels(ticket_series, modes):
@@ -155,10 +175,10 @@ def _finish(fig, axes, title):
 
 
 def _row(fig_name, panel, ser, linear, regime, metric, s, mean, std, st):
-    ds, rate, pre, pattern, nm, label, rewind = ser.key
+    ds, rate, pre, pattern, nm, label, rewind, arch = ser.key
     return {"figure": fig_name, "panel": panel, "eval": "linear" if linear else "full", "linear_eval": linear,
             "regime": regime, "metric": metric, "series": ser.name, "kind": "dense" if ser.dense else "ticket",
-            "dataset": ds, "data_rate": common.fmt_rate(rate), "pretrain": pre,
+            "dataset": ds, "arch": arch, "data_rate": common.fmt_rate(rate), "pretrain": pre,
             "pattern": "" if ser.dense else pattern, "nm": nm, "method": label, "rewind": rewind,
             "sparsity": common.fmt_sparsity(s), "mean": csv_number(mean), "std": csv_number(std), "n": st.n, "seeds": st.seeds,
             "complete": st.complete}
@@ -252,9 +272,9 @@ def draw_curves(out_dir, name, title, series_list):
     return png
 
 
-def _with_dense(series, ds, rate, keys, by):
+def _with_dense(series, ds, rate, arch, keys, by):
     """The lines of ``keys`` and the dense lines of their pretrain labels, in drawing order."""
-    dense = sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=series_sort_key)
+    dense = sorted(_dense_keys(series, ds, rate, arch, {k[2] for k in keys}), key=series_sort_key)
     return [make_series(series, k, by) for k in sorted(keys, key=series_sort_key) + dense]
 
 
@@ -262,17 +282,16 @@ def curve_figures(series, out_dir):
     """The pattern and method figures of every dataset and data rate; returns their PNG paths."""
     paths = []
     ticket_keys = [k for k in series if k[5] != DENSE]
-    for ds, rate in sorted({k[:2] for k in ticket_keys}, key=lambda dr: (dr[0], -dr[1])):
-        mine = [k for k in ticket_keys if k[:2] == (ds, rate)]
-        tag = f"{common.safe_name(ds)}_rate{100 * rate:g}"
-        where = f"{ds}, {common.fmt_rate_percent(rate)} data"
+    for ds, rate, arch, tag, where in _figure_groups(ticket_keys):
+        mine = [k for k in ticket_keys if k[:2] == (ds, rate) and k[7] == arch]
         patterns = sorted({(k[3], k[4]) for k in mine}, key=lambda p: (common.order_key(p[0], PATTERN_ORDER), p[1]))
         for pattern, nm in patterns:
-            lines = _with_dense(series, ds, rate, [k for k in mine if (k[3], k[4]) == (pattern, nm)], "method")
+            lines = _with_dense(series, ds, rate, arch, [k for k in mine if (k[3], k[4]) == (pattern, nm)], "method")
             name = f"companion_pattern_{tag}_{common.safe_name(pattern_name(pattern, nm).replace(' ', ''))}"
             title = f"{where}, {pattern_name(pattern, nm)} tickets: methods, robust vs natural pre-training"
             paths.append(draw_curves(out_dir, name, title, lines))
-        methods = sorted({(k[5], k[6]) for k in mine}, key=lambda m: series_sort_key((ds, rate, "", "", "", *m)))
+        methods = sorted({(k[5], k[6]) for k in mine},
+                         key=lambda m: series_sort_key((ds, rate, "", "", "", *m, arch)))
         for label, rewind in methods:
             keys = [k for k in mine if (k[5], k[6]) == (label, rewind)]
             if len({(k[3], k[4]) for k in keys}) < 2:
@@ -280,7 +299,7 @@ def curve_figures(series, out_dir):
             method = method_name(label, rewind)
             name = f"companion_method_{tag}_{common.safe_name(method.replace(' ', '_'))}"
             title = f"{where}, {method} tickets: sparsity patterns, robust vs natural pre-training"
-            paths.append(draw_curves(out_dir, name, title, _with_dense(series, ds, rate, keys, "pattern")))
+            paths.append(draw_curves(out_dir, name, title, _with_dense(series, ds, rate, arch, keys, "pattern")))
     return paths
 
 
@@ -431,13 +450,13 @@ def _draw_efficiency_panel(ax, series_list, record, linear, regime, metric, axis
 
 
 def efficiency_figures(series, records, out_dir, tolerance):
-    """Per (dataset, data rate) and benchmark record: accuracy vs latency and vs FLOPs. (paths, warnings)"""
+    """Per (dataset, data rate, arch) and benchmark record: accuracy vs latency and vs FLOPs. (paths, warnings)"""
     plt = common.use_agg()
     paths, warnings = [], []
     ticket_keys = [k for k in series if k[5] != DENSE]
-    for ds, rate in sorted({k[:2] for k in ticket_keys}, key=lambda dr: (dr[0], -dr[1])):
-        keys = sorted((k for k in ticket_keys if k[:2] == (ds, rate)), key=series_sort_key)
-        keys += sorted(_dense_keys(series, ds, rate, {k[2] for k in keys}), key=series_sort_key)
+    for ds, rate, arch, tag, where in _figure_groups(ticket_keys):
+        keys = sorted((k for k in ticket_keys if k[:2] == (ds, rate) and k[7] == arch), key=series_sort_key)
+        keys += sorted(_dense_keys(series, ds, rate, arch, {k[2] for k in keys}), key=series_sort_key)
         # every pattern and method on one axes: colour the pretrain label and method family, line
         # style the pattern, marker the method
         lines = []
@@ -451,7 +470,7 @@ def efficiency_figures(series, records, out_dir, tolerance):
         modes = sorted({lin for s in tickets for (lin, _) in s.cells})
         panels = _panels(tickets, modes)
         for record in records:
-            name = f"companion_efficiency_{common.safe_name(ds)}_rate{100 * rate:g}_{record.tag}"
+            name = f"companion_efficiency_{tag}_{record.tag}"
             columns = [(lin, axis) for lin in modes for axis in ("latency_ms", "flops_per_image")]
             fig, axes = plt.subplots(len(panels), len(columns), figsize=(3.8 * len(columns), 2.9 * len(panels)),
                                      squeeze=False)
@@ -469,14 +488,14 @@ def efficiency_figures(series, records, out_dir, tolerance):
                             for c in st.runs})
             if not any_drawn:
                 plt.close(fig)
-                warnings.append(f"{ds}, data rate {common.fmt_rate(rate)}: no cell matches a row of '{record.path}' "
+                warnings.append(f"{ds}, data rate {common.fmt_rate(rate)}, {arch}: no cell matches a row of '{record.path}' "
                                 f"(record arch {record.arch}, runs {', '.join(archs)}; tolerance {tolerance:g} "
                                 "points), so its efficiency figure is not drawn.")
                 continue
             if unmatched:
                 listed = sorted({f"{pattern_name(k[3], k[4]) if k[5] != DENSE else 'dense'} "
                                  f"{common.fmt_sparsity(s)}%" for k, _, _, s in unmatched})
-                warnings.append(f"{ds}, data rate {common.fmt_rate(rate)}: {len(unmatched)} cell(s) have no row of "
+                warnings.append(f"{ds}, data rate {common.fmt_rate(rate)}, {arch}: {len(unmatched)} cell(s) have no row of "
                                 f"'{record.path}' within {tolerance:g} points of their level and arch "
                                 f"{record.arch} and are left out of {name} ({'; '.join(listed[:8])}"
                                 f"{'; ...' if len(listed) > 8 else ''}).")
@@ -486,7 +505,7 @@ def efficiency_figures(series, records, out_dir, tolerance):
                 warnings.append(f"'{record.path}' timed {record.image_size} px inputs but the runs of {ds} use "
                                 f"{', '.join(map(str, sorted(sizes)))} px; rerun the benchmark with --image-size "
                                 "to match before reading absolute latencies.")
-            title = (f"{ds}, {common.fmt_rate_percent(rate)} data: accuracy vs cost on {record.device} "
+            title = (f"{where}: accuracy vs cost on {record.device} "
                      f"({record.arch}, {record.path.name})")
             _finish(fig, [ax for row in axes for ax in row], title)
             paths.append(common.save_figure(fig, Path(out_dir) / f"{name}.png"))

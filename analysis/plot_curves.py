@@ -16,7 +16,9 @@ CSVs' x_position is the level's rank among the figure's levels in either case.
 Bad input (no results.json found, a missing directory, no readable results) exits with status 2,
 and so do runs of one group (dataset, data rate, pretrain, method, regime) made with different
 protocols (epochs, lr, ε, ...: analysis.runs.PROTOCOL_KEYS), unless ``--mix-protocols`` draws them
-together with a warning.
+together with a warning. The architecture is part of every line's key: runs of two architectures
+in one line are refused (exit 2) even with ``--mix-protocols``; IMP's rewind variants are lines
+(and verdict rows) of their own ("imp", "imp-norewind").
 """
 
 import argparse
@@ -30,7 +32,7 @@ if __package__ in (None, ""):  # run as `python analysis/plot_curves.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import common, style  # noqa: E402
-from analysis.runs import DENSE, csv_number, load_runs  # noqa: E402, F401  (load_runs: reached as plot_curves.load_runs too)
+from analysis.runs import DENSE, cell_sort_key, csv_number, group_text, load_runs  # noqa: E402, F401  (load_runs: reached as plot_curves.load_runs too)
 from analysis.table import (  # noqa: E402, F401  (verdict_rows, collect: reached as plot_curves.NAME too)
     CSV_FIELDS,
     collect,
@@ -315,6 +317,19 @@ def parse_args(argv=None):
 
 
 
+def _refuse_mixed_archs(runs):
+    """A drawn line is (dataset, data rate, pretrain, method label) over its regimes: the architecture
+    belongs to that key, so runs of two architectures are never one line, --mix-protocols or not."""
+    archs = defaultdict(dict)
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        archs[(r.dataset, r.data_rate, r.pretrain, r.label)].setdefault(r.arch, r.path.parent)
+    for (ds, rate, pre, label), found in sorted(archs.items(), key=lambda kv: cell_sort_key(kv[0] + ("", 0.0))):
+        if len(found) > 1:
+            listed = " vs ".join(f"{a} (e.g. '{d}')" for a, d in sorted(found.items()))
+            raise UserError(f"{group_text(ds, rate, pre, label)}: one line would mix architectures ({listed}); "
+                            "analyse each architecture from its own folder, or use --no-figures for the table alone.")
+
+
 def analyse(dirs, out_dir, figures=True, expected=None, grid_base=None, mix_protocols=False):
     """Everything main does, returning (table rows, warnings, figure paths); missing runs are warnings too.
 
@@ -328,6 +343,8 @@ def analyse(dirs, out_dir, figures=True, expected=None, grid_base=None, mix_prot
         raise UserError(f"runs of one group differ in their protocol: {conflicts[0]}{more}; pass runs of one protocol "
                         "(rerun the others, or analyse them from separate folders), or --mix-protocols to draw them "
                         "together anyway.")
+    if figures:
+        _refuse_mixed_archs(result.runs)
     result.warnings.extend(f"runs of one group differ in their protocol (--mix-protocols): {c}." for c in conflicts)
     warnings = write_tables(result, out_dir)
     paths = make_figures(result.cells, out_dir, level_supports(result.rows), level_wins(result.rows)) if figures else []

@@ -1,7 +1,9 @@
 """The stage-2 runs as the double-win table reads them, grouped into cells (docs/contracts.md §5).
 
 Every results.json under the given directories is one Run. Method labels: the results' "method"
-(a structured ticket adds its pattern, pruning_utils.ticket_family); when the IMP runs of the
+(a structured ticket adds its pattern, pruning_utils.ticket_family; an IMP ticket that was not
+rewound to θ_p adds its rewind variant, "imp-norewind" or "imp-rewK", :func:`rewind_family`; a run of
+stage 2's --random-reinit ablation adds "-reinit"); when the IMP runs of the
 analysis use tickets of more than one re-training kind (read from the ticket's stage-1 config.json
 or the ticket file, when they still exist), IMP runs become "imp-st" / "imp-at" so the two are never
 averaged together. A results.json with SA/RA outside [0, 100], or whose ticket file exists but is
@@ -136,15 +138,28 @@ def _ticket_family(ticket_path, method, cache):
         nm = cfg.get("nm")
         if (cfg.get("method") == method and isinstance(cfg.get("pattern"), (str, type(None)))
                 and (nm is None or (isinstance(nm, list) and len(nm) == 2))):
-            family = pruning_utils.ticket_family(method, cfg.get("pattern"), nm)
+            family = rewind_family(pruning_utils.ticket_family(method, cfg.get("pattern"), nm), cfg.get("rewind"))
         if family is None:
             try:
                 t = pruning_utils.load_ticket(ticket_path)
-                family = pruning_utils.ticket_family(method, t.get("pattern"), t.get("nm"))
+                family = rewind_family(pruning_utils.ticket_family(method, t.get("pattern"), t.get("nm")),
+                                       t.get("rewind"))
             except Exception:  # noqa: BLE001 - _ticket_retrain already reported an unreadable file
                 family = method
         cache[key] = family
     return cache[key]
+
+
+def rewind_family(family, rewind):
+    """IMP's rewind variants are families of their own (never one line or verdict row): rewinding to
+    θ_p keeps the plain name (a stage-1 config records it as null), no rewinding adds "-norewind",
+    rewinding to epoch K of the first re-training round "-rewK"."""
+    from masks.ticket import rewind_epoch
+
+    if rewind in (None, "theta_p") or not isinstance(rewind, str):
+        return family
+    k = rewind_epoch(rewind)
+    return f"{family}-norewind" if rewind == "none" else f"{family}-rew{k}" if k else f"{family}-{rewind}"
 
 
 def _stage1_config(ticket_path):
@@ -289,6 +304,8 @@ def load_runs(dirs, linear_eval=False):
         ticket = next((c for c in candidates if c.exists()), None)
         retrain, problem = _ticket_retrain(ticket, method, cache)
         family = method if method == DENSE or problem else _ticket_family(ticket, method, cache)
+        if method != DENSE and _config(obj).get("random_reinit") is True:  # the mask on fresh weights
+            family += "-reinit"
         if problem:
             warnings.append(f"skipped '{path}': its ticket '{ticket}' {problem.rstrip('.')} "
                             "(restore the ticket file or remove the run).")

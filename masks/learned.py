@@ -70,17 +70,26 @@ def initial_scores(weight, how):
     return score * (math.sqrt(6.0 / fan_in) / peak)
 
 
+SCORE_RANKS = ("score", "abs")
+
+
 class ScoredNetwork(nn.Module):
-    """θ_p (frozen, BatchNorm in eval mode) under the top-k mask of trainable scores.
+    """θ_p (frozen, BatchNorm in eval mode unless ``train_bn``) under the top-k mask of trainable scores.
 
     ``keep`` is an int (one global top-k over every score) or a dict name -> int (a top-k per
-    layer). The only parameters that require gradients are the scores, so ``train_epoch`` and DDP
-    see a model whose parameters are the scores. The base's weights are substituted through
-    ``torch.func.functional_call``, not hooks: the module itself is never modified.
+    layer). ``rank`` "score" keeps the largest scores, "abs" the largest |s| (HYDRA's GetSubnet,
+    the gradient passing through the absolute value). The parameters that require gradients are
+    the scores, and with ``train_bn`` BatchNorm's affine parameters too (HYDRA trains them while
+    pruning unless --freeze-bn; its running statistics then follow the batches as well): pass the
+    base a copy of θ_p then, since its BatchNorm changes. The base's weights are substituted through
+    ``torch.func.functional_call``, not hooks: the conv weights themselves are never modified.
     """
 
-    def __init__(self, base, names, keep, score_init="scaled"):
+    def __init__(self, base, names, keep, score_init="scaled", rank="score", train_bn=False):
         super().__init__()
+        if rank not in SCORE_RANKS:
+            raise ValueError(f"rank must be one of {SCORE_RANKS}, not {rank!r}")
+        self.rank, self.train_bn = rank, train_bn
         params = dict(base.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
@@ -88,6 +97,9 @@ class ScoredNetwork(nn.Module):
                             "build the model of the ticket's --arch.")
         for p in base.parameters():
             p.requires_grad_(False)
+        if train_bn:
+            for p in self.bn_parameters(base):
+                p.requires_grad_(True)
         self.base = base.eval()
         self.names = list(names)
         self.scores = nn.ParameterList(nn.Parameter(initial_scores(params[n], score_init)) for n in self.names)
@@ -102,17 +114,30 @@ class ScoredNetwork(nn.Module):
             name, k, s = bad[0]
             raise UserError(f"cannot keep {k} of the {s} weights of {name}; the level is out of range.")
 
+    @staticmethod
+    def bn_parameters(base):
+        return [p for m in base.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
+
+    def trainable(self):
+        """The parameters the optimizer steps: the scores, and BatchNorm's with ``train_bn``."""
+        return list(self.scores) + (self.bn_parameters(self.base) if self.train_bn else [])
+
     def train(self, mode=True):
-        # θ_p's BatchNorm statistics belong to the frozen network: the base never leaves eval mode
+        # frozen: θ_p's BatchNorm statistics belong to the network stage 2 starts from, so the base
+        # never leaves eval mode; with train_bn it follows ``mode`` like any network in training
         super().train(mode)
-        self.base.eval()
+        if not self.train_bn:
+            self.base.eval()
         return self
+
+    def _ranked(self, s):
+        return s.abs().reshape(-1) if self.rank == "abs" else s.reshape(-1)
 
     def _soft_masks(self):
         """Per-layer 0/1 masks that carry the straight-through gradient to the scores."""
         if isinstance(self.keep, list):
-            return [_TopKStraightThrough.apply(s.reshape(-1), k).view(s.shape) for s, k in zip(self.scores, self.keep)]
-        flat = _TopKStraightThrough.apply(torch.cat([s.reshape(-1) for s in self.scores]), self.keep)
+            return [_TopKStraightThrough.apply(self._ranked(s), k).view(s.shape) for s, k in zip(self.scores, self.keep)]
+        flat = _TopKStraightThrough.apply(torch.cat([self._ranked(s) for s in self.scores]), self.keep)
         return [part.view(s.shape) for part, s in zip(flat.split([s.numel() for s in self.scores]), self.scores)]
 
     def forward(self, images):
@@ -124,3 +149,39 @@ class ScoredNetwork(nn.Module):
     def masks(self):
         """The current mask as a ticket mask (name -> bool tensor)."""
         return {n: m.bool() for n, m in zip(self.names, self._soft_masks())}
+
+
+class FilterScoredNetwork(ScoredNetwork):
+    """Filter-wise LMP (``--pattern channel``): one score per output filter of every block-internal
+    conv (masks/channel.py's groups), a top-k of them per layer (``keep``: conv name -> kept
+    filters, at least one), the other convs whole. A removed filter also masks the next conv's
+    input channel it fed, in the forward pass as in the ticket (masks.channel.complete_channel_mask),
+    so the scores learn the function the exported smaller network computes.
+
+    A filter's initial score is the mean of its weights' initial scores (``score_init``).
+    """
+
+    def __init__(self, base, names, keep, score_init="scaled", rank="score", train_bn=False):
+        from masks.channel import require_channel_groups
+
+        params = dict(base.named_parameters())
+        self.groups = require_channel_groups({n: params[n] for n in names if n in params})
+        super().__init__(base, names, {n: params[n].numel() for n in names}, score_init, rank, train_bn)
+        self.scores = nn.ParameterList(
+            nn.Parameter(initial_scores(params[g.conv], score_init).reshape(params[g.conv].shape[0], -1).mean(1))
+            for g in self.groups)
+        self.filter_keep = [int(keep[g.conv]) for g in self.groups]
+        bad = [(g.conv, k, s.numel()) for g, k, s in zip(self.groups, self.filter_keep, self.scores)
+               if not 1 <= k <= s.numel()]
+        if bad:
+            name, k, s = bad[0]
+            raise UserError(f"cannot keep {k} of the {s} filters of {name}; the level is out of range.")
+
+    def _soft_masks(self):
+        params = dict(self.base.named_parameters())
+        out = {n: torch.ones_like(params[n]) for n in self.names}
+        for g, s, k in zip(self.groups, self.scores, self.filter_keep):
+            kept = _TopKStraightThrough.apply(self._ranked(s), k)
+            out[g.conv] = out[g.conv] * kept.view(-1, 1, 1, 1)
+            out[g.next] = out[g.next] * kept.view(1, -1, 1, 1)
+        return [out[n] for n in self.names]

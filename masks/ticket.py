@@ -18,7 +18,7 @@ TICKET_VERSION = 2
 TICKET_VERSIONS_READ = (1, 2)
 TICKET_METHODS = ("imp", "omp", "rp", "lmp")
 TICKET_RETRAIN = ("st", "at", None)
-REWINDS = ("theta_p", "none")
+REWINDS = ("theta_p", "none")  # and "epoch_K": IMP rewinds to epoch K of its first re-training round
 # the ticket stores sparsity rounded to 2 decimals (make_ticket), so a recount may differ by 0.005
 SPARSITY_TOLERANCE = 0.01
 _TICKET_KEYS = ("format", "version", "masks", "sparsity", "round", "method", "retrain",
@@ -28,6 +28,21 @@ _SEED_MASK_SUFFIX = ".weight_mask"
 
 def _cpu_masks(mask):
     return {str(n): m.detach().to("cpu").contiguous().clone() for n, m in mask.items()}
+
+
+def rewind_epoch(value):
+    """K of an IMP rewind to epoch K of the first re-training round ("epoch_K", K >= 1), else None."""
+    if isinstance(value, str) and value.startswith("epoch_") and value[6:].isdigit() and int(value[6:]) >= 1:
+        return int(value[6:])
+    return None
+
+
+def parse_rewind(text):
+    """--rewind: "theta_p", "none" or "epoch_K"; UserError otherwise."""
+    if text in REWINDS or rewind_epoch(text) is not None:
+        return text
+    raise UserError(f"--rewind '{text}' is not theta_p, none or epoch_K (K >= 1, an epoch of the first "
+                    "re-training round); pass e.g. --rewind epoch_2.")
 
 
 def ticket_family(method, pattern="unstructured", nm=None):
@@ -46,7 +61,8 @@ def make_ticket(mask, *, round, method, retrain, arch, pretrain, init, source_da
     """The ticket dict of docs/contracts.md §1, version 2 (masks copied to CPU; sparsity in percent, 2 decimals).
 
     ``pattern`` is "unstructured", "channel" or "nm" (then ``nm=[N, M]``); ``rewind`` is "theta_p"
-    (IMP rewinds to θ_p; also OMP/RP, which prune θ_p itself) or "none".
+    (IMP rewinds to θ_p; also OMP/RP, which prune θ_p itself), "none" or "epoch_K" (IMP rewinds to
+    epoch K of its first re-training round).
     ``round`` is the keyword of the file format; the builtin is reached as ``builtins.round`` here.
     """
     check_mask_type(mask)
@@ -121,8 +137,8 @@ def validate_ticket(ticket, where="ticket"):
     pattern = ticket.get("pattern", "unstructured")
     if pattern not in PATTERNS:
         raise UserError(f"{where} pattern {pattern!r} is not one of {list(PATTERNS)}; re-create the ticket.")
-    if ticket.get("rewind", "theta_p") not in REWINDS:
-        raise UserError(f"{where} rewind {ticket.get('rewind')!r} is not one of {list(REWINDS)}; "
+    if ticket.get("rewind", "theta_p") not in REWINDS and rewind_epoch(ticket.get("rewind")) is None:
+        raise UserError(f"{where} rewind {ticket.get('rewind')!r} is not one of {list(REWINDS)} or epoch_K; "
                         "re-create the ticket.")
     if version < 2 and (pattern != "unstructured" or ticket.get("rewind", "theta_p") != "theta_p"):
         raise UserError(f"{where} is a version-1 ticket, which is unstructured and rewound to θ_p, but says "

@@ -570,8 +570,11 @@ def test_v2_keys_lmp_and_rewind_none():
     _, mask = _ticket_mask()
     t = pu.make_ticket(mask, **dict(_META, method="lmp", retrain="st"), rewind="none")
     assert t["method"] == "lmp" and t["rewind"] == "none" and t["version"] == 2
-    with pytest.raises(UserError, match="rewind"):
-        pu.make_ticket(mask, **_META, rewind="epoch_3")
+    # issue 24: IMP may rewind to epoch K >= 1 of its first re-training round; other values stay refused
+    assert pu.make_ticket(mask, **_META, rewind="epoch_3")["rewind"] == "epoch_3"
+    for bad in ("epoch_0", "epoch_x", "step_3"):
+        with pytest.raises(UserError, match="rewind"):
+            pu.make_ticket(mask, **_META, rewind=bad)
     with pytest.raises(UserError, match="pattern"):
         pu.make_ticket(mask, **_META, pattern="block")
     with pytest.raises(UserError, match="'nm'"):

@@ -26,6 +26,12 @@ PAPER_DEFAULTS = {
 }
 PAPER_DEFAULTS["fat"] = dict(PAPER_DEFAULTS["at"])
 SVHN_ADVERSARIAL = {"lr": 0.01, "epochs": 80, "schedule": "cosine", "milestones": []}
+# --linear-eval: Salman et al. 2020's fixed-feature transfer (a linear head on frozen features, the
+# protocol the companion paper's linear evaluation follows; docs/companion.md): SGD momentum 0.9,
+# batch 64, weight decay 5e-4, 150 epochs, lr ×0.1 every 50; lr 0.01, the larger of their grid
+# {0.01, 0.001}, as a freshly initialised head gains little at 0.001 under the step decay
+LINEAR_EVAL_DEFAULTS = {"lr": 0.01, "batch_size": 64, "epochs": 150, "milestones": [50, 100], "schedule": "step",
+                        "weight_decay": 5e-4}
 # First validated epoch (the seed code's scripts; docs/contracts.md §4: "45 for CIFAR AT, 0 otherwise"):
 # CIFAR PGD-adversarial runs select among epochs >= 45; SVHN AT, FAT (which the seed code did not
 # have) and every standard run from epoch 0.
@@ -45,6 +51,10 @@ def _regime_defaults_text():
     s = SVHN_ADVERSARIAL
     lines.append(f"  svhn at/fat: --lr {s['lr']} --epochs {s['epochs']} --schedule cosine --eval-from 0")
     lines.append("  --alpha: eps/4 (at), 1.25 eps (fat); --test-eps: --eps; --test-alpha: test eps / 4")
+    d = LINEAR_EVAL_DEFAULTS
+    lines.append(f"  --linear-eval (every regime; Salman et al. 2020's fixed-feature transfer): --lr {d['lr']} "
+                 f"--batch-size {d['batch_size']} --epochs {d['epochs']} --milestones 50,100 "
+                 f"--weight-decay {d['weight_decay']}")
     return "\n".join(lines)
 
 
@@ -110,8 +120,13 @@ def build_parser():
                         "keep_model = \"best\"")
     p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
                    help="fat: do not stop on catastrophic overfitting")
+    p.add_argument("--random-reinit", action="store_true", default=None,
+                   help="the re-initialisation ablation: the ticket's mask on the architecture's freshly initialised "
+                        "weights instead of θ_p's (--init only names the ticket's source); its runs are the family "
+                        "<method>-reinit in the analysis")
     p.add_argument("--linear-eval", "--linear_eval", action="store_true",
-                   help="freeze the backbone (weights and BatchNorm statistics) and train only the head")
+                   help="freeze the backbone (weights and BatchNorm statistics) and train only the head, with "
+                        "Salman et al. 2020's fixed-feature defaults (below)")
     p.add_argument("--save-trajectory", action="store_true",
                    help="keep the weights of every epoch (for analysis/loss_landscape.py, which centres them on "
                         "model_best.pt, so it needs --keep-model best)")
@@ -156,6 +171,7 @@ FLAG_SCOPE = {
     "workers": (lambda c: c["dataset"] in (None, "folder"),
                 "applies only to --dataset folder (the other datasets are held in memory)"),
     "data": (lambda c: c["dataset"] != "digits", "applies to every --dataset but digits (bundled with scikit-learn)"),
+    "random_reinit": (lambda c: str(c["ticket"]).lower() != "none", "applies only with a --ticket (whose mask it keeps)"),
     "reinit_stem": (lambda c: str(c["init"]).lower() != "none" or str(c["ticket"]).lower() != "none",
                     "applies only with θ_p from --init or with a --ticket (whose stem mask it drops)"),
 }
@@ -191,6 +207,8 @@ def resolve_defaults(args, n_train_full=None):
         if args.milestones is not None:  # explicit --milestones mean a step schedule, even on SVHN
             del svhn["schedule"], svhn["milestones"]
         defaults.update(svhn)
+    if args.linear_eval:
+        defaults.update(LINEAR_EVAL_DEFAULTS)
     if args.schedule == "cosine" and args.milestones:
         raise UserError("--milestones only apply to --schedule step; drop one of the two.")
     for key, value in defaults.items():

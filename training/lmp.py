@@ -1,13 +1,22 @@
 """LMP, learned-mask pruning (HYDRA, Sehwag et al. 2020; edge-popup, Ramanujan et al. 2020).
 
-θ_p is frozen: its weights and its BatchNorm statistics never change (BatchNorm stays in eval mode,
-so the network whose mask is learned is exactly θ_p under the mask, the network stage 2 starts
-from). Each prunable weight gets one real-valued score; the forward pass keeps the weights whose
-scores are among the top k (globally, or per layer with ``--layerwise``), k being the kept count of
+θ_p's weights are frozen. Each prunable weight gets one real-valued score; the forward pass keeps
+the weights whose scores are among the top k (globally, or per layer), k being the kept count of
 the target level, so every ticket has exactly the requested sparsity. The top-k step passes its
-gradient straight through to the scores. Only the scores are trained (SGD with momentum and weight
-decay, cosine learning rate within each level), on the source task with the standard or the PGD
-adversarial loss.
+gradient straight through to the scores, which are trained (SGD with momentum and weight decay,
+cosine learning rate within each level) on the source task with the standard or the PGD loss.
+
+Two recipes (``--lmp-recipe``, :data:`RECIPES`; a flag given on the command line wins over its
+recipe's value):
+
+- ``frozen-global`` (the default, and LMP's only recipe before presets existed): global top-k over
+  the raw scores, BatchNorm frozen in eval mode (the network whose mask is learned is exactly θ_p
+  under the mask, the one stage 2 starts from), stage 1's IMP settings for the rest.
+- ``hydra``: HYDRA's pruning phase as its code configures it (docs/companion.md): a top-k of |s| per
+  layer, BatchNorm trained while pruning unless ``--freeze-bn`` (on a copy of θ_p: the ticket keeps
+  the mask only, so stage 2 still starts from θ_p's BatchNorm), 20 epochs, batch 128 (256 on
+  ImageNet), PGD-10 (HYDRA's CIFAR configs use TRADES with β = 6; this pipeline has no TRADES loss,
+  so the adversarial recipe is PGD-10 cross-entropy).
 
 Every level 1 − (1 − rate)^k, k = 1..rounds, is one independent run from the same |θ_p|-based
 score initialisation, as HYDRA prunes a pre-trained network to one target in one pruning phase; the
@@ -15,11 +24,13 @@ levels are therefore not nested. A checkpoint is written after every epoch; a re
 level in progress and skips the finished ones.
 """
 
+import copy
+
 import torch
 
 import pruning_utils
 from attacks import training_attack
-from masks.learned import SCORE_INITS, ScoredNetwork, top_k_mask  # noqa: F401  (SCORE_INITS, top_k_mask: LMP's public names)
+from masks.learned import SCORE_INITS, FilterScoredNetwork, ScoredNetwork, top_k_mask  # noqa: F401  (SCORE_INITS, top_k_mask: LMP's public names)
 from training import setup
 from training.engine import lr_for_epoch, make_sgd, set_lr, train_epoch
 from training.loop import Policy, Progress, ResumableRun
@@ -27,22 +38,74 @@ from utils.checkpoint import safe_load
 from utils.errors import UserError
 
 DEFAULT_LR = 0.1  # of the order edge-popup/HYDRA use for scores; the stage-1 default 5e-4 is IMP's, for weights
+DEFAULT_RECIPE = "frozen-global"
+
+# flag dest -> value; "score_rank" and "train_bn" have no flag of their own. None: stage 1's default.
+RECIPES = {
+    "frozen-global": {"lr": DEFAULT_LR, "layerwise": False, "score_rank": "score", "train_bn": False,
+                      "epochs_per_round": None, "batch_size": None, "attack_steps": None, "weight_decay": None},
+    # inspire-group/hydra: models/layers.py ranks |scores| per layer, the README prunes for 20 epochs;
+    # its configs (as issue 24 quotes them): SGD lr 0.1, momentum 0.9, wd 1e-4, cosine, batch 128
+    # (ImageNet 256), TRADES with PGD-10 on CIFAR, here PGD-10 cross-entropy
+    "hydra": {"lr": DEFAULT_LR, "momentum": 0.9, "weight_decay": 1e-4, "epochs_per_round": 20, "batch_size": 128,
+              "attack_steps": 10, "layerwise": True, "score_rank": "abs", "train_bn": True},
+}
+HYDRA_IMAGENET_BATCH = 256
+RECIPE_HELP = ("LMP preset (docs/companion.md): frozen-global (global top-k, BatchNorm frozen, IMP's batch and epochs) "
+               "or hydra (HYDRA's: |s| top-k per layer, BatchNorm trained, 20 epochs, batch 128, PGD-10 with "
+               "--retrain at, not TRADES); flags given explicitly win over the preset")
 
 
-def resolve_args(args):
-    """LMP's own defaults and refusals, applied by stage 1's parser (before any directory is claimed)."""
-    if args.lr is None:
-        args.lr = DEFAULT_LR
+def record_recipe(config):
+    """config.json records the frozen-global recipe (LMP's only one before presets) as unset, so
+    LMP directories made before --lmp-recipe existed resume as they are."""
+    for key, old in (("lmp_recipe", DEFAULT_RECIPE), ("score_rank", "score"), ("train_bn", False)):
+        if config.get(key) == old:
+            config[key] = None
+
+
+def resolve_args(args, given=()):
+    """LMP's recipe, defaults and refusals, applied by stage 1's parser (before any directory is
+    claimed); ``given``: the dests of the flags given on the command line, which win over the recipe."""
+    recipe = RECIPES[args.lmp_recipe]
+    for key, value in recipe.items():
+        if key in ("score_rank", "train_bn") or key in given or value is None:
+            continue
+        if key == "layerwise" and args.pattern != "unstructured":
+            continue  # the channel pattern has its own per-layer rule (--layerwise is refused with it)
+        if key == "attack_steps" and args.retrain != "at":
+            continue  # no attack is crafted: the recipe's PGD steps would only clutter config.json
+        if key == "batch_size" and args.lmp_recipe == "hydra" and args.dataset == "imagenet":
+            value = HYDRA_IMAGENET_BATCH
+        setattr(args, key, value)
+    args.score_rank = recipe["score_rank"]
+    if args.freeze_bn and not recipe["train_bn"]:
+        raise UserError(f"--freeze-bn applies to --lmp-recipe hydra; --lmp-recipe {args.lmp_recipe} always keeps "
+                        "BatchNorm frozen, so drop the flag.")
+    args.train_bn = recipe["train_bn"] and not args.freeze_bn
     if args.attack_bn == "train":
-        raise UserError("--attack-bn train would change θ_p's BatchNorm statistics, which LMP keeps frozen; "
-                        "drop the flag (LMP crafts its attacks with BatchNorm in eval mode).")
+        raise UserError("--attack-bn train would change BatchNorm statistics while attacks are crafted; drop the "
+                        "flag (LMP crafts its attacks with BatchNorm in eval mode, as HYDRA's TRADES does).")
     args.attack_bn = "eval"
 
 
-def level_keep_counts(model, names, rounds, rate, layerwise):
+def _bn_state(base):
+    """BatchNorm's part of ``base``'s state (affine parameters and running statistics), on the CPU."""
+    bn = {name for name, m in base.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    return {k: v.detach().cpu() for k, v in base.state_dict().items() if k.rsplit(".", 1)[0] in bn}
+
+
+def level_keep_counts(model, names, rounds, rate, layerwise, pattern="unstructured"):
     """Kept counts of levels 1..rounds: the IMP/OMP counts (per-round rounding), so an LMP
-    ticket has exactly the sparsity of the IMP/OMP ticket of the same round."""
+    ticket has exactly the sparsity of the IMP/OMP ticket of the same round. ``pattern``
+    "channel": kept filters of each block-internal conv (at least one), per layer."""
     params = dict(model.named_parameters())
+    if pattern == "channel":
+        from masks.channel import require_channel_groups
+
+        filters = {g.conv: params[g.conv].shape[0] for g in require_channel_groups({n: params[n] for n in names})}
+        return [{n: max(1, f - pruning_utils.imp_pruned_count(f, k, rate)) for n, f in filters.items()}
+                for k in range(1, rounds + 1)]
     sizes = {n: params[n].numel() for n in names}
     total = sum(sizes.values())
     if layerwise:
@@ -78,7 +141,7 @@ class LearnedMasks(Policy):
         self.save_dir, self.dist_info, self.precision, self.config = save_dir, dist_info, precision, config
         self.log_fields, self.broadcast_mask = log_fields, broadcast_mask
         self.names = pruning_utils.prunable_names(model, include_stem=not args.exclude_stem)
-        self.keeps = level_keep_counts(model, self.names, args.rounds, args.rate, args.layerwise)
+        self.keeps = level_keep_counts(model, self.names, args.rounds, args.rate, args.layerwise, args.pattern)
         self.attack = training_attack(args.retrain, args.eps, args.alpha, args.attack_steps, "eval")
         self.scaler = precision.make_scaler()
         self.net = self.optimizer = self.runner = self.plain = None
@@ -114,14 +177,20 @@ class LearnedMasks(Policy):
 
     def enter_unit(self, progress):
         args, level = self.args, progress.unit
-        self.net = ScoredNetwork(self.model, self.names, self.keeps[level - 1], args.score_init)
-        self.optimizer = make_sgd(self.net.scores.parameters(), args.lr, args.momentum, args.weight_decay,
+        # trained BatchNorm starts every level from θ_p's, which self.model keeps unchanged
+        base = copy.deepcopy(self.model) if args.train_bn else self.model
+        network = FilterScoredNetwork if args.pattern == "channel" else ScoredNetwork
+        self.net = network(base, self.names, self.keeps[level - 1], args.score_init, rank=args.score_rank,
+                                 train_bn=args.train_bn)
+        self.optimizer = make_sgd(self.net.trainable(), args.lr, args.momentum, args.weight_decay,
                                   self.dist_info.device)
         state, self.resumed_state = self.resumed_state, None
         if state is not None and state.get("scores") is not None:
             with torch.no_grad():
                 for s, saved in zip(self.net.scores, state["scores"]):
                     s.copy_(saved.to(s.device))
+            if state.get("base_bn") is not None:
+                base.load_state_dict(state["base_bn"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -136,7 +205,7 @@ class LearnedMasks(Policy):
         self.data.train.set_epoch((level - 1) * epochs + epoch, start_batch=start_step)
         return train_epoch(self.runner, self.data.train, self.optimizer, device=self.dist_info.device,
                            attack=self.attack, attack_model=self.plain, precision=self.precision, scaler=self.scaler,
-                           channels_last=args.channels_last, progress=args.progress, train_mode=False,
+                           channels_last=args.channels_last, progress=args.progress, train_mode=args.train_bn,
                            desc=f"lmp level {level}/{args.rounds} epoch {epoch + 1}/{epochs}",
                            loss_guard=loss_guard, start_step=start_step, carry=carry, step_hook=step_hook)
 
@@ -159,6 +228,7 @@ class LearnedMasks(Policy):
     def checkpoint(self, progress):
         return {"method": "lmp", "level": progress.unit, "epoch": progress.epoch, "log": progress.log,
                 "scores": None if self.net is None else [s.detach().cpu() for s in self.net.scores],
+                "base_bn": None if self.net is None or not self.args.train_bn else _bn_state(self.net.base),
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "partial": progress.partial, "init": str(self.args.init), "init_sha256": self.config["init_sha256"]}
