@@ -11,7 +11,6 @@ each level's mask over θ_p's frozen weights (training/lmp.py).
 Rerunning the same command resumes from the last per-epoch checkpoint and skips finished rounds.
 """
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from training import lmp, setup, tensorboard
 from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, LossGuard, make_sgd, set_lr, train_epoch
 from training.loop import Policy, Progress, ResumableRun
 from utils import distributed as du
-from utils.checkpoint import atomic_write_json
+from utils.checkpoint import atomic_write_json, file_sha256
 from utils.cli import ArgumentParser, flag_applies_in, given_flags, refuse_flags_without_effect, run_main
 from utils.errors import UserError
 from utils.preemption import StopRequest
@@ -200,20 +199,6 @@ def check_pattern_args(args):
         if args.rounds != 1:
             raise UserError(f"--pattern nm gives one sparsity level ({args.nm[0]}:{args.nm[1]}), so it needs "
                             f"--rounds 1, not {args.rounds}.")
-
-
-def fingerprint(path):
-    """A digest of θ_p's file, so a resumed run can prove it rewinds to the same weights."""
-    if str(path).lower() == "none":
-        return "none"
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except OSError as exc:
-        raise UserError(f"--init '{path}' cannot be read ({exc.strerror}); check the path and its permissions.") from None
-    return h.hexdigest()
 
 
 def broadcast_mask(mask, k=None):
@@ -406,7 +391,7 @@ def run_config(args):
     if str(args.init).lower() != "none" and not Path(str(args.init)).is_file():
         raise UserError(f"--init '{args.init}' does not exist; pass the pre-trained checkpoint θ_p to prune.")
     lmp.record_recipe(config)
-    config["init_sha256"] = fingerprint(args.init)
+    config["init_sha256"] = "none" if str(args.init).lower() == "none" else file_sha256(args.init, "--init")
     return config
 
 

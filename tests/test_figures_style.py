@@ -124,8 +124,9 @@ def test_uneven_levels_get_a_numeric_axis_and_even_ones_keep_their_steps(figures
 
 
 def test_companion_colours_differ_per_method_family():
-    keys = [("cifar10", 1.0, pre, "unstructured", "", label, "theta_p") for pre in ("at", "std")
+    # a series key ends with the architecture (a line never mixes two)
+    keys = [("cifar10", 1.0, pre, "unstructured", "", label, "theta_p", "resnet18") for pre in ("at", "std")
             for label in ("imp", "omp", "rp")]
-    keys += [("cifar10", 1.0, pre, "", "", "dense", "") for pre in ("at", "std")]
+    keys += [("cifar10", 1.0, pre, "", "", "dense", "", "resnet18") for pre in ("at", "std")]
     colours = {k: plot_companion.make_series({k: {}}, k, "method").color for k in keys}
     assert len(set(colours.values())) == len(keys), colours

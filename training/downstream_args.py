@@ -111,13 +111,6 @@ def build_parser():
                         f"(default {MAX_LOSS_FACTOR} x the loss of a uniform prediction, ln(classes))")
     p.add_argument("--checkpoint-minutes", "--checkpoint_minutes", type=float, default=30.0,
                    help="also checkpoint inside an epoch every this many minutes (0 = only at epoch ends)")
-    p.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep checkpoint.pt (optimizer state) after results.json is written (default: removed)")
-    p.add_argument("--keep-model", choices=KEEP_MODEL, default="best",
-                   help="model files kept once results.json is written: best = model_best.pt (and model_best_sa.pt), "
-                        "which analysis/robustness.py and loss_landscape.py read; none = remove them. Default: best "
-                        "for a direct run; runs launched by script/sweep.py get none unless the grid's [flags] says "
-                        "keep_model = \"best\"")
     p.add_argument("--no-fat-guard", dest="fat_guard", action="store_false",
                    help="fat: do not stop on catastrophic overfitting")
     p.add_argument("--random-reinit", action="store_true", default=None,
@@ -127,6 +120,19 @@ def build_parser():
     p.add_argument("--linear-eval", "--linear_eval", action="store_true",
                    help="freeze the backbone (weights and BatchNorm statistics) and train only the head, with "
                         "Salman et al. 2020's fixed-feature defaults (below)")
+    add_output_args(p)
+    return p
+
+
+def add_output_args(p):
+    """What a run keeps and writes beside results.json."""
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep checkpoint.pt (optimizer state) after results.json is written (default: removed)")
+    p.add_argument("--keep-model", choices=KEEP_MODEL, default="best",
+                   help="model files kept once results.json is written: best = model_best.pt (and model_best_sa.pt), "
+                        "which analysis/robustness.py and loss_landscape.py read; none = remove them. Default: best "
+                        "for a direct run; runs launched by script/sweep.py get none unless the grid's [flags] says "
+                        "keep_model = \"best\"")
     p.add_argument("--save-trajectory", action="store_true",
                    help="keep the weights of every epoch (for analysis/loss_landscape.py, which centres them on "
                         "model_best.pt, so it needs --keep-model best)")
@@ -138,7 +144,6 @@ def build_parser():
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the per-epoch curves and the final test SA/RA as TensorBoard event files in SAVE_DIR/tb "
                         "(needs `pip install tensorboard`; watch with tensorboard --logdir <dir above the runs>)")
-    return p
 
 
 def _regime(*regimes):

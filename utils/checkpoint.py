@@ -7,6 +7,7 @@ else.  Every file is written to a temporary name beside its target and moved int
 """
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -157,3 +158,15 @@ def atomic_write_json(obj, path):
 
 def atomic_write_text(text, path):
     _atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def file_sha256(path, flag):
+    """A digest of a file a run depends on (θ_p), so a resumed run can prove it reads the same bytes."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise UserError(f"{flag} '{path}' cannot be read ({exc.strerror}); check the path and its permissions.") from None
+    return h.hexdigest()
