@@ -40,6 +40,10 @@ def build_parser():
     # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
     p = ArgumentParser(prog=Path(__file__).name, description=__doc__)
     setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
+    p.add_argument("--folder-loader", choices=["uint8", "pil"], default=None,
+                   help="how image folders are read: uint8 (default; decode, crop and resize at uint8 in "
+                        "the workers, flip and convert on the device) or pil (torchvision's PIL transforms, "
+                        "float batches; the same crops and flips); docs/stage1.md")
     p.add_argument("--method", choices=["imp", "omp", "rp", "lmp"], default="imp",
                    help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, docs/stage1.md §2)")
     p.add_argument("--retrain", choices=["st", "at"], default="st",
@@ -103,6 +107,8 @@ FLAG_SCOPE = {
              "applies only to --method imp and lmp (OMP and RP read no images), and not to --dataset digits"),
     "workers": (lambda c: c["method"] in ("imp", "lmp") and c["dataset"] in (None, "imagenet", "folder"),
                 "applies only to --method imp and lmp on --dataset imagenet or folder"),
+    "folder_loader": (lambda c: c["method"] in ("imp", "lmp") and c["dataset"] in ("imagenet", "folder"),
+                      "applies only to --method imp and lmp on --dataset imagenet or folder"),
     "rewind": (lambda c: c["method"] == "imp" and _trains(c),
                "applies only to --method imp when it re-trains (--rounds 2 or more, --epochs-per-round 1 or more)"),
     "score_init": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),

@@ -50,6 +50,10 @@ def build_parser():
     p = ArgumentParser(prog="main_downstream.py", description=DESCRIPTION, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
+    p.add_argument("--folder-loader", choices=["uint8", "pil"], default=None,
+                   help="how image folders are read: uint8 (default; decode, crop and resize at uint8 in "
+                        "the workers, flip and convert on the device) or pil (torchvision's PIL transforms, "
+                        "float batches; the same crops and flips); docs/stage1.md")
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
                    help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline")
     p.add_argument("--regime", choices=["st", "fat", "at"], default="st")
@@ -135,6 +139,7 @@ FLAG_SCOPE = {
     "test_alpha": (_robust_test, TESTS_RA),
     "workers": (lambda c: c["dataset"] in (None, "folder"),
                 "applies only to --dataset folder (the other datasets are held in memory)"),
+    "folder_loader": (lambda c: c["dataset"] == "folder", "applies only to --dataset folder"),
     "data": (lambda c: c["dataset"] != "digits", "applies to every --dataset but digits (bundled with scikit-learn)"),
     "reinit_stem": (lambda c: str(c["init"]).lower() != "none" or str(c["ticket"]).lower() != "none",
                     "applies only with θ_p from --init or with a --ticket (whose stem mask it drops)"),

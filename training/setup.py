@@ -83,6 +83,9 @@ def check_common_args(args):
         raise UserError(f"--seed must lie in [0, 2**32), not {args.seed}.")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, not {args.workers}.")
+    if (getattr(args, "folder_loader", None) is None and args.dataset in dataset.FOLDER_DATASETS
+            and getattr(args, "method", "imp") in ("imp", "lmp")):  # stage 2 has no --method; it reads images
+        args.folder_loader = "uint8"  # recorded in config.json: PIL-path runs differ in the resize's rounding
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
     if args.image_size is not None and args.image_size < 8:
@@ -113,7 +116,7 @@ def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None):
         val_size=val_size, data_rate=data_rate, seed=args.seed, device=dist_info.device, workers=args.workers,
         augment=args.augment, classes=args.classes, rank=dist_info.rank, world_size=dist_info.world_size,
         channels_last=bool(args.channels_last), subset=getattr(args, "subset", "random"),
-        subset_seed=getattr(args, "subset_seed", 0))
+        subset_seed=getattr(args, "subset_seed", 0), folder_loader=getattr(args, "folder_loader", None) or "uint8")
 
 
 def build_model(args, data, device, load_head):
