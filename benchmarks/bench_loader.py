@@ -158,6 +158,7 @@ def compare_array_paths(args, device, malloc_tuned):
 SYNTHETIC_SIZE = (500, 375)  # ImageNet's most common training image size
 SYNTHETIC_QUALITY = 90
 SYNTHETIC_CLASSES = 10
+SYNTHETIC_UNIQUE = 512
 
 
 def synthetic_photo(rng, size=SYNTHETIC_SIZE):
@@ -176,16 +177,26 @@ def synthetic_photo(rng, size=SYNTHETIC_SIZE):
 
 def make_synthetic_folder(root: Path, n: int, seed: int):
     """``n`` JPEGs in ``root/train/<class>/``, written to a sibling folder first and renamed into
-    place, so an interrupted run leaves no half-made tree to be mistaken for a finished one."""
+    place, so an interrupted run leaves no half-made tree to be mistaken for a finished one.
+
+    At most SYNTHETIC_UNIQUE distinct pictures (making one takes about 50 ms), the rest byte
+    copies of them: a copy costs a decoder as much as a new picture, and a GPU node's benchmark
+    needs tens of thousands of files within minutes."""
+    import io
     import shutil
 
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     rng = np.random.default_rng(seed)
+    unique = []
     for i in range(n):
+        if len(unique) < SYNTHETIC_UNIQUE:
+            buffer = io.BytesIO()
+            synthetic_photo(rng).save(buffer, "JPEG", quality=SYNTHETIC_QUALITY)
+            unique.append(buffer.getvalue())
         folder = staging / "train" / f"class_{i % SYNTHETIC_CLASSES:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        synthetic_photo(rng).save(folder / f"img_{i:06d}.JPEG", quality=SYNTHETIC_QUALITY)
+        (folder / f"img_{i:06d}.JPEG").write_bytes(unique[i % SYNTHETIC_UNIQUE])
     root.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(root)
     print(f"made {n} synthetic {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} JPEGs (quality {SYNTHETIC_QUALITY}) "

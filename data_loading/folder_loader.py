@@ -133,9 +133,9 @@ class FolderLoader:
 
     ``pipeline``: 'pil' applies the dataset's own transform to PIL images in the workers and
     moves float batches; 'uint8' (:mod:`data_loading.folder_uint8`) ignores that transform,
-    crops and resizes at uint8 in the workers by ``augment`` ('rrc-flip' or 'none', training
-    only) to ``image_size``, which it needs, and mirrors and converts on ``device``.  Both draw
-    the same boxes and flips.
+    crops, resizes and mirrors at uint8 in the workers by ``augment`` ('rrc-flip' or 'none',
+    training only) to ``image_size``, which it needs, and converts to float on ``device``.  Both
+    draw the same boxes and flips.
     """
 
     def __init__(self, dataset, batch_size, *, train, device, seed, workers=4, rank=0, world_size=1,
@@ -222,13 +222,13 @@ class FolderLoader:
             if isinstance(batch, BadImage):
                 self.close()
                 raise UserError(batch.message("training" if self.train else ""))
-            labels = batch[1].to(self.device, non_blocking=True)
+            images, labels = batch
+            labels = labels.to(self.device, non_blocking=True)
             if self.pipeline == "uint8":
-                images, _, flips = batch
-                yield finish_batch(images, flips, device=self.device, dtype=self.dtype,
+                yield finish_batch(images, device=self.device, dtype=self.dtype,
                                    channels_last=self.channels_last), labels
                 continue
-            images = batch[0].to(self.device, non_blocking=True).to(self.dtype)
+            images = images.to(self.device, non_blocking=True).to(self.dtype)
             yield images.contiguous(memory_format=memory_format), labels
         # only the last step can leave a rank an empty share (every earlier step is a full global batch)
         if start < len(spans) and spans[-1][0] == spans[-1][1]:

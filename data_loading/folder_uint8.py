@@ -1,7 +1,7 @@
 """The uint8 path of image folders: DataLoader workers decode each file to uint8, draw its random
-resized crop, cut it out and resize it to the training size, all at uint8; the batch crosses to the
-device as uint8 (a quarter of float32's bytes), where the flip, the float conversion and the
-memory format are applied to the whole batch at once.
+resized crop, cut it out, resize it to the training size and mirror it, all at uint8, and stack
+the images channels-last; the batch crosses to the device as uint8 (a quarter of float32's
+bytes), where it becomes float in one pass.
 
 The resize stays in the worker: a crop's size differs from image to image, so on the device it
 would be one interpolation call per image, and torch's antialiased uint8 resize (the kernel
@@ -14,13 +14,14 @@ are made in the order of the PIL path (crop box, then flip), with the same calls
 cut the same boxes and mirror the same images; they differ only in the resize's rounding.
 """
 
+import functools
 import io
 import math
 import warnings
 
 import torch
 
-from data_loading.augment import augment_batch, resize_size
+from data_loading.augment import resize_size
 from data_loading.folder_common import BadImage, is_image_folder, unwrap_subset
 from data_loading.streams import mix_seed
 
@@ -29,6 +30,7 @@ RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 RRC_ATTEMPTS = 10
 
 
+@functools.lru_cache(maxsize=8)
 def _log_ratio_bounds(ratio):
     # the bounds as float32 values, as torchvision draws them, so the draws match bit for bit
     bounds = torch.log(torch.tensor(ratio, dtype=torch.float32))
@@ -46,7 +48,7 @@ def rrc_box(height: int, width: int, generator, scale=RRC_SCALE, ratio=RRC_RATIO
     gives the box ``RandomResizedCrop.get_params`` gives.
     """
     area = height * width
-    low, high = _log_ratio_bounds(ratio)
+    low, high = _log_ratio_bounds(tuple(ratio))
     for _ in range(RRC_ATTEMPTS):
         fraction = torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
         aspect = torch.exp(torch.empty(1).uniform_(low, high, generator=generator)).item()
@@ -82,6 +84,8 @@ def read_rgb_u8(path) -> torch.Tensor:
         data = bytearray(f.read())
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # torchvision 0.29 announces its decoders' move to TorchCodec on every call
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         image = Image.open(io.BytesIO(data))
         if image.format == "JPEG" and image.mode in ("RGB", "L"):
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -130,9 +134,16 @@ def train_crop_u8(image: torch.Tensor, size: int, generator):
 
 class Uint8Items(torch.utils.data.Dataset):
     """The items the uint8 path's DataLoader fetches, by the keys of FolderLoader's plan:
-    (uint8 [3, size, size] image, label, mirror it?).  ``augment`` is the resolved augmentation
-    of training ('rrc-flip' or 'none'); evaluation keys (plain positions) always take the
-    centre crop.  A file that fails to decode comes back as a :class:`BadImage`."""
+    (uint8 [size, size, 3] image, label).  ``augment`` is the resolved augmentation of training
+    ('rrc-flip' or 'none'); evaluation keys (plain positions) always take the centre crop.  A
+    file that fails to decode comes back as a :class:`BadImage`.
+
+    Images leave the worker channels-last (HWC), so the batch they are stacked into is already
+    in the training's memory format, and mirrored: the resize leaves its output channels-first,
+    so the worker copies every image once anyway, and reading it mirrored in that copy costs
+    nothing, where a batched flip on the device would be one more pass over the batch (on the CPU
+    device, a third of the training process's share of the path).
+    """
 
     def __init__(self, dataset, image_size: int, augment: str):
         root, _ = unwrap_subset(dataset, 0)
@@ -159,16 +170,17 @@ class Uint8Items(torch.utils.data.Dataset):
             image, flip = train_crop_u8(image, self.image_size, generator)
         else:
             image = eval_crop_u8(image, self.image_size)
+        image = image.permute(1, 2, 0)
         if root.target_transform is not None:
             target = root.target_transform(target)
-        return image.contiguous(), target, flip
+        return (image.flip(1) if flip else image).contiguous(), target
 
 
-def finish_batch(images_u8: torch.Tensor, flips: torch.Tensor, *, device, dtype, channels_last: bool):
-    """A worker's uint8 batch on ``device``, mirrored where ``flips`` says, as float [0, 1] in
-    ``dtype`` and the requested memory format (TensorLoader's batched conversion)."""
-    images = images_u8.to(device, non_blocking=True)
-    flips = flips.to(device, non_blocking=True)
-    images = torch.where(flips[:, None, None, None], images.flip(3), images)
-    return augment_batch(images, "none", images.shape[-1], None, pad=0, pad_mode="zeros", dtype=dtype,
-                         channels_last=channels_last)
+def finish_batch(images_hwc: torch.Tensor, *, device, dtype, channels_last: bool):
+    """A worker's uint8 [B, H, W, 3] batch on ``device`` as float [0, 1] [B, 3, H, W] in ``dtype``
+    and the requested memory format: the values ``ToTensor`` gives (x / 255 in float32).  The
+    batch arrives channels-last; a contiguous layout is made while the pixels are still uint8."""
+    images = images_hwc.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if not channels_last:
+        images = images.contiguous()
+    return images.to(torch.float32).div_(255).to(dtype)
