@@ -195,3 +195,13 @@ def test_folder_loader_flag_is_recorded_and_refused_where_it_does_nothing():
                                       *common])
     # OMP reads no images: nothing recorded, so its run directories match those made before the flag
     assert main_imp_pretrain.parse_args(["--dataset", "imagenet", "--method", "omp", *common]).folder_loader is None
+
+
+def test_a_run_made_before_the_flag_resumes_only_on_the_pil_path():
+    from utils.rundir import config_differences
+
+    before = {"dataset": "imagenet", "seed": 1}  # image folders were read through PIL then
+    assert config_differences(before, {**before, "folder_loader": "pil"}) == []
+    assert config_differences(before, {**before, "folder_loader": "uint8"}) == [("folder_loader", "<absent>", "uint8")]
+    # runs that read no image folder record nothing, so they match directories made before the flag
+    assert config_differences({"dataset": "cifar10"}, {"dataset": "cifar10", "folder_loader": None}) == []
