@@ -68,34 +68,45 @@ def rrc_box(height: int, width: int, generator, scale=RRC_SCALE, ratio=RRC_RATIO
     return (height - box_h) // 2, (width - box_w) // 2, box_h, box_w
 
 
-def read_rgb_u8(path) -> torch.Tensor:
-    """The image at ``path`` as uint8 [3, H, W] RGB, whatever its suffix says.
-
-    Baseline RGB and grayscale JPEGs go through torchvision's libjpeg decoder (grayscale
-    replicated to three channels); everything else (CMYK JPEGs, PNGs, ...) and every file that
-    decoder refuses through PIL, as the PIL path reads them, so a broken file fails with PIL's
-    message.  PIL reads the header first in both cases: its decompression-bomb check refuses an
-    oversized image before anything is decoded (its warning is raised as an error, as on the
-    PIL path).
-    """
+def read_header(path):
+    """(the file's bytes, its PIL image with only the header read).  PIL's decompression-bomb
+    check refuses an oversized image here, before anything is decoded (its warning raised as an
+    error, as on the PIL path)."""
     from PIL import Image
 
     with open(path, "rb") as f:
         data = bytearray(f.read())
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        # torchvision 0.29 announces its decoders' move to TorchCodec on every call
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        image = Image.open(io.BytesIO(data))
-        if image.format == "JPEG" and image.mode in ("RGB", "L"):
-            from torchvision.io import ImageReadMode, decode_jpeg
+        return data, Image.open(io.BytesIO(data))
 
-            try:
+
+def is_plain_jpeg(image) -> bool:
+    """Whether libjpeg decodes the file straight to RGB (CMYK is left to PIL, as the PIL path
+    converts it)."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+def read_rgb_u8(path) -> torch.Tensor:
+    """The image at ``path`` as uint8 [3, H, W] RGB, whatever its suffix says.
+
+    Baseline RGB and grayscale JPEGs go through torchvision's libjpeg decoder (grayscale
+    replicated to three channels); everything else (CMYK JPEGs, PNGs, ...) and every file that
+    decoder refuses through PIL, as the PIL path reads them, so a broken file fails with PIL's
+    message.
+    """
+    data, image = read_header(path)
+    if is_plain_jpeg(image):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 announces its decoders' move to TorchCodec on every call
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
                 return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                pass  # PIL decodes it, or names the problem in its own words
-        pixels = torch.from_numpy(_rgb_array(image))
-    return pixels.permute(2, 0, 1)
+        except RuntimeError:
+            pass  # PIL decodes it, or names the problem in its own words
+    return torch.from_numpy(_rgb_array(image)).permute(2, 0, 1)
 
 
 def _rgb_array(image):
