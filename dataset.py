@@ -44,6 +44,7 @@ from data_loading.catalog import (
     check_name,
 )
 from data_loading.folder_loader import PIPELINES, FolderLoader, check_images
+from data_loading.folder_nvjpeg import resolve_pipeline
 from data_loading.readers import ArrayData, Relabel, check_classes, image_folder, load_arrays, require_root
 from data_loading.splits import (
     FOLDER_SPLIT_SEED,
@@ -103,11 +104,13 @@ def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_b
     (sorted by class they would be a few whole classes).  Every test and validation image is
     decoded once before training (:func:`check_images`); a bad training image stops the first
     epoch, which reads them all, with the same one-line error.  ``folder_loader`` picks how
-    files become batches (FolderLoader's ``pipeline``: 'uint8' or 'pil').
+    files become batches (FolderLoader's ``pipeline``: 'uint8', 'pil' or 'nvjpeg', which falls
+    back to 'uint8' with one printed line where the device cannot decode JPEGs).
     """
     check_subset(subset, subset_seed)
     if folder_loader not in PIPELINES:
         raise UserError(f"unknown folder loader '{folder_loader}'; choose one of {', '.join(PIPELINES)}.")
+    folder_loader = resolve_pipeline(folder_loader, device, announce=rank == 0)
     root = require_root(name, root)
     image_size = FOLDER_DEFAULT_IMAGE_SIZE if image_size is None else image_size
     check_positive_int(image_size, "image size", "--image-size")
@@ -178,7 +181,7 @@ def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_
     seeded by (``subset_seed``, dataset, rate) and never by the training ``seed``, so every
     training seed gets the same images; 'first', the first round(rate * n) images of the
     training split, as the seed code.  ``seed`` drives the training order and augmentation.
-    ``folder_loader`` ('uint8' or 'pil') is how image folders are read (build_folder_loaders).
+    ``folder_loader`` ('uint8', 'pil' or 'nvjpeg') is how image folders are read (build_folder_loaders).
     ``batch_size`` is per rank.  ``image_size`` None means the native size.
     """
     check_name(name)

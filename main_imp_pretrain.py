@@ -40,10 +40,11 @@ def build_parser():
     # the name is fixed, not taken from sys.argv: the sweep parses a grid's command lines in its own process
     p = ArgumentParser(prog=Path(__file__).name, description=__doc__)
     setup.add_common_args(p, ("imagenet", "folder", "cifar10", "cifar100", "svhn", "digits"))
-    p.add_argument("--folder-loader", choices=["uint8", "pil"], default=None,
-                   help="how image folders are read: uint8 (default; decode, crop and resize at uint8 in "
-                        "the workers, flip and convert on the device) or pil (torchvision's PIL transforms, "
-                        "float batches; the same crops and flips); docs/stage1.md")
+    p.add_argument("--folder-loader", choices=["uint8", "pil", "nvjpeg"], default=None,
+                   help="how image folders are read: uint8 (default; decode, crop, resize and flip at uint8 in "
+                        "the loader workers, float on the device), pil (torchvision's PIL transforms, float "
+                        "batches; the same crops and flips) or nvjpeg (as uint8, but decoded and cropped on the "
+                        "GPU; uint8 where it cannot); docs/stage1.md")
     p.add_argument("--method", choices=["imp", "omp", "rp", "lmp"], default="imp",
                    help="imp, omp (one-shot magnitude), rp (random) or lmp (learned masks over frozen θ_p, docs/stage1.md §2)")
     p.add_argument("--retrain", choices=["st", "at"], default="st",

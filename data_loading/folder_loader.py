@@ -17,12 +17,13 @@ from data_loading.batching import (
     train_spans,
 )
 from data_loading.folder_common import BadImage, is_image_folder, unwrap_subset
+from data_loading.folder_nvjpeg import EncodedItems, assemble_batch, collate_encoded
 from data_loading.folder_uint8 import Uint8Items, finish_batch
 from data_loading.streams import STREAM_AUGMENT, mix_seed
 from utils.errors import UserError
 
 # how image files become batches: FolderLoader's ``pipeline``, the entry points' --folder-loader
-PIPELINES = ("uint8", "pil")
+PIPELINES = ("uint8", "pil", "nvjpeg")
 
 
 def _open_image(path, decode):
@@ -134,8 +135,9 @@ class FolderLoader:
     ``pipeline``: 'pil' applies the dataset's own transform to PIL images in the workers and
     moves float batches; 'uint8' (:mod:`data_loading.folder_uint8`) ignores that transform,
     crops, resizes and mirrors at uint8 in the workers by ``augment`` ('rrc-flip' or 'none',
-    training only) to ``image_size``, which it needs, and converts to float on ``device``.  Both
-    draw the same boxes and flips.
+    training only) to ``image_size``, which it needs, and converts to float on ``device``;
+    'nvjpeg' (:mod:`data_loading.folder_nvjpeg`, a CUDA ``device`` only: see its
+    ``resolve_pipeline``) decodes and crops on the GPU instead.  All draw the same boxes and flips.
     """
 
     def __init__(self, dataset, batch_size, *, train, device, seed, workers=4, rank=0, world_size=1,
@@ -167,11 +169,14 @@ class FolderLoader:
         # (which the training attacks use) would make a resumed run, which makes one iterator more,
         # differ from an uninterrupted one; items are seeded per position, so the base seed is unused
         kwargs["generator"] = torch.Generator()
-        if pipeline == "uint8":
-            check_positive_int(image_size, "image size", "--image-size")
-            items = Uint8Items(dataset, image_size, augment if self.train else "none")
-        else:
+        if pipeline == "pil":
             items = _FolderItems(dataset)
+        else:
+            check_positive_int(image_size, "image size", "--image-size")
+            items = (EncodedItems if pipeline == "nvjpeg" else Uint8Items)(
+                dataset, image_size, augment if self.train else "none")
+            if pipeline == "nvjpeg":
+                kwargs.update(collate_fn=collate_encoded, pin_memory=False)
         self.loader = DataLoader(items, **kwargs)
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
@@ -224,7 +229,12 @@ class FolderLoader:
                 raise UserError(batch.message("training" if self.train else ""))
             images, labels = batch
             labels = labels.to(self.device, non_blocking=True)
-            if self.pipeline == "uint8":
+            if self.pipeline == "nvjpeg":
+                images = assemble_batch(images, self.image_size, self.device)
+                if isinstance(images, BadImage):
+                    self.close()
+                    raise UserError(images.message("training" if self.train else ""))
+            if self.pipeline != "pil":
                 yield finish_batch(images, device=self.device, dtype=self.dtype,
                                    channels_last=self.channels_last), labels
                 continue

@@ -115,7 +115,7 @@ def _rgb_array(image):
     return np.array(image.convert("RGB"))
 
 
-def _resize_u8(image: torch.Tensor, size) -> torch.Tensor:
+def resize_u8(image: torch.Tensor, size) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     return F.resize(image, list(size), antialias=True)
@@ -130,7 +130,7 @@ def eval_crop_u8(image: torch.Tensor, size: int) -> torch.Tensor:
         new_h, new_w = short, int(short * width / height)
     else:
         new_h, new_w = int(short * height / width), short
-    image = _resize_u8(image, (new_h, new_w))
+    image = resize_u8(image, (new_h, new_w))
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return image[:, top:top + size, left:left + size]
 
@@ -140,7 +140,7 @@ def train_crop_u8(image: torch.Tensor, size: int, generator):
     path's RandomResizedCrop + RandomHorizontalFlip draws, the crop resized at uint8."""
     top, left, box_h, box_w = rrc_box(image.shape[-2], image.shape[-1], generator)
     flip = bool(torch.rand(1, generator=generator).item() < 0.5)
-    return _resize_u8(image[:, top:top + box_h, left:left + box_w], (size, size)), flip
+    return resize_u8(image[:, top:top + box_h, left:left + box_w], (size, size)), flip
 
 
 class Uint8Items(torch.utils.data.Dataset):

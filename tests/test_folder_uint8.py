@@ -205,3 +205,39 @@ def test_a_run_made_before_the_flag_resumes_only_on_the_pil_path():
     assert config_differences(before, {**before, "folder_loader": "uint8"}) == [("folder_loader", "<absent>", "uint8")]
     # runs that read no image folder record nothing, so they match directories made before the flag
     assert config_differences({"dataset": "cifar10"}, {"dataset": "cifar10", "folder_loader": None}) == []
+
+
+def test_gpu_decode_falls_back_to_the_cpu_path_with_one_line(tmp_path, capsys):
+    _jpeg_folder(tmp_path, n_train=2, n_val=1)
+    d = dataset.build_data("folder", tmp_path, image_size=16, batch_size=3, workers=0, val_size=1,
+                           folder_loader="nvjpeg", device="cpu")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("--folder-loader nvjpeg: cannot decode on the GPU")
+    assert d.train.pipeline == d.val.pipeline == d.test.pipeline == "uint8"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_decode_path_cuts_what_the_uint8_path_cuts(tmp_path, train):
+    """The nvjpeg path's logic, run where it can: on CUDA as meant, else with the batched
+    decode on the CPU (identical pixels there; on the GPU within the resize's rounding)."""
+    _jpeg_folder(tmp_path, n_train=3, n_val=1)
+    Image.fromarray(_photo(40, 30, 7)).convert("L").save(tmp_path / "train" / "ant" / "gray.JPEG")
+    Image.fromarray(_photo(40, 30, 9)).save(tmp_path / "train" / "cat" / "png.JPEG", format="PNG")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = dataset.build_data("folder", tmp_path, image_size=16, batch_size=4, workers=0, val_size=0, device=device)
+    split = d.train if train else d.test
+    gpu = dataset.FolderLoader(split.dataset, 4, train=train, device=device, seed=0, workers=0, image_size=16,
+                               pipeline="nvjpeg")
+    for loader in (split, gpu):
+        loader.set_epoch(3)
+    x, y = map(torch.cat, zip(*split))
+    xg, yg = map(torch.cat, zip(*gpu))
+    assert torch.equal(y, yg) and xg.shape == x.shape
+    assert (xg - x).abs().max() <= (1 / 255 + 1e-6 if device == "cuda" else 0)
+    from torchvision.datasets import ImageFolder
+
+    write_truncated_jpeg(tmp_path / "train" / "bee" / "zz.JPEG")
+    broken = dataset.FolderLoader(ImageFolder(str(tmp_path / "train")), 4, train=train, device=device, seed=0,
+                                  workers=0, image_size=16, pipeline="nvjpeg")
+    with pytest.raises(UserError, match="zz.JPEG cannot be decoded"):
+        list(broken)

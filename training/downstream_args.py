@@ -50,10 +50,11 @@ def build_parser():
     p = ArgumentParser(prog="main_downstream.py", description=DESCRIPTION, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"))
-    p.add_argument("--folder-loader", choices=["uint8", "pil"], default=None,
-                   help="how image folders are read: uint8 (default; decode, crop and resize at uint8 in "
-                        "the workers, flip and convert on the device) or pil (torchvision's PIL transforms, "
-                        "float batches; the same crops and flips); docs/stage1.md")
+    p.add_argument("--folder-loader", choices=["uint8", "pil", "nvjpeg"], default=None,
+                   help="how image folders are read: uint8 (default; decode, crop, resize and flip at uint8 in "
+                        "the loader workers, float on the device), pil (torchvision's PIL transforms, float "
+                        "batches; the same crops and flips) or nvjpeg (as uint8, but decoded and cropped on the "
+                        "GPU; uint8 where it cannot); docs/stage1.md")
     p.add_argument("--ticket", "--tickets_file", "--mask", dest="ticket", default=None,
                    help="ticket file from stage 1 (or the seed repo); omit or 'none' for the dense baseline")
     p.add_argument("--regime", choices=["st", "fat", "at"], default="st")
