@@ -14,10 +14,11 @@ for the CPU meanwhile).  The tensor loader makes each batch only when asked, so 
 
     python benchmarks/bench_loader.py --device cuda --workers 16 --json loader.json
 
-With ``--folder DIR`` it compares instead the two paths of image folders (``--folder-loader``):
-pil, torchvision's transforms on PIL images in the workers with float batches, against uint8,
-decode, crop and resize at uint8 in the workers with flip and float conversion on the device,
-per worker count (``--workers 1 2``), interleaved round by round.  DIR is an image-folder tree
+With ``--folder DIR`` it compares instead the paths of image folders (``--folder-loader``): pil,
+torchvision's transforms on PIL images in the workers with float batches, against uint8, decode,
+crop, resize and flip at uint8 in the workers with the float conversion on the device, and on a
+GPU nvjpeg too (decoded and cropped there), per worker count (``--workers 1 2``), interleaved
+round by round.  DIR is an image-folder tree
 (``DIR/train/<class>/<image>``); when it does not exist the benchmark first fills it with
 synthetic ImageNet-sized JPEGs (500 x 375 px, quality 90).  Each timed block is a whole epoch
 over the same ``--batches`` x ``--batch-size`` training images.
@@ -39,6 +40,7 @@ import torch  # noqa: E402
 
 import dataset  # noqa: E402
 from benchmarks import _common  # noqa: E402
+from data_loading.folder_nvjpeg import gpu_decode_problem  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -215,8 +217,9 @@ def folder_training_set(root: Path, n: int, seed: int):
     return torch.utils.data.Subset(train, sorted(picked.tolist()))
 
 
-def folder_loaders(images, args, device, workers):
-    """The pil and uint8 loaders of the same training images, as the entry points build them."""
+def folder_loaders(images, args, device, workers, gpu_decode):
+    """The pil and uint8 loaders of the same training images, as the entry points build them, and
+    the nvjpeg one when ``gpu_decode``."""
     import copy
 
     from data_loading.augment import folder_transforms
@@ -226,8 +229,11 @@ def folder_loaders(images, args, device, workers):
     pil_images = torch.utils.data.Subset(pil_root, images.indices)
     common = dict(train=True, device=device, seed=args.seed, workers=workers, channels_last=True,
                   image_size=args.image_size)
-    return {"pil": dataset.FolderLoader(pil_images, args.batch_size, pipeline="pil", **common),
-            "uint8": dataset.FolderLoader(images, args.batch_size, pipeline="uint8", augment="rrc-flip", **common)}
+    loaders = {"pil": dataset.FolderLoader(pil_images, args.batch_size, pipeline="pil", **common)}
+    for pipeline in ("uint8", "nvjpeg") if gpu_decode else ("uint8",):
+        loaders[pipeline] = dataset.FolderLoader(images, args.batch_size, pipeline=pipeline, augment="rrc-flip",
+                                                 **common)
+    return loaders
 
 
 def time_folder_paths(loaders, args, device):
@@ -252,22 +258,25 @@ def compare_folder_paths(args, device, malloc_tuned):
     images = folder_training_set(args.folder, n, args.seed)
     print(f"{_common.device_name(device)} | {args.folder}: {n} images -> {args.image_size} px, "
           f"batch {args.batch_size}")
+    gpu_problem = gpu_decode_problem(device)
     runs = []
     for workers in args.workers:
-        rates = time_folder_paths(folder_loaders(images, args, device, workers), args, device)
-        pil, uint8 = _common.summary(rates["pil"]), _common.summary(rates["uint8"])
-        runs.append({"workers": workers, "folder_pil_img_s": pil["images_per_s"],
-                     "folder_uint8_img_s": uint8["images_per_s"], "pil": pil, "uint8": uint8,
-                     **_common.speedups(rates["uint8"], rates["pil"])})
-        print(f"  {workers} workers: pil {pil['images_per_s']:8.1f} img/s | uint8 {uint8['images_per_s']:8.1f} "
-              f"img/s | speedup {runs[-1]['speedup']:.2f}x (paired {runs[-1]['speedup_paired']:.2f}x)")
+        rates = time_folder_paths(folder_loaders(images, args, device, workers, gpu_problem is None), args, device)
+        run = {"workers": workers}
+        for name, rate in rates.items():
+            run[f"folder_{name}_img_s"] = _common.summary(rate)["images_per_s"]
+            run[name] = _common.summary(rate)
+        runs.append({**run, **_common.speedups(rates["uint8"], rates["pil"])})
+        print(f"  {workers} workers: " + " | ".join(f"{name} {run[name]['images_per_s']:8.1f} img/s" for name in rates)
+              + f" | uint8/pil {runs[-1]['speedup']:.2f}x (paired {runs[-1]['speedup_paired']:.2f}x)")
     most = max(runs, key=lambda run: run["workers"])
     return {
         **_common.stamp(device),
         "folder": str(args.folder), "pass_images": n, "image_size": args.image_size,
         "batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats,
-        "folder_pil_img_s": most["folder_pil_img_s"], "folder_uint8_img_s": most["folder_uint8_img_s"],
-        "workers": most["workers"], "folder_runs": runs, "cpu_malloc_tuned": malloc_tuned,
+        **{key: value for key, value in most.items() if key.endswith("_img_s")},
+        "workers": most["workers"], "folder_runs": runs, "gpu_decode": gpu_problem or "timed as nvjpeg",
+        "cpu_malloc_tuned": malloc_tuned,
     }
 
 

@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_suite.sh [OUT] [PART ...]      parts: loader_folder loader step (default: all, in that order)
 #
-# loader_folder: the image-folder paths (issue 31), pil vs uint8 on 224-px training crops of
+# loader_folder: the image-folder paths (issue 31), pil vs uint8 vs nvjpeg on 224-px training crops of
 #   synthetic 500x375 JPEGs, with half and all of the node's CPU cores as DataLoader workers;
 #   target: uint8 >= 10,000 img/s into the GPU (folder_uint8_img_s).
 # loader: the tensor loader against the PIL transforms, on CIFAR-sized arrays (benchmarks/README.md).
