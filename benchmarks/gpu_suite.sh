@@ -10,7 +10,7 @@
 # step: the ResNet-50 PGD-10 and ST training steps at 89.26% sparsity, then the 100-epoch estimate.
 # Every part stops at its own time limit (SUITE_PART_LIMIT seconds, default 240), so one slow part
 # cannot use up a lent device's time; a part that fails or times out is reported and the rest run.
-# PYTHON names the interpreter (default: python on PATH).
+# PYTHON names the interpreter (default: python on PATH); SUITE_DEVICE the device (default cuda).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_suite}}
@@ -18,6 +18,13 @@ shift $(( $# > 0 ? 1 : 0 ))
 parts=${*:-loader_folder loader step}
 limit=${SUITE_PART_LIMIT:-240}
 py=${PYTHON:-python}
+device=${SUITE_DEVICE:-cuda}
+for part in $parts; do
+    case $part in
+        loader_folder | loader | step) ;;
+        *) echo "unknown part '$part'; choose from loader_folder loader step" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$out"
 cores=$(nproc)
 half=$(( cores / 2 > 0 ? cores / 2 : 1 ))
@@ -39,24 +46,21 @@ for part in $parts; do
     case $part in
         loader_folder)
             run loader_folder "$py" benchmarks/bench_loader.py --folder "${SUITE_JPEGS:-/tmp/suite_jpegs}" \
-                --device cuda --image-size 224 --batch-size 256 --batches 40 --workers "$half" "$cores" \
+                --device "$device" --image-size 224 --batch-size 256 --batches 40 --workers "$half" "$cores" \
                 --repeats 3 --json "$out/loader_folder.json" ;;
         loader)
-            run loader "$py" benchmarks/bench_loader.py --device cuda --image-size 224 --batch-size 128 \
+            run loader "$py" benchmarks/bench_loader.py --device "$device" --image-size 224 --batch-size 128 \
                 --workers "$cores" --json "$out/loader.json" ;;
         step)
             run step_at "$py" benchmarks/bench_step.py --arch resnet50 --image-size 224 --batch-size 128 \
-                --sparsity 89.26 --regime at --device cuda --iters 10 --repeats 5 --json "$out/step_at.json"
+                --sparsity 89.26 --regime at --device "$device" --iters 10 --repeats 5 --json "$out/step_at.json"
             run step_st "$py" benchmarks/bench_step.py --arch resnet50 --image-size 224 --batch-size 128 \
-                --sparsity 89.26 --regime st --device cuda --iters 20 --repeats 5 --skip-eval \
+                --sparsity 89.26 --regime st --device "$device" --iters 20 --repeats 5 --skip-eval \
                 --json "$out/step_st.json"
             if [ -f "$out/step_at.json" ] && [ -f "$out/loader.json" ]; then
                 run estimate "$py" benchmarks/estimate_run.py "$out/step_at.json" --loader "$out/loader.json" \
                     --eval-from 45
             fi ;;
-        *)
-            echo "unknown part '$part'; choose from loader_folder loader step" >&2
-            exit 2 ;;
     esac
 done
 exit $status
