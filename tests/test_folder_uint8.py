@@ -241,3 +241,21 @@ def test_gpu_decode_path_cuts_what_the_uint8_path_cuts(tmp_path, train):
                                   workers=0, image_size=16, pipeline="nvjpeg")
     with pytest.raises(UserError, match="zz.JPEG cannot be decoded"):
         list(broken)
+
+
+def test_loader_benchmark_compares_the_folder_paths(tmp_path):
+    from benchmarks import bench_loader
+
+    folder, out = tmp_path / "jpegs", tmp_path / "loader.json"
+    record = bench_loader.main(["--folder", str(folder), "--image-size", "16", "--batch-size", "2", "--batches", "2",
+                                "--workers", "0", "1", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    files = sorted(folder.glob("train/*/*.JPEG"))
+    assert len(files) == 4 and Image.open(files[0]).size == (500, 375)
+    assert [run["workers"] for run in record["folder_runs"]] == [0, 1]
+    for key in ("folder_pil_img_s", "folder_uint8_img_s"):
+        assert record[key] == record["folder_runs"][1][key] > 0
+    assert "folder_nvjpeg_img_s" not in record and "not a CUDA GPU" in record["gpu_decode"]
+    with pytest.raises(UserError, match="--native-size and --num-images"):
+        bench_loader.main(["--folder", str(folder), "--num-images", "8"])
+    with pytest.raises(UserError, match="fewer than --batches x --batch-size"):
+        bench_loader.main(["--folder", str(folder), "--batch-size", "4", "--batches", "2", "--device", "cpu"])
