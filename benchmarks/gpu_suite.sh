@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmarks a lent GPU node runs, one JSON record each, in OUT (default: $OUT, else ./gpu_suite).
 #
-#   benchmarks/gpu_suite.sh [OUT] [PART ...]      parts: loader_folder loader step (default: all, in that order)
+#   benchmarks/gpu_suite.sh [OUT] [PART ...]   parts: folder_tests loader_folder loader step (default: all, in order)
 #
+# folder_tests: tests/test_folder_uint8.py on the GPU, where its nvjpeg test decodes with nvJPEG.
 # loader_folder: the image-folder paths (issue 31), pil vs uint8 vs nvjpeg on 224-px training crops of
 #   synthetic 500x375 JPEGs, with half and all of the node's CPU cores as DataLoader workers;
 #   target: uint8 >= 10,000 img/s into the GPU (folder_uint8_img_s).
@@ -15,14 +16,14 @@ set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_suite}}
 shift $(( $# > 0 ? 1 : 0 ))
-parts=${*:-loader_folder loader step}
+parts=${*:-folder_tests loader_folder loader step}
 limit=${SUITE_PART_LIMIT:-240}
 py=${PYTHON:-python}
 device=${SUITE_DEVICE:-cuda}
 for part in $parts; do
     case $part in
-        loader_folder | loader | step) ;;
-        *) echo "unknown part '$part'; choose from loader_folder loader step" >&2; exit 2 ;;
+        folder_tests | loader_folder | loader | step) ;;
+        *) echo "unknown part '$part'; choose from folder_tests loader_folder loader step" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$out"
@@ -44,6 +45,8 @@ run() {  # run NAME COMMAND...: the command's output in OUT/NAME.log, its failur
 
 for part in $parts; do
     case $part in
+        folder_tests)
+            run folder_tests "$py" -m pytest -q -p no:cacheprovider tests/test_folder_uint8.py ;;
         loader_folder)
             run loader_folder "$py" benchmarks/bench_loader.py --folder "${SUITE_JPEGS:-/tmp/suite_jpegs}" \
                 --device "$device" --image-size 224 --batch-size 256 --batches 40 --workers "$half" "$cores" \
