@@ -220,6 +220,18 @@ class FolderLoader:
         images = torch.zeros((0, *shape), dtype=self.dtype, device=self.device)
         return images.contiguous(memory_format=memory_format), torch.zeros(0, dtype=torch.int64, device=self.device)
 
+    def _on_device(self, images, memory_format):
+        """A worker's batch of images as float images on the device, in ``memory_format``."""
+        if self.pipeline == "pil":
+            images = images.to(self.device, non_blocking=True).to(self.dtype)
+            return images.contiguous(memory_format=memory_format)
+        if self.pipeline == "nvjpeg":
+            images = assemble_batch(images, self.image_size, self.device)
+            if isinstance(images, BadImage):
+                self.close()
+                raise UserError(images.message("training" if self.train else ""))
+        return finish_batch(images, device=self.device, dtype=self.dtype, channels_last=self.channels_last)
+
     def __iter__(self):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         spans, start = self.plan.spans(), self.plan.start_batch
@@ -228,18 +240,7 @@ class FolderLoader:
                 self.close()
                 raise UserError(batch.message("training" if self.train else ""))
             images, labels = batch
-            labels = labels.to(self.device, non_blocking=True)
-            if self.pipeline == "nvjpeg":
-                images = assemble_batch(images, self.image_size, self.device)
-                if isinstance(images, BadImage):
-                    self.close()
-                    raise UserError(images.message("training" if self.train else ""))
-            if self.pipeline != "pil":
-                yield finish_batch(images, device=self.device, dtype=self.dtype,
-                                   channels_last=self.channels_last), labels
-                continue
-            images = images.to(self.device, non_blocking=True).to(self.dtype)
-            yield images.contiguous(memory_format=memory_format), labels
+            yield self._on_device(images, memory_format), labels.to(self.device, non_blocking=True)
         # only the last step can leave a rank an empty share (every earlier step is a full global batch)
         if start < len(spans) and spans[-1][0] == spans[-1][1]:
             yield self._empty_batch(memory_format)
