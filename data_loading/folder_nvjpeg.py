@@ -132,7 +132,7 @@ def assemble_batch(payloads, size: int, device):
         if not isinstance(p, EncodedJpeg):
             out[i] = p.to(device, non_blocking=True)
     try:
-        decoded = _decode_on(device, [payloads[i].data for i in encoded])
+        decoded = _decode_on(device, [payloads[i].data for i in encoded]) if encoded else []
     except RuntimeError:
         decoded = []
         for i in encoded:

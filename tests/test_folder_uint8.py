@@ -11,7 +11,7 @@ from data_loading.folder_uint8 import Uint8Items, read_rgb_u8, rrc_box
 from data_loading.streams import mix_seed
 from utils.errors import UserError
 
-from .fixtures import write_truncated_jpeg
+from .fixtures import write_image_folder, write_truncated_jpeg
 
 
 def _photo(width, height, seed):
@@ -236,6 +236,11 @@ def test_gpu_decode_path_cuts_what_the_uint8_path_cuts(tmp_path, train):
     assert (xg - x).abs().max() <= (1 / 255 + 1e-6 if device == "cuda" else 0)
     from torchvision.datasets import ImageFolder
 
+    pngs = tmp_path / "pngs"
+    write_image_folder(pngs, n_train=2, n_val=1)  # batches without one JPEG for nvJPEG
+    only_png = dataset.FolderLoader(ImageFolder(str(pngs / "train")), 4, train=train, device=device, seed=0,
+                                    workers=0, image_size=16, pipeline="nvjpeg")
+    assert [tuple(x.shape) for x, _ in only_png] == [(4, 3, 16, 16), (2, 3, 16, 16)]
     write_truncated_jpeg(tmp_path / "train" / "bee" / "zz.JPEG")
     broken = dataset.FolderLoader(ImageFolder(str(tmp_path / "train")), 4, train=train, device=device, seed=0,
                                   workers=0, image_size=16, pipeline="nvjpeg")
