@@ -43,7 +43,8 @@ from data_loading.catalog import (
     NUM_CLASSES,
     check_name,
 )
-from data_loading.folder_loader import FolderLoader, check_images
+from data_loading.folder_loader import PIPELINES, FolderLoader, check_images
+from data_loading.folder_nvjpeg import resolve_pipeline
 from data_loading.readers import ArrayData, Relabel, check_classes, image_folder, load_arrays, require_root
 from data_loading.splits import (
     FOLDER_SPLIT_SEED,
@@ -61,7 +62,7 @@ from utils.errors import UserError
 
 __all__ = [
     "ARRAY_DATASETS", "AUGMENTS", "DATASETS", "DATASET_STATS", "FOLDER_DATASETS", "FOLDER_DEFAULT_IMAGE_SIZE",
-    "FOLDER_SPLIT_SEED", "MIN_LAST_STEP", "NATIVE_SIZE", "NUM_CLASSES", "PAPER_VAL_SIZE", "SUBSET_RULES",
+    "FOLDER_SPLIT_SEED", "MIN_LAST_STEP", "NATIVE_SIZE", "NUM_CLASSES", "PAPER_VAL_SIZE", "PIPELINES", "SUBSET_RULES",
     "ArrayData", "Data", "FolderLoader", "TensorLoader", "build_data", "build_folder_loaders", "check_images",
     "data_rate_subset", "default_val_size", "load_arrays", "resize_size", "resolve_augment", "subset_draw_seed",
     "train_step_bounds", "training_subset",
@@ -93,7 +94,7 @@ class Data:
 def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_batch_size=None,
                          val_size=None, data_rate=1.0, seed=0, device="cpu", workers=4, augment="auto",
                          classes=None, rank=0, world_size=1, channels_last=False, subset="random",
-                         subset_seed=0) -> Data:
+                         subset_seed=0, folder_loader="uint8") -> Data:
     """Loaders for ``<root>/train`` and ``<root>/val`` image folders.
 
     The validation split is the last ``val_size`` images of a fixed (FOLDER_SPLIT_SEED)
@@ -102,14 +103,18 @@ def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_b
     is the rest in that permutation's order, so ``subset='first'`` keeps its first N images
     (sorted by class they would be a few whole classes).  Every test and validation image is
     decoded once before training (:func:`check_images`); a bad training image stops the first
-    epoch, which reads them all, with the same one-line error.
+    epoch, which reads them all, with the same one-line error.  ``folder_loader`` picks how
+    files become batches (FolderLoader's ``pipeline``: 'uint8', 'pil' or 'nvjpeg', which falls
+    back to 'uint8' with one printed line where the device cannot decode JPEGs).
     """
     check_subset(subset, subset_seed)
+    if folder_loader not in PIPELINES:
+        raise UserError(f"unknown folder loader '{folder_loader}'; choose one of {', '.join(PIPELINES)}.")
+    folder_loader = resolve_pipeline(folder_loader, device, announce=rank == 0)
     root = require_root(name, root)
     image_size = FOLDER_DEFAULT_IMAGE_SIZE if image_size is None else image_size
     check_positive_int(image_size, "image size", "--image-size")
     augment = resolve_augment(augment, name, image_size, None)
-    train_tf, eval_tf = folder_transforms(image_size, augment)
 
     train_set = image_folder(root / "train", name, "training")
     test_set = image_folder(root / "val", name, "test (val)")
@@ -141,12 +146,15 @@ def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_b
     from torch.utils.data import Subset
 
     eval_set = copy.copy(train_set)
-    eval_set.transform = eval_tf
-    train_set.transform = train_tf
-    test_set.transform = eval_tf
+    if folder_loader == "pil":
+        train_tf, eval_tf = folder_transforms(image_size, augment)
+        eval_set.transform = eval_tf
+        train_set.transform = train_tf
+        test_set.transform = eval_tf
     eval_bs = batch_size if eval_batch_size is None else eval_batch_size
     common = dict(device=device, seed=seed, workers=workers, rank=rank, world_size=world_size,
-                  channels_last=channels_last, image_size=int(image_size))
+                  channels_last=channels_last, image_size=int(image_size), pipeline=folder_loader,
+                  augment=augment)
     test_subset = Subset(test_set, test_idx.tolist())
     val_subset = Subset(eval_set, val_indices.tolist())
     check_images(test_subset, "test", workers=workers, rank=rank, world_size=world_size)
@@ -164,7 +172,7 @@ def build_folder_loaders(name: str, root, *, image_size=None, batch_size, eval_b
 
 def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_size=None, val_size=None,
                data_rate=1.0, seed=0, device="cpu", workers=4, augment="auto", classes=None, rank=0,
-               world_size=1, channels_last=False, subset="random", subset_seed=0) -> Data:
+               world_size=1, channels_last=False, subset="random", subset_seed=0, folder_loader="uint8") -> Data:
     """Train / validation / test loaders for one dataset, following the paper's protocol.
 
     Validation = the last ``val_size`` training images (default: :func:`default_val_size`;
@@ -173,6 +181,7 @@ def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_
     seeded by (``subset_seed``, dataset, rate) and never by the training ``seed``, so every
     training seed gets the same images; 'first', the first round(rate * n) images of the
     training split, as the seed code.  ``seed`` drives the training order and augmentation.
+    ``folder_loader`` ('uint8', 'pil' or 'nvjpeg') is how image folders are read (build_folder_loaders).
     ``batch_size`` is per rank.  ``image_size`` None means the native size.
     """
     check_name(name)
@@ -182,7 +191,8 @@ def build_data(name: str, root=None, *, image_size=None, batch_size, eval_batch_
                                     eval_batch_size=eval_batch_size, val_size=val_size, data_rate=data_rate,
                                     seed=seed, device=device, workers=workers, augment=augment,
                                     classes=classes, rank=rank, world_size=world_size,
-                                    channels_last=channels_last, subset=subset, subset_seed=subset_seed)
+                                    channels_last=channels_last, subset=subset, subset_seed=subset_seed,
+                                    folder_loader=folder_loader)
     check_positive_int(batch_size, "batch size", "--batch-size")
     if eval_batch_size is not None:
         check_positive_int(eval_batch_size, "evaluation batch size", "--eval-batch-size")

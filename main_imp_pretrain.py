@@ -114,6 +114,8 @@ FLAG_SCOPE = {
              "applies only to --method imp and lmp (OMP and RP read no images), and not to --dataset digits"),
     "workers": (lambda c: c["method"] in ("imp", "lmp") and c["dataset"] in (None, "imagenet", "folder"),
                 "applies only to --method imp and lmp on --dataset imagenet or folder"),
+    "folder_loader": (lambda c: c["method"] in ("imp", "lmp") and c["dataset"] in ("imagenet", "folder"),
+                      "applies only to --method imp and lmp on --dataset imagenet or folder"),
     "rewind": (lambda c: c["method"] == "imp" and _trains(c),
                "applies only to --method imp when it re-trains (--rounds 2 or more, --epochs-per-round 1 or more)"),
     "score_init": (lambda c: c["method"] == "lmp", "applies only to --method lmp"),

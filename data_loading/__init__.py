@@ -9,6 +9,9 @@
 - streams: the independent random streams of order, augmentation and subset draws
 - tensor_loader: array datasets held on the training device
 - folder_loader: image folders streamed from disk through a DataLoader
+- folder_common: what the image-folder paths share (Subset unwrapping, the bad-file report)
+- folder_uint8: the uint8 image-folder path (decode, crop, resize and flip at uint8 in the workers)
+- folder_nvjpeg: its GPU-decode variant (nvJPEG in the training process)
 
 It may import utils/ (and third-party libraries) only, nothing else of the project.
 """

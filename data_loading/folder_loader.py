@@ -4,7 +4,6 @@ evaluation splits."""
 
 import numbers
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -17,39 +16,14 @@ from data_loading.batching import (
     eval_spans,
     train_spans,
 )
+from data_loading.folder_common import BadImage, is_image_folder, unwrap_subset
+from data_loading.folder_nvjpeg import EncodedItems, assemble_batch, collate_encoded
+from data_loading.folder_uint8 import Uint8Items, finish_batch
 from data_loading.streams import STREAM_AUGMENT, mix_seed
 from utils.errors import UserError
 
-
-def _unwrap_subset(dataset, index: int):
-    """The innermost dataset under (possibly nested) Subsets, and ``index`` mapped into it."""
-    from torch.utils.data import Subset
-
-    while isinstance(dataset, Subset):
-        dataset, index = dataset.dataset, dataset.indices[index]
-    return dataset, int(index)
-
-
-def _is_image_folder(dataset) -> bool:
-    return hasattr(dataset, "samples") and hasattr(dataset, "loader")
-
-
-@dataclass
-class _BadImage:
-    """A file that failed to decode, returned by a worker instead of raising: an exception raised
-    in a DataLoader worker reaches the main process wrapped in a multi-line traceback."""
-
-    path: str
-    problem: str
-
-    @classmethod
-    def of(cls, path, exc: BaseException):
-        return cls(str(path), " ".join(f"{type(exc).__name__}: {exc}".split())[:300])
-
-    def message(self, what: str = "") -> str:
-        where = f"{what} image" if what else "image"
-        return (f"{where} {self.path} cannot be decoded ({self.problem}); replace it with a good copy "
-                "or remove it from the folder.")
+# how image files become batches: FolderLoader's ``pipeline``, the entry points' --folder-loader
+PIPELINES = ("uint8", "pil", "nvjpeg")
 
 
 def _open_image(path, decode):
@@ -68,7 +42,7 @@ class _FolderItems(torch.utils.data.Dataset):
     A key is a dataset position, or for training (position, epoch seed, place in the epoch): the
     transform's random draws are then seeded per item, so they depend neither on which worker
     decodes the item nor on what it decoded before, and a resumed epoch redraws them exactly.
-    An image-folder file that fails to decode comes back as a :class:`_BadImage`.
+    An image-folder file that fails to decode comes back as a :class:`BadImage`.
     """
 
     def __init__(self, dataset):
@@ -87,14 +61,14 @@ class _FolderItems(torch.utils.data.Dataset):
         return self._item(key)
 
     def _item(self, index):
-        root, i = _unwrap_subset(self.dataset, index)
-        if not _is_image_folder(root):
+        root, i = unwrap_subset(self.dataset, index)
+        if not is_image_folder(root):
             return self.dataset[index]
         path, target = root.samples[i]
         try:
             sample = _open_image(path, root.loader)
         except Exception as exc:  # PIL's format plugins raise many exception types for a malformed file
-            return _BadImage.of(path, exc)
+            return BadImage.of(path, exc)
         if root.transform is not None:
             sample = root.transform(sample)
         if root.target_transform is not None:
@@ -104,7 +78,7 @@ class _FolderItems(torch.utils.data.Dataset):
 
 def _collate_checked(items):
     for item in items:
-        if isinstance(item, _BadImage):
+        if isinstance(item, BadImage):
             return item
     return torch.utils.data.default_collate(items)
 
@@ -157,10 +131,18 @@ class FolderLoader:
     decode, or exceeds PIL's decompression-bomb limit, raises one UserError naming it.  Batches
     are moved to ``device``.  ``image_size`` (the transforms' output size) shapes empty batches;
     None reads it from the first item.
+
+    ``pipeline``: 'pil' applies the dataset's own transform to PIL images in the workers and
+    moves float batches; 'uint8' (:mod:`data_loading.folder_uint8`) ignores that transform,
+    crops, resizes and mirrors at uint8 in the workers by ``augment`` ('rrc-flip' or 'none',
+    training only) to ``image_size``, which it needs, and converts to float on ``device``;
+    'nvjpeg' (:mod:`data_loading.folder_nvjpeg`, a CUDA ``device`` only: see its
+    ``resolve_pipeline``) decodes and crops on the GPU instead.  All draw the same boxes and flips.
     """
 
     def __init__(self, dataset, batch_size, *, train, device, seed, workers=4, rank=0, world_size=1,
-                 channels_last=False, dtype=torch.float32, prefetch_factor=4, image_size=None):
+                 channels_last=False, dtype=torch.float32, prefetch_factor=4, image_size=None,
+                 pipeline="pil", augment="rrc-flip"):
         from torch.utils.data import DataLoader
 
         check_positive_int(batch_size, "batch size", "--batch-size")
@@ -169,7 +151,10 @@ class FolderLoader:
             raise UserError(f"worker count {workers!r} must be 0 or more; fix --workers.")
         if len(dataset) == 0:
             raise UserError("a data split is empty; lower the validation size or raise the data rate.")
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         self.dataset = dataset
+        self.pipeline = pipeline
         self.device = torch.device(device)
         self.train = bool(train)
         self.image_size = image_size
@@ -184,7 +169,15 @@ class FolderLoader:
         # (which the training attacks use) would make a resumed run, which makes one iterator more,
         # differ from an uninterrupted one; items are seeded per position, so the base seed is unused
         kwargs["generator"] = torch.Generator()
-        self.loader = DataLoader(_FolderItems(dataset), **kwargs)
+        if pipeline == "pil":
+            items = _FolderItems(dataset)
+        else:
+            check_positive_int(image_size, "image size", "--image-size")
+            items = (EncodedItems if pipeline == "nvjpeg" else Uint8Items)(
+                dataset, image_size, augment if self.train else "none")
+            if pipeline == "nvjpeg":
+                kwargs.update(collate_fn=collate_encoded, pin_memory=False)
+        self.loader = DataLoader(items, **kwargs)
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
         """Iterate ``epoch`` from its batch ``start_batch`` on (mid-epoch resume); ``len`` stays
@@ -221,22 +214,33 @@ class FolderLoader:
             shape = (3, int(self.image_size), int(self.image_size))
         else:
             first = _FolderItems(self.dataset)[0]
-            if isinstance(first, _BadImage):
+            if isinstance(first, BadImage):
                 raise UserError(first.message())
             shape = tuple(first[0].shape)
         images = torch.zeros((0, *shape), dtype=self.dtype, device=self.device)
         return images.contiguous(memory_format=memory_format), torch.zeros(0, dtype=torch.int64, device=self.device)
 
+    def _on_device(self, images, memory_format):
+        """A worker's batch of images as float images on the device, in ``memory_format``."""
+        if self.pipeline == "pil":
+            images = images.to(self.device, non_blocking=True).to(self.dtype)
+            return images.contiguous(memory_format=memory_format)
+        if self.pipeline == "nvjpeg":
+            images = assemble_batch(images, self.image_size, self.device)
+            if isinstance(images, BadImage):
+                self.close()
+                raise UserError(images.message("training" if self.train else ""))
+        return finish_batch(images, device=self.device, dtype=self.dtype, channels_last=self.channels_last)
+
     def __iter__(self):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         spans, start = self.plan.spans(), self.plan.start_batch
         for batch in self.loader:
-            if isinstance(batch, _BadImage):
+            if isinstance(batch, BadImage):
                 self.close()
                 raise UserError(batch.message("training" if self.train else ""))
             images, labels = batch
-            images = images.to(self.device, non_blocking=True).to(self.dtype)
-            yield images.contiguous(memory_format=memory_format), labels.to(self.device, non_blocking=True)
+            yield self._on_device(images, memory_format), labels.to(self.device, non_blocking=True)
         # only the last step can leave a rank an empty share (every earlier step is a full global batch)
         if start < len(spans) and spans[-1][0] == spans[-1][1]:
             yield self._empty_batch(memory_format)
@@ -254,7 +258,7 @@ class _ImageCheck(torch.utils.data.Dataset):
     def __getitem__(self, index):
         from PIL import Image
 
-        root, i = _unwrap_subset(self.dataset, index)
+        root, i = unwrap_subset(self.dataset, index)
         path = root.samples[i][0]
 
         def decode(p):
@@ -267,7 +271,7 @@ class _ImageCheck(torch.utils.data.Dataset):
         try:
             _open_image(path, decode)
         except Exception as exc:  # PIL's format plugins raise many exception types for a malformed file
-            return _BadImage.of(path, exc)
+            return BadImage.of(path, exc)
         return None
 
 

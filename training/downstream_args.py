@@ -175,6 +175,7 @@ FLAG_SCOPE = {
     "test_alpha": (_robust_test, TESTS_RA),
     "workers": (lambda c: c["dataset"] in (None, "folder"),
                 "applies only to --dataset folder (the other datasets are held in memory)"),
+    "folder_loader": (lambda c: c["dataset"] == "folder", "applies only to --dataset folder"),
     "data": (lambda c: c["dataset"] != "digits", "applies to every --dataset but digits (bundled with scikit-learn)"),
     "random_reinit": (lambda c: str(c["ticket"]).lower() != "none", "applies only with a --ticket (whose mask it keeps)"),
     "reinit_stem": (lambda c: str(c["init"]).lower() != "none" or str(c["ticket"]).lower() != "none",

@@ -55,6 +55,11 @@ def add_common_args(p, datasets, defaults=None):
     p.add_argument("--data", default=None, help="dataset root folder (default: none; needed by every --dataset but "
                                                 "digits, which comes with scikit-learn)")
     p.add_argument("--dataset", required=True, choices=datasets, help=FOLDER_HELP if "folder" in datasets else None)
+    p.add_argument("--folder-loader", choices=["uint8", "pil", "nvjpeg"], default=None,
+                   help="how image folders are read: uint8 (default; decode, crop, resize and flip at uint8 in "
+                        "the loader workers, float on the device), pil (torchvision's PIL transforms, float "
+                        "batches; the same crops and flips) or nvjpeg (as uint8, but decoded and cropped on the "
+                        "GPU; uint8 where it cannot); docs/stage1.md")
     p.add_argument("--classes", type=class_list, default=None,
                    help="use only these classes of the dataset, relabelled 0..k-1 (e.g. 0-4 or 5,6,7; default: all)")
     p.add_argument("--arch", default="resnet50", help="resnet18/34/50/101/152, wide_resnet50_2, resnet10, resnet_tiny")
@@ -125,6 +130,9 @@ def check_common_args(args):
         raise UserError(f"--seed must lie in [0, 2**32), not {args.seed}.")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, not {args.workers}.")
+    if (getattr(args, "folder_loader", None) is None and args.dataset in dataset.FOLDER_DATASETS
+            and getattr(args, "method", "imp") in ("imp", "lmp")):  # stage 2 has no --method; it reads images
+        args.folder_loader = "uint8"  # recorded in config.json: PIL-path runs differ in the resize's rounding
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}.")
     if args.image_size is not None and args.image_size < 8:
@@ -157,7 +165,7 @@ def build_data(args, dist_info, *, batch_size, data_rate=1.0, val_size=None, not
         val_size=val_size, data_rate=data_rate, seed=args.seed, device=dist_info.device, workers=args.workers,
         augment=args.augment, classes=args.classes, rank=dist_info.rank, world_size=dist_info.world_size,
         channels_last=bool(args.channels_last), subset=getattr(args, "subset", "random"),
-        subset_seed=getattr(args, "subset_seed", 0))
+        subset_seed=getattr(args, "subset_seed", 0), folder_loader=getattr(args, "folder_loader", None) or "uint8")
     note = val_size_note(len(data.val_indices), val_size)
     if note is not None:
         adapted(note, notes)

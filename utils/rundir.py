@@ -35,7 +35,7 @@ NON_SEMANTIC_KEYS = frozenset({"workers", "progress", "save_dir", "device", "cha
 # runs did: a config written before the flag existed resumes under that default. (Not --subset:
 # older data-limited runs drew their subset per training seed, so resuming one under the shared
 # subset would change its data mid-run; such a directory is refused with the difference listed.)
-INTRODUCED_DEFAULTS = {"pattern": "unstructured"}
+INTRODUCED_DEFAULTS = {"pattern": "unstructured", "folder_loader": "pil"}
 
 
 def config_differences(old, new, ignore=NON_SEMANTIC_KEYS):
