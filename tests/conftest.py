@@ -21,6 +21,9 @@ torch.set_num_threads(1)
 
 # "file::test" (every parametrization of the test) or "file" (every test of the file)
 QUICK = (
+    "test_folder_uint8.py::test_crop_boxes_are_torchvisions_draw_for_draw",
+    "test_folder_uint8.py::test_gpu_decode_falls_back_to_the_cpu_path_with_one_line",
+    "test_folder_uint8.py::test_grayscale_cmyk_and_png_named_jpeg_come_out_rgb",
     "test_study_report.py::test_a_study_folder_stands_for_its_grid_files_in_the_papers_order",
     "test_quick_tier.py::test_console_commands_resolve_to_a_main",
     "test_sweep_cost.py::test_bench_record_gives_known_hours",

@@ -14,6 +14,9 @@ from tests.test_layout import REPO, graph, imports_of, module_name, project_file
 
 # module -> the quick test that exercises it ("file::test" or "file": every test of the file)
 COVERAGE = {
+    "data_loading/folder_common.py": "test_folder_uint8.py::test_grayscale_cmyk_and_png_named_jpeg_come_out_rgb",
+    "data_loading/folder_uint8.py": "test_folder_uint8.py::test_crop_boxes_are_torchvisions_draw_for_draw",
+    "data_loading/folder_nvjpeg.py": "test_folder_uint8.py::test_gpu_decode_falls_back_to_the_cpu_path_with_one_line",
     "analysis/study_report.py": "test_study_report.py::test_a_study_folder_stands_for_its_grid_files_in_the_papers_order",
     "script/entry.py": "test_quick_tier.py::test_console_commands_resolve_to_a_main",
     "study/cost.py": "test_sweep_cost.py::test_bench_record_gives_known_hours",
