@@ -141,22 +141,26 @@ class Pipeline:
         """Move waiting runs whose ticket is written to the queue; hold back those of failed jobs."""
         written = {j.entry.name: j.entry.written() for j in self.jobs}
         state = {j.entry.name: j.state for j in self.jobs}
-        still = []
+        still, released = [], {}
         for run in self.waiting:
             entry, k = self.needs[id(run)]
             if k in written[entry.name]:
                 self.queue.append((run, 1))
+                released[(entry.name, k)] = released.get((entry.name, k), 0) + 1
             elif state[entry.name] in ("failed", "done"):  # done without this round: cannot happen, but never hang
                 self.result["blocked"].append(run)
                 self.progress.update(run, f"skipped: stage 1 {entry.name} failed before round {k}", count=False)
             else:
                 still.append(run)
         self.waiting = still
+        for (name, k), count in sorted(released.items()):
+            self.say(f"stage 1 {name}: round {k} ticket written ({written[name][k]:.2f}%); its {count} run(s) queued")
 
     def feed(self):
         if not self.stop.count and not any(j.state == "pending" for j in self.jobs):
+            # runs still waiting on a ticket count too: a worker started early has torch loaded when it comes
             idle = [w for w in self.workers.values() if w["task"] is None]
-            for slot in self.free_slots()[:max(0, len(self.queue) - len(idle))]:
+            for slot in self.free_slots()[:max(0, len(self.queue) + len(self.waiting) - len(idle))]:
                 self.start_worker(slot)
         for slot, w in list(self.workers.items()):
             if w["task"] is not None:

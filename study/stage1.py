@@ -112,12 +112,14 @@ def read_entries(grid_path, base, table, pretrain, source=""):
         if not is_name(name) or not isinstance(spec, dict):
             _fail(grid_path, f"[stage1.{name}] must be a table with a plain name (letters, digits, '.', '_', '-').",
                   line)
-        entry = _read_entry(grid_path, base, name, spec, pretrain, source, line)
-        other = owners.setdefault(entry.save_dir.resolve(), name)
-        if other != name:
+        save_dir = spec.get("save_dir", f"tickets/{name}")
+        if not isinstance(save_dir, str) or not save_dir:
+            _fail(grid_path, f"[stage1.{name}] save_dir must be a directory path (default \"tickets/{name}\").", line)
+        other = owners.setdefault((base / save_dir).resolve(), name)
+        if other != name:  # before either is judged: the clash is the mistake to name
             _fail(grid_path, f"[stage1.{name}] and [stage1.{other}] both make the ticket directory "
-                             f"'{entry.save_dir}'; give one of them another save_dir.", line)
-        entries[name] = entry
+                             f"'{(base / save_dir).resolve()}'; give one of them another save_dir.", line)
+        entries[name] = _read_entry(grid_path, base, name, spec, pretrain, source, line)
     return entries
 
 
@@ -146,8 +148,6 @@ def _read_entry(grid_path, base, name, spec, pretrain, source, line):
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         _fail(grid_path, f"{where} gpus = {gpus!r} must be a whole number of GPUs per job, 1 or more.", line)
     save_dir = spec.get("save_dir", f"tickets/{name}")
-    if not isinstance(save_dir, str) or not save_dir:
-        _fail(grid_path, f"{where} save_dir must be a directory path (default \"tickets/{name}\").", line)
     init = pretrain[label].get("init") if isinstance(pretrain[label], dict) else None
     if not isinstance(init, str) or not init:
         _fail(grid_path, f"[pretrain.{label}] needs init = \"PATH\" (the θ_p file, or \"none\").")
