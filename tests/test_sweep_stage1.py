@@ -236,3 +236,42 @@ def test_a_failed_stage_1_job_holds_back_only_its_runs(tmp_path):
     assert "round 0 of 2  failed" in row, status.stdout
     why = status.stdout.split("failed stage-1 jobs:")[1].splitlines()[1]
     assert why.startswith("  bad_omp: ") and "2 runs wait on its tickets" in why, status.stdout
+
+
+# --------------------------------------------------------------------------- the paper's grids
+
+GRIDS = REPO / "script" / "grids"
+
+
+def test_the_papers_grids_make_every_ticket_directory_they_read_and_agree_on_them():
+    import tomllib
+
+    seen = {}
+    for name in ("fig3", "fig4", "fig5"):
+        spec = tomllib.loads((GRIDS / f"{name}.toml").read_text(encoding="utf-8"))
+        made = {f"tickets/{entry}" for entry in spec["stage1"]}
+        assert made == {t for table in spec["pretrain"].values() for t in table["tickets"]}, name
+        for entry, table in spec["stage1"].items():
+            assert seen.setdefault(entry, table) == table, (name, entry)  # one directory, one stage-1 command
+            label, _, kind = entry.partition("_")
+            assert table["pretrain"] == label and table["method"] == kind.split("_")[0]
+            assert table.get("retrain") == (kind.split("_")[1] if kind.startswith("imp") else None)
+            assert table["flags"]["dataset"] == "imagenet" and table["flags"]["arch"] == "resnet50"
+    assert seen["at_imp_at"]["retrain"] == "at"
+
+
+def test_fig4_plans_in_a_fresh_clone(capsys):
+    """No θ_p, no tickets: θ_AT runs at the full data only, with the adversarially re-trained IMP arm."""
+    assert not (GRIDS / "weights").exists() and not (GRIDS / "tickets").exists()
+    lines = _plan(capsys, GRIDS / "fig4.toml")
+    stage1 = [ln.split()[4] for ln in lines if ln.startswith("stage1 ")]
+    assert [Path(d).name for d in stage1] == ["at_imp_st", "at_imp_at", "at_omp", "at_rp"]
+    runs = [Path(ln.split()[1]).relative_to(GRIDS / "runs" / "study") for ln in lines if ln.startswith("pending  ")]
+    assert len(runs) == 1386 and "1386 runs: 0 done, 1386 pending" in lines
+    assert {r.parts[1] for r in runs} == {"rate1"} and {r.parts[3] for r in runs} == {"at"}
+    assert {r.parts[4] for r in runs} == {"dense", "imp", "imp-at", "omp", "rp"}
+    assert {r.parts[5] for r in runs if r.parts[4] == "imp-at"} == {
+        f"s{100 * (1 - 0.8 ** k):05.2f}" for k in range(1, 20)}
+    assert [ln for ln in lines if ln.startswith("missing: ")] == [
+        f"missing: [pretrain.at] init '{GRIDS / 'weights' / 'at.pt'}': θ_p is not there yet (`run` needs it)"]
+    assert not (GRIDS / "runs").exists() and not (GRIDS / "tickets").exists()
