@@ -58,8 +58,8 @@ from study.rundirs import (  # noqa: E402
     sweep_lock,
 )
 from study.slurm import SlurmRun, parse_minutes, run_slurm  # noqa: E402
-from study.stage1 import plan_lines as stage1_plan_lines  # noqa: E402
-from study.stage1 import unfinished  # noqa: E402
+from study.stage1_progress import plan_lines as stage1_plan_lines  # noqa: E402
+from study.stage1_progress import unfinished  # noqa: E402
 from study.status import status_lines  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402

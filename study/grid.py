@@ -16,6 +16,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line
+from study.gridfile import fail as _fail
 from utils.errors import UserError
 from utils.records import read_config, read_results, read_sparsity
 
@@ -27,7 +29,6 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "main_downstream.py"
 
 GRID_KEYS = {"out", "pretrain", "axes", "flags", "stage1"}
@@ -41,18 +42,6 @@ AXIS_FLAGS = {"dataset", "init", "pretrained", "pretrain", "ticket", "tickets_fi
 PATH_FLAGS = {"data"}  # [flags] values that are paths, hence relative to the grid file
 # main_downstream.py's settings the grid sets per run (by whatever alias a [flags] key names them)
 AXIS_DESTS = {"dataset", "init", "pretrain", "ticket", "regime", "data_rate", "seed", "save_dir"}
-# what may become one component of a run directory's path: a plain name, never "." or ".."
-NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-@dataclass
-class TicketDir:
-    path: Path
-    method: str
-    retrain: object
-    levels: dict  # round -> sparsity (percent)
-    name: str = ""  # the run-directory component: the method, "-at" added for adversarially re-trained IMP
-    made_by: str = ""  # the [stage1.NAME] entry of the grid that makes this directory (study/stage1.py)
 
 
 @dataclass
@@ -144,49 +133,6 @@ def run_finished(run_dir):
         return False
     read_results(path)
     return True
-
-
-def _fail(grid_path, message, line=None):
-    where = f"grid file '{grid_path}'" + (f", line {line}" if line else "")
-    raise UserError(f"{where}: {message}")
-
-
-def key_line(source, table, key):
-    """The line number of ``key`` in ``[table]`` of a TOML text (else of its first mention), or None."""
-    current, first = None, None
-    for number, line in enumerate(source.splitlines(), 1):
-        text = line.strip()
-        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", text)
-        if header:
-            current = header.group(1)
-            continue
-        for spelled in (key, f'"{key}"', f"'{key}'"):
-            if text.startswith(spelled) and text[len(spelled):].lstrip().startswith("="):
-                if current == table:
-                    return number
-                first = first or number
-    return first
-
-
-def _fmt_value(value):
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def flag_args(flags):
-    """[flags] -> argv: key -> --key (underscores -> dashes), true -> bare flag, false -> omitted,
-    a list -> comma-joined."""
-    out = []
-    for key, value in flags.items():
-        name = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(name)
-        elif value is False:
-            continue
-        elif isinstance(value, list):
-            out += [name, ",".join(_fmt_value(v) for v in value)]
-        else:
-            out += [name, _fmt_value(value)]
-    return out
 
 
 def _list_of(grid_path, axes, key, kind, default=None):
@@ -307,11 +253,6 @@ def build_grid(spec, base, grid_path, source="", missing_ok=False):
                 datasets=axes["datasets"], regimes=axes["regimes"], data_rates=[float(r) for r in axes["rates"]],
                 seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source,
                 stage1=made, missing=missing or [])
-
-
-def is_name(text):
-    """A string that may be one component of a path: [A-Za-z0-9._-]+, not "." or ".."."""
-    return isinstance(text, str) and NAME.fullmatch(text) is not None and text not in (".", "..")
 
 
 def _header_line(source, label):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from study import stage1
+from study import stage1, stage1_progress
 from study.local import _Progress, _settle, _Stop, _worker_main, visible_gpus
 from study.rundirs import clear_failure, entry_lock_holder, log_header, open_log, record_failure
 from utils.errors import EXIT_PREEMPTED, UserError
@@ -278,7 +278,7 @@ def run_pipeline(grid, runs, workers=None, retries=1, stage1_only=False, title="
     done = [j.entry.name for j in jobs if j.state == "done"]
     if done:
         print(f"{title}: stage 1 already finished: {', '.join(done)}", file=out, flush=True)
-    pipeline = Pipeline(todo, stage1.run_needs(grid, todo), jobs, n, retries, out, title)
+    pipeline = Pipeline(todo, stage1_progress.run_needs(grid, todo), jobs, n, retries, out, title)
     where = f"{n} slot{'s' * (n > 1)}" + (f" on GPU {', '.join(gpus)}" if gpus else " on the CPU")
     print(f"{title}: {len(todo)} runs and {len(jobs) - len(done)} stage-1 job(s) on {where}", file=out, flush=True)
     result = pipeline.run()

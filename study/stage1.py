@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line
+from study.gridfile import fail as _fail
 from utils.errors import UserError
 
 ENTRY_KEYS = {"pretrain", "method", "retrain", "save_dir", "gpus", "flags"}
@@ -54,8 +56,6 @@ class Entry:
         return f"{self.method}-at" if self.method == "imp" and self.retrain == "at" else self.method
 
     def argv(self):
-        from study.grid import flag_args
-
         args = ["--init", self.init, "--pretrain", self.pretrain, "--method", self.method]
         if self.retrain is not None and "retrain" in self.given:
             args += ["--retrain", self.retrain]
@@ -63,8 +63,6 @@ class Entry:
 
     def launcher(self, python=sys.executable):
         """The command that starts the job: torchrun over ``gpus`` processes, or one process."""
-        from study.grid import REPO
-
         script = str(REPO / "main_imp_pretrain.py")
         if self.gpus > 1:
             return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(self.gpus), script]
@@ -102,8 +100,6 @@ def written_rounds(save_dir):
 
 def read_entries(grid_path, base, table, pretrain, source=""):
     """The checked [stage1.*] tables: name -> Entry. ``pretrain`` is the grid's [pretrain] table."""
-    from study.grid import _fail, is_name
-
     if not isinstance(table, dict):
         _fail(grid_path, "stage1 must hold [stage1.NAME] tables, one per ticket directory the grid makes.")
     entries, owners = {}, {}
@@ -124,8 +120,6 @@ def read_entries(grid_path, base, table, pretrain, source=""):
 
 
 def _read_entry(grid_path, base, name, spec, pretrain, source, line):
-    from study.grid import _fail
-
     where = f"[stage1.{name}]"
     unknown = sorted(set(spec) - ENTRY_KEYS)
     if unknown:
@@ -183,8 +177,6 @@ def _stage_options():
 def _read_flags(grid_path, base, name, flags, source):
     """[stage1.NAME.flags]: each key, spelt in full, a flag of main_imp_pretrain.py that the entry
     does not set itself; path values are taken from ``base``."""
-    from study.grid import _fail, flag_args, key_line
-
     table = f"stage1.{name}.flags"
     if not isinstance(flags, dict):
         _fail(grid_path, f"[{table}] must be a table of main_imp_pretrain.py flags.")
@@ -212,8 +204,6 @@ def _read_flags(grid_path, base, name, flags, source):
 def _parse(grid_path, entry, line):
     """main_imp_pretrain.py's own parse_args over the entry's command (it reads no file)."""
     import main_imp_pretrain
-    from study.grid import _fail
-
     with _quiet() as err:
         try:
             return main_imp_pretrain.parse_args(entry.argv())
@@ -229,7 +219,6 @@ def expected_levels(grid_path, entry, args, line=None):
     """{round: sparsity} the entry's stage-1 run will write, from its architecture's prunable
     weights and the counts stage 1 prunes."""
     import pruning_utils
-    from study.grid import _fail
     from training import lmp
 
     if args.pattern != "unstructured":
@@ -264,84 +253,8 @@ def _shapes(arch, cifar_stem):
 
 def ticket_dir(entry):
     """The grid's view of the directory the entry makes (study.grid.TicketDir)."""
-    from study.grid import TicketDir
-
     return TicketDir(path=entry.save_dir, method=entry.method, retrain=entry.retrain, levels=dict(entry.levels),
                      name=entry.family, made_by=entry.name)
-
-
-def needs(grid):
-    """ticket file path -> (entry, round) for every ticket a grid's stage-1 entries make."""
-    out = {}
-    for entry in grid.stage1.values():
-        for k in entry.levels:
-            out[entry.save_dir / "tickets" / f"round_{k:02d}.pt"] = (entry, k)
-    return out
-
-
-def run_needs(grid, runs):
-    """id(run) -> (entry, round) for the runs whose ticket a stage-1 entry of the grid makes."""
-    made = needs(grid)
-    return {id(r): made[Path(r.ticket)] for r in runs if r.ticket is not None and Path(r.ticket) in made}
-
-
-# --------------------------------------------------------------------------- plan and status
-
-def entry_state(entry):
-    """(state, detail): done, running (its lock is held), failed (the sweep's failure record), pending."""
-    from study.rundirs import entry_lock_holder, read_failure
-
-    if entry.finished:
-        return "done", ""
-    if entry.save_dir.is_dir() and entry_lock_holder(entry.save_dir):
-        return "running", ""
-    try:
-        record = read_failure(entry.save_dir)
-    except UserError as exc:
-        return "failed", f"invalid: {exc}"
-    if record:
-        return "failed", record.get("error", "")
-    return "pending", ""
-
-
-def plan_lines(grid):
-    """One line per stage-1 entry for ``plan``: state, rounds written, directory and command."""
-    lines = []
-    for entry in grid.stage1.values():
-        state = "done" if entry.finished else "pending"
-        lines.append(f"stage1 {state:7}  {len(entry.written())}/{len(entry.levels)} rounds  {entry.save_dir}  "
-                     f"{entry.command()}")
-    return lines
-
-
-def status_lines(grid, runs):
-    """Stage 1's progress per ticket directory, and the runs a failed entry holds back."""
-    if not grid.stage1:
-        return []
-    from study.status import _show, _table
-
-    waiting = {}
-    for entry, k in run_needs(grid, runs).values():
-        if k not in entry.written():
-            waiting[entry.name] = waiting.get(entry.name, 0) + 1
-    rows, notes = [], []
-    for entry in grid.stage1.values():
-        state, detail = entry_state(entry)
-        written = entry.written()
-        rows.append([entry.name, entry.pretrain, entry.family, _show(entry.save_dir),
-                     f"round {max(written, default=0)} of {len(entry.levels)}", state, entry.gpus])
-        if state == "failed":
-            notes.append(f"  {entry.name}: {detail}; {waiting.get(entry.name, 0)} runs wait on its tickets "
-                         "(`run` resumes it)")
-    header = ["stage 1", "pretrain", "family", "directory", "progress", "state", "gpus"]
-    lines = _table(header, rows)
-    if notes:
-        lines += ["failed stage-1 jobs:", *notes]
-    return [*lines, ""]
-
-
-def unfinished(grid):
-    return [e for e in grid.stage1.values() if not e.finished]
 
 
 def launch_env(gpus, threads):

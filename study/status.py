@@ -110,9 +110,9 @@ def status_lines(grid, runs):
 
 
 def stage1_status_lines(grid, runs):
-    from study.stage1 import status_lines as stage1_lines  # the hook: stage 1's own table (study/stage1.py)
+    from study.stage1_progress import status_lines as stage1_lines  # the hook: stage 1's own table
 
-    return stage1_lines(grid, runs)
+    return stage1_lines(grid, runs, _table, _show)
 
 
 def _rate_text(value):

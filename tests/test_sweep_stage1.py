@@ -103,7 +103,7 @@ def test_run_refuses_a_missing_theta_p_before_starting_anything(tmp_path):
 
 def test_expected_levels_are_stage_1s_for_the_papers_resnet50():
     """19 rounds of 20% over ResNet-50's convolutions: the levels the paper quotes (20.00% ... 98.56%)."""
-    from study import stage1
+    from study import stage1_progress
 
     grid = sweep.build_grid({"out": "runs", "pretrain": {"at": {"init": "none", "tickets": ["t"]}},
                              "stage1": {"t": {"pretrain": "at", "method": "omp", "save_dir": "t",
@@ -113,7 +113,7 @@ def test_expected_levels_are_stage_1s_for_the_papers_resnet50():
     levels = grid.stage1["t"].levels
     assert len(levels) == 19 and levels[1] == 20.0 and levels[3] == 48.8 and levels[19] == 98.56
     assert grid.pretrains["at"]["tickets"][0].made_by == "t"
-    assert stage1.needs(grid)[Path("/nonexistent/t/tickets/round_19.pt")][1] == 19
+    assert stage1_progress.needs(grid)[Path("/nonexistent/t/tickets/round_19.pt")][1] == 19
 
 
 # --------------------------------------------------------------------------- bad input
