@@ -172,12 +172,14 @@ def refuse_unfinished_stage1(grid):
 
 
 def report_pipeline(res, runs):
-    """run_pipeline's outcome as the summary line, the hints and the exit status of `run`."""
+    """run_pipeline's outcome as the summary line, the hints and the exit status of `run` (``runs``
+    empty: stage 1 alone was asked for)."""
     finished = res["skipped"] + len(res["done"])
     jobs = res["stage1"]
-    print(f"sweep: stage 1: {sum(s == 'done' for s in jobs.values())} of {len(jobs)} ticket directories done; "
-          f"{finished} of {len(runs)} runs done, {len(res['failed'])} failed, {len(res['blocked'])} held back by a "
-          f"failed stage-1 job, {len(res['interrupted'])} left to resume, {len(res['busy'])} held by another process")
+    stage2 = (f"; {finished} of {len(runs)} runs done, {len(res['failed'])} failed, {len(res['blocked'])} held back "
+              f"by a failed stage-1 job, {len(res['interrupted'])} left to resume, {len(res['busy'])} held by another "
+              "process") if runs else " (--stage1-only)"
+    print(f"sweep: stage 1: {sum(s == 'done' for s in jobs.values())} of {len(jobs)} ticket directories done{stage2}")
     if res["interrupted"] or "interrupted" in jobs.values():
         print("sweep: stopped; rerun the same command to resume both stages", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -225,8 +227,8 @@ def main(argv=None):
         run_slurm(runs, args, grid)
         return 0
     if grid.stage1:
-        return report_pipeline(run_pipeline(grid, runs, workers=args.workers, retries=args.retries,
-                                            stage1_only=args.stage1_only), runs)
+        res = run_pipeline(grid, runs, workers=args.workers, retries=args.retries, stage1_only=args.stage1_only)
+        return report_pipeline(res, [] if args.stage1_only else runs)
     res = run_local(runs, workers=args.workers, retries=args.retries)
     finished = res["skipped"] + len(res["done"])
     print(f"sweep: {finished} of {len(runs)} runs done, {len(res['failed'])} failed, "

@@ -158,6 +158,21 @@ def test_slurm_refuses_unfinished_stage1_and_stage1_only_needs_entries(tmp_path)
         sweep.main(["run", str(plain), "--stage1-only"])
 
 
+def test_stage1_only_makes_the_tickets_and_no_run(tmp_path, capsys):
+    from study.stage1_progress import unfinished
+
+    _theta(tmp_path / "at.pt")
+    entries = ['[stage1.at_omp]', 'pretrain = "at"', 'method = "omp"', '[stage1.at_omp.flags]', 'dataset = "digits"',
+               'arch = "resnet_tiny"', "cifar_stem = true", "rate = 0.5", "rounds = 2"]
+    grid = write_grid(tmp_path, entries=entries, pretrain=['[pretrain.at]', 'init = "at.pt"',
+                                                           'tickets = ["tickets/at_omp"]'])
+    assert sweep.main(["run", str(grid), "--stage1-only"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1: 1 of 1 ticket directories done (--stage1-only)" in out, out
+    assert json.loads((tmp_path / "tickets" / "at_omp" / "sparsity.json").read_text()) == {"1": 50.0, "2": 75.0}
+    assert not (tmp_path / "runs").exists() and not unfinished(sweep.load_grid(grid))
+
+
 # --------------------------------------------------------------------------- one command, both stages
 
 def _round_1_run(root):
