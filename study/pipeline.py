@@ -103,7 +103,7 @@ class Pipeline:
             else:
                 record_failure(job.entry.save_dir, rc, job.attempt)
                 job.state = "failed"
-                self.say(f"stage 1 {job.entry.name}: FAILED (status {rc}): {self.last_line(job)}; only the runs "
+                self.say(f"stage 1 {job.entry.name}: FAILED (status {rc}): {self.last_line(job).rstrip('.')}; only the runs "
                          "waiting on its tickets are held back")
 
     @staticmethod

@@ -63,7 +63,7 @@ def status_lines(grid, runs, table, show):
         rows.append([entry.name, entry.pretrain, entry.family, show(entry.save_dir),
                      f"round {max(written, default=0)} of {len(entry.levels)}", state, entry.gpus])
         if state == "failed":
-            notes.append(f"  {entry.name}: {detail}; {waiting.get(entry.name, 0)} runs wait on its tickets "
+            notes.append(f"  {entry.name}: {detail.rstrip('.')}; {waiting.get(entry.name, 0)} runs wait on its tickets "
                          "(`run` resumes it)")
     header = ["stage 1", "pretrain", "family", "directory", "progress", "state", "gpus"]
     lines = table(header, rows)
