@@ -16,10 +16,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "script" / "sweep.py"
-# stage 1 on digits: 3 IMP rounds of 50% with enough re-training between them (about 2 s a round on
-# one thread) that the runs of round 1 can visibly start before round 3 is written
+# stage 1 on digits: 3 IMP rounds of 50% with enough re-training between them (about 4 s a round on
+# one thread) that the runs of round 1 visibly start (about 2 s after their ticket) before round 3 is written
 STAGE1 = ['dataset = "digits"', 'arch = "resnet_tiny"', "cifar_stem = true", 'classes = "0-4"', "rate = 0.5",
-          "rounds = 3", "epochs_per_round = 6", "batch_size = 64", "lr = 0.01", "no_progress = true"]
+          "rounds = 3", "epochs_per_round = 12", "batch_size = 64", "lr = 0.01", "no_progress = true"]
 FLAGS = ['arch = "resnet_tiny"', "cifar_stem = true", 'classes = "5-9"', "epochs = 1", "lr = 0.05",
          "batch_size = 128", "no_progress = true", "allow_chance = true"]
 
@@ -147,9 +147,12 @@ def test_bad_stage1_entries_are_one_line_naming_the_entry(tmp_path, edit, needle
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.toml"]
 
 
-def test_slurm_refuses_unfinished_stage1_and_stage1_only_needs_entries(tmp_path):
+def test_slurm_refuses_unfinished_stage1_and_stage1_only_needs_entries(tmp_path, capsys):
     _theta(tmp_path / "at.pt")
     grid = write_grid(tmp_path)
+    assert sweep.main(["run", str(grid), "--print"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and "main_imp_pretrain.py --init" in printed[0] and "round_01.pt" in printed[1]
     with pytest.raises(sweep.UserError, match=r"\[stage1.at_imp\] has 0 of 3 tickets .* --stage1-only"):
         sweep.main(["run", str(grid), "--backend", "slurm"])
     plain = write_grid(tmp_path, entries=[], pretrain=['[pretrain.at]', 'init = "at.pt"'], name="plain.toml")
