@@ -103,8 +103,8 @@ class Pipeline:
             else:
                 record_failure(job.entry.save_dir, rc, job.attempt)
                 job.state = "failed"
-                self.say(f"stage 1 {job.entry.name}: FAILED (status {rc}): {self.last_line(job).rstrip('.')}; only the runs "
-                         "waiting on its tickets are held back")
+                self.say(f"stage 1 {job.entry.name}: FAILED (status {rc}): {self.last_line(job).rstrip('.')}; only "
+                         "the runs waiting on its tickets are held back")
 
     @staticmethod
     def last_line(job):
@@ -127,11 +127,22 @@ class Pipeline:
                 if len(self.free_slots()) >= job.entry.gpus:
                     break
                 self.retire(slot)
-            free = self.free_slots()
-            if len(free) < job.entry.gpus:
+            slots = self.distinct_gpu_slots(job.entry.gpus)
+            if slots is None:
                 return  # wait for running runs to end; later jobs wait behind this one
-            job.start(free[:job.entry.gpus], self.gpus, self.threads)
+            job.start(slots, self.gpus, self.threads)
             self.say(f"stage 1 {job.entry.name}: started on {job.entry.gpus} slot(s): {job.entry.command()}")
+
+    def distinct_gpu_slots(self, count):
+        """``count`` free slots on as many different GPUs (with --workers above the GPU count, slots
+        share GPUs round-robin), or None while there are not enough."""
+        chosen, ids = [], set()
+        for slot in self.free_slots():
+            gpu = self.gpus[slot % len(self.gpus)] if self.gpus else slot
+            if gpu not in ids:
+                chosen.append(slot)
+                ids.add(gpu)
+        return chosen[:count] if len(chosen) >= count else None
 
     def pending_stage1(self):
         return any(j.state in ("pending", "running", "busy") for j in self.jobs)

@@ -176,6 +176,17 @@ def test_stage1_only_makes_the_tickets_and_no_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and not unfinished(sweep.load_grid(grid))
 
 
+def test_a_multi_gpu_job_gets_slots_on_different_gpus():
+    """--workers 4 over 2 GPUs: slots 0 and 2 share GPU 0, so a 2-GPU job takes slots 0 and 1."""
+    from study.pipeline import Pipeline
+
+    pipeline = Pipeline([], {}, [], 4, 0, sys.stdout, "sweep")
+    pipeline.gpus = ["0", "1"]
+    assert pipeline.distinct_gpu_slots(2) == [0, 1] and pipeline.distinct_gpu_slots(3) is None
+    pipeline.workers[0] = {"task": ("a run", 1)}  # a worker busy on GPU 0's first slot
+    assert pipeline.distinct_gpu_slots(2) == [1, 2]
+
+
 # --------------------------------------------------------------------------- one command, both stages
 
 def _round_1_run(root):
