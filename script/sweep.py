@@ -4,12 +4,14 @@
                                             # every run: its directory and exact command, and totals; on
                                             # stderr the GPU-hours and disk per group and grid file
     python script/sweep.py run    GRID.toml [--backend local|slurm] [--workers N] [--retries 1] [--print]
-                                            [--rerun-stale]
+                                            [--rerun-stale] [--stage1-only]
     python script/sweep.py status GRID.toml      # per group: done / running / failed / pending / stale, GPU-hours, disk
     ... [--seeds 1,2] [--datasets cifar10] [--levels 5,10,19]   # any command: only these runs
 
 The grid file (docs/contracts.md §7) names the θ_p file and the stage-1 ticket directories of each
-pre-training, the axes and extra flags. The paper's per-dataset protocol (lr, epochs, milestones,
+pre-training, the axes and extra flags; [stage1.NAME] entries make ticket directories inside the
+grid: ``run`` (local backend) runs those stage-1 jobs and starts each round's runs as soon as its
+ticket is written, and ``plan`` lists every run before any θ_p or ticket exists. The paper's per-dataset protocol (lr, epochs, milestones,
 batch size, weight decay, SVHN's cosine schedule, --eval-from) is NOT repeated here: flags the
 grid leaves unset are filled by main_downstream.py's own defaults, the one place they live.
 
@@ -48,6 +50,7 @@ from study.grid import (  # noqa: E402
     refuse_flags_acting_nowhere,
 )
 from study.local import Task, run_local  # noqa: E402
+from study.pipeline import run_pipeline  # noqa: E402
 from study.rundirs import (  # noqa: E402
     LOG_NAME,
     entry_lock_holder,
@@ -59,6 +62,8 @@ from study.rundirs import (  # noqa: E402
     sweep_lock,
 )
 from study.slurm import SlurmRun, parse_minutes, run_slurm  # noqa: E402
+from study.stage1_progress import plan_lines as stage1_plan_lines  # noqa: E402
+from study.stage1_progress import unfinished  # noqa: E402
 from study.status import status_lines  # noqa: E402
 from utils.cli import ArgumentParser, int_list  # noqa: E402
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError  # noqa: E402
@@ -101,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--rerun-stale", action="store_true",
                    help="move each stale run directory (config.json differs from what the grid gives it now) "
                         "aside to DIR.stale-TIMESTAMP and run it again; without it `run` refuses such a grid")
+    p.add_argument("--stage1-only", action="store_true",
+                   help="local: run only the grid's [stage1.NAME] entries (before a SLURM submission)")
     p.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the cluster's)")
     p.add_argument("--slurm-time", default="24:00:00", help="time limit per task: minutes or HH:MM:SS")
     p.add_argument("--slurm-array-parallelism", type=int, default=256, help="tasks running at once")
@@ -130,7 +137,7 @@ def parse_args(argv=None):
     slurm_only = [flag for dest, flag in given.items() if dest.startswith("slurm_")]
     if slurm_only and (args.backend != "slurm" or args.print_only):
         p.error(f"{', '.join(slurm_only)} apply only to --backend slurm (without --print).")
-    local_only = [flag for dest, flag in given.items() if dest in ("workers", "retries")]
+    local_only = [flag for dest, flag in given.items() if dest in ("workers", "retries", "stage1_only")]
     if local_only and (args.backend != "local" or args.print_only):
         p.error(f"{', '.join(local_only)} apply only to --backend local (without --print).")
     if args.workers is not None and args.workers < 1:
@@ -173,11 +180,16 @@ def plan_study(args, grid, runs):
     unique = list({r.run_dir: r for _, rs in planned for r in rs}.values())
     states = {id(r): plan_state(r) for r in unique}
     lines = cost_lines(planned, pricer, done={r.run_dir for r in unique if states[id(r)][0] == "done"})
+    for g in grids:  # the stage-1 jobs first: every run below waits on their tickets
+        for line in stage1_plan_lines(g):
+            print(line)
     plan(unique, states)
-    # on stderr: stdout stays one line per run and the total
-    for line in left_out_lines(unique):
+    for g in grids:
+        for line in g.missing:
+            print(f"missing: {line}")
+    for line in left_out_lines(unique):  # on stderr: a note on flags, not part of the plan
         print(f"note: {line}", file=sys.stderr)
-    print("\n".join(lines), file=sys.stderr)
+    print("\n".join(lines))
     return 0
 
 
@@ -215,9 +227,38 @@ def left_out_lines(runs):
             for flag, (where, n) in sorted(left_out.items())]
 
 
+def refuse_unfinished_stage1(grid):
+    """The SLURM backend runs stage-2 runs only: their tickets must all be written first."""
+    left = unfinished(grid)
+    if left:
+        e = left[0]
+        raise UserError(f"[stage1.{e.name}] has {len(e.written())} of {len(e.levels)} tickets in '{e.save_dir}', and "
+                        f"the SLURM backend does not run stage 1; run `python script/sweep.py run {grid.path} "
+                        "--stage1-only` (local backend) first, then submit again.")
+
+
+def report_pipeline(res, runs):
+    """run_pipeline's outcome as the summary line, the hints and the exit status of `run` (``runs``
+    empty: stage 1 alone was asked for)."""
+    finished = res["skipped"] + len(res["done"])
+    jobs = res["stage1"]
+    stage2 = (f"; {finished} of {len(runs)} runs done, {len(res['failed'])} failed, {len(res['blocked'])} held back "
+              f"by a failed stage-1 job, {len(res['interrupted'])} left to resume, {len(res['busy'])} held by another "
+              "process") if runs else " (--stage1-only)"
+    print(f"sweep: stage 1: {sum(s == 'done' for s in jobs.values())} of {len(jobs)} ticket directories done{stage2}")
+    if res["interrupted"] or "interrupted" in jobs.values():
+        print("sweep: stopped; rerun the same command to resume both stages", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if res["failed"] or res["blocked"] or "failed" in jobs.values():
+        print("sweep: some stage-1 jobs or runs failed; `status` lists them with their errors, rerunning retries "
+              "them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, missing_ok=args.command == "plan")
     runs = expand(grid)
     check_flag_keys(grid)
     refuse_flags_acting_nowhere(grid, runs)
@@ -229,16 +270,25 @@ def main(argv=None):
         print("\n".join(status_lines(grid, runs)))
         return 0
     states = {id(r): plan_state(r) for r in runs}
-    refuse_linked_control_files(r.run_dir for r in runs if states[id(r)][0] != "done")
+    if args.stage1_only and not grid.stage1:
+        raise UserError(f"grid file '{grid.path}' has no [stage1.NAME] entries; drop --stage1-only.")
+    refuse_linked_control_files([r.run_dir for r in runs if states[id(r)][0] != "done"] +
+                                [e.save_dir for e in unfinished(grid)])
     move_stale(runs, states, args.rerun_stale)
     if args.print_only:
+        for entry in unfinished(grid):
+            print(entry.command())
         for r in runs:
             if states[id(r)][0] != "done":
                 print(r.command())
         return 0
     if args.backend == "slurm":
+        refuse_unfinished_stage1(grid)
         run_slurm(runs, args, grid)
         return 0
+    if grid.stage1:
+        res = run_pipeline(grid, runs, workers=args.workers, retries=args.retries, stage1_only=args.stage1_only)
+        return report_pipeline(res, [] if args.stage1_only else runs)
     res = run_local(runs, workers=args.workers, retries=args.retries)
     finished = res["skipped"] + len(res["done"])
     print(f"sweep: {finished} of {len(runs)} runs done, {len(res['failed'])} failed, "

@@ -16,6 +16,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line
+from study.gridfile import fail as _fail
 from utils.errors import UserError
 from utils.records import read_config, read_results, read_sparsity
 
@@ -27,10 +29,9 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "main_downstream.py"
 
-GRID_KEYS = {"out", "pretrain", "axes", "flags"}
+GRID_KEYS = {"out", "pretrain", "axes", "flags", "stage1"}
 PRETRAIN_KEYS = {"init", "tickets"}
 AXES_KEYS = {"dataset", "regime", "data_rate", "seed", "rounds", "dense"}
 DATASETS = ("cifar10", "cifar100", "svhn", "folder", "digits")
@@ -44,17 +45,6 @@ AXIS_DESTS = {"dataset", "init", "pretrain", "ticket", "regime", "data_rate", "s
 # What a sweep's run gets unless the grid's [flags] say otherwise: no model file once results.json is
 # written (a grid whose figure reads weights, e.g. loss landscapes, sets keep_model = "best").
 SWEEP_FLAGS = {"keep_model": "none"}
-# what may become one component of a run directory's path: a plain name, never "." or ".."
-NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
-@dataclass
-class TicketDir:
-    path: Path
-    method: str
-    retrain: object
-    levels: dict  # round -> sparsity (percent)
-    name: str = ""  # the run-directory component: the method, "-at" added for adversarially re-trained IMP
 
 
 @dataclass
@@ -70,6 +60,8 @@ class Grid:
     dense: bool
     flags: dict
     source: str = ""  # the grid file's text, to name the line of a refused entry
+    stage1: dict = field(default_factory=dict)  # name -> study.stage1.Entry: the ticket directories it makes
+    missing: list = field(default_factory=list)  # inputs not there yet (load_grid(..., missing_ok=True))
 
 
 @dataclass
@@ -152,49 +144,6 @@ def run_finished(run_dir):
     return True
 
 
-def _fail(grid_path, message, line=None):
-    where = f"grid file '{grid_path}'" + (f", line {line}" if line else "")
-    raise UserError(f"{where}: {message}")
-
-
-def key_line(source, table, key):
-    """The line number of ``key`` in ``[table]`` of a TOML text (else of its first mention), or None."""
-    current, first = None, None
-    for number, line in enumerate(source.splitlines(), 1):
-        text = line.strip()
-        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", text)
-        if header:
-            current = header.group(1)
-            continue
-        for spelled in (key, f'"{key}"', f"'{key}'"):
-            if text.startswith(spelled) and text[len(spelled):].lstrip().startswith("="):
-                if current == table:
-                    return number
-                first = first or number
-    return first
-
-
-def _fmt_value(value):
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def flag_args(flags):
-    """[flags] -> argv: key -> --key (underscores -> dashes), true -> bare flag, false -> omitted,
-    a list -> comma-joined."""
-    out = []
-    for key, value in flags.items():
-        name = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(name)
-        elif value is False:
-            continue
-        elif isinstance(value, list):
-            out += [name, ",".join(_fmt_value(v) for v in value)]
-        else:
-            out += [name, _fmt_value(value)]
-    return out
-
-
 def _list_of(grid_path, axes, key, kind, default=None):
     value = axes.get(key, default)
     if value is None:
@@ -254,8 +203,10 @@ def _read_ticket_dir(grid_path, label, path):
     return TicketDir(path=path, method=method, retrain=retrain, levels=levels, name=name)
 
 
-def load_grid(grid_path):
-    """Read and check a grid file; every problem is one UserError naming it and the fix."""
+def load_grid(grid_path, missing_ok=False):
+    """Read and check a grid file; every problem is one UserError naming it and the fix.
+    ``missing_ok``: a θ_p file or ticket directory that is not there yet is a line of
+    ``Grid.missing`` instead (``plan`` before any input exists)."""
     grid_path = Path(grid_path)
     if not grid_path.is_file():
         raise UserError(f"grid file '{grid_path}' does not exist; pass a TOML file such as script/grids/fig3.toml.")
@@ -274,10 +225,10 @@ def load_grid(grid_path):
     except tomllib.TOMLDecodeError as exc:
         message = " ".join(str(exc).split())
         raise UserError(f"grid file '{grid_path}' is not valid TOML ({message}); fix the line it names.") from None
-    return build_grid(spec, grid_path.resolve().parent, grid_path, source)
+    return build_grid(spec, grid_path.resolve().parent, grid_path, source, missing_ok)
 
 
-def build_grid(spec, base, grid_path, source=""):
+def build_grid(spec, base, grid_path, source="", missing_ok=False):
     """A checked Grid from the parsed file ``spec`` (whose text ``source``, when given, names the
     lines of refused entries); relative paths are taken from ``base``.
     (script/demo.py builds its grid in code through this.)"""
@@ -297,19 +248,20 @@ def build_grid(spec, base, grid_path, source=""):
                              "not '.' or '..'): it becomes a directory of every run; rename [pretrain.LABEL].",
                   _header_line(source, label))
     axes = _read_axes(grid_path, spec.get("axes"))
-    pretrains = {label: _read_pretrain(grid_path, base, label, table, axes["rounds"])
+    made, missing = {}, [] if missing_ok else None
+    if "stage1" in spec:  # only a grid that makes its own tickets pays for stage 1's imports
+        from study.stage1 import read_entries
+
+        made = read_entries(grid_path, base, spec["stage1"], pretrain, source)
+    pretrains = {label: _read_pretrain(grid_path, base, label, table, axes["rounds"], made, missing)
                  for label, table in pretrain.items()}
-    if not axes["dense"] and not any(p["tickets"] for p in pretrains.values()):
+    if not axes["dense"] and not any(p["tickets"] for p in pretrains.values()) and not missing:
         _fail(grid_path, "implies no runs: no pre-training lists tickets and dense = false.")
     flags = _read_flags(grid_path, base, spec.get("flags", {}), source)
     return Grid(path=Path(grid_path).resolve(), out=(base / spec["out"]).resolve(), pretrains=pretrains,
                 datasets=axes["datasets"], regimes=axes["regimes"], data_rates=[float(r) for r in axes["rates"]],
-                seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source)
-
-
-def is_name(text):
-    """A string that may be one component of a path: [A-Za-z0-9._-]+, not "." or ".."."""
-    return isinstance(text, str) and NAME.fullmatch(text) is not None and text not in (".", "..")
+                seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source,
+                stage1=made, missing=missing or [])
 
 
 def _header_line(source, label):
@@ -350,8 +302,10 @@ def _read_axes(grid_path, axes):
             "dense": dense}
 
 
-def _read_pretrain(grid_path, base, label, table, rounds):
-    """One checked [pretrain.LABEL] table: {"init": the θ_p path or "none", "tickets": [TicketDir]}."""
+def _read_pretrain(grid_path, base, label, table, rounds, made=None, missing=None):
+    """One checked [pretrain.LABEL] table: {"init": the θ_p path or "none", "tickets": [TicketDir]}.
+    ``made``: the grid's stage-1 entries (their directories need not exist); ``missing``: a list to
+    note absent inputs in, instead of refusing them."""
     if not isinstance(table, dict):
         _fail(grid_path, f"pretrain.{label} must be a table with init and tickets.")
     unknown = sorted(set(table) - PRETRAIN_KEYS)
@@ -362,7 +316,9 @@ def _read_pretrain(grid_path, base, label, table, rounds):
         _fail(grid_path, f"[pretrain.{label}] needs init = \"PATH\" (the θ_p file, or \"none\").")
     if init.lower() != "none":
         init_path = base / init
-        if not init_path.exists():
+        if not init_path.exists() and missing is not None:
+            missing.append(f"[pretrain.{label}] init '{init_path}': θ_p is not there yet (`run` needs it)")
+        elif not init_path.exists():
             _fail(grid_path, f"[pretrain.{label}] init '{init_path}' does not exist; point it at your θ_p "
                              "checkpoint (relative paths are relative to the grid file).")
         init = str(init_path)
@@ -371,7 +327,18 @@ def _read_pretrain(grid_path, base, label, table, rounds):
         tickets = [tickets]
     if not isinstance(tickets, list) or not all(isinstance(t, str) for t in tickets):
         _fail(grid_path, f"[pretrain.{label}] tickets must be a list of stage-1 directories.")
-    dirs = [_read_ticket_dir(grid_path, label, base / t) for t in tickets]
+    dirs = []
+    for t in tickets:
+        entry = next((e for e in (made or {}).values() if e.save_dir == (base / t).resolve()), None)
+        if entry is not None:
+            from study.stage1 import ticket_dir
+
+            dirs.append(ticket_dir(entry))
+        elif missing is not None and not (base / t).exists():
+            missing.append(f"[pretrain.{label}] ticket directory '{base / t}' is not there and no [stage1.NAME] "
+                           "entry makes it: its runs are not listed")
+        else:
+            dirs.append(_read_ticket_dir(grid_path, label, base / t))
     _check_ticket_dirs(grid_path, label, dirs, rounds)
     return {"init": init, "tickets": dirs}
 
@@ -387,11 +354,12 @@ def _check_ticket_dirs(grid_path, label, dirs, rounds):
                              "them its own [pretrain.LABEL] table.")
     if rounds != "all":
         for d in dirs:
-            missing = [r for r in rounds if r not in d.levels]
-            if missing:
-                _fail(grid_path, f"round(s) {missing} are not in '{d.path / 'sparsity.json'}' (it has "
+            absent = [r for r in rounds if r not in d.levels]
+            if absent:
+                has = f"[stage1.{d.made_by}] makes" if d.made_by else "it has"
+                _fail(grid_path, f"round(s) {absent} are not in '{d.path / 'sparsity.json'}' ({has} "
                                  f"{sorted(d.levels)}); list rounds it has or let stage 1 finish them.")
-    for d in dirs:
+    for d in (d for d in dirs if not d.made_by):  # a stage-1 entry's tickets come while the grid runs
         for r in (d.levels if rounds == "all" else rounds):
             if not (d.path / "tickets" / f"round_{r:02d}.pt").is_file():
                 _fail(grid_path, f"'{d.path / 'tickets' / f'round_{r:02d}.pt'}' is missing although "

@@ -90,7 +90,7 @@ def status_lines(grid, runs):
                      *(counts[s] for s in STATES), f"{seconds / 3600:.3f}",
                      human_bytes(sum(sizes) / len(sizes)) if sizes else "-"])
     header = ["dataset", "rate", "pretrain", "method", "regime", "runs", *STATES, "GPU-h", "disk/run"]
-    lines = [f"grid {_show(grid.path)} -> {_show(grid.out)}", *_table(header, rows)]
+    lines = [f"grid {_show(grid.path)} -> {_show(grid.out)}", *stage1_status_lines(grid, runs), *_table(header, rows)]
     failed = [r for r in runs if states[id(r)] == "failed"]
     if failed:
         lines += ["", f"failed runs ({len(failed)}; `run` retries them):"]
@@ -107,6 +107,12 @@ def status_lines(grid, runs):
               f"done {count['done']} of {n} runs ({count['failed']} failed, {count['pending']} pending, "
               f"{count['running']} running" + (f", {count['stale']} stale)" if count["stale"] else ")")]
     return lines
+
+
+def stage1_status_lines(grid, runs):
+    from study.stage1_progress import status_lines as stage1_lines  # the hook: stage 1's own table
+
+    return stage1_lines(grid, runs, _table, _show)
 
 
 def _rate_text(value):

@@ -48,7 +48,7 @@ def _count(spec):
 @pytest.mark.parametrize("name", NAMES)
 def test_only_the_grid_format_of_today(name):
     spec = _grid(name)
-    assert set(spec) <= {"out", "pretrain", "axes", "flags"}
+    assert set(spec) <= {"out", "pretrain", "axes", "flags", "stage1"}  # stage1: the ticket directories it makes
     assert set(spec["axes"]) <= {"dataset", "regime", "data_rate", "seed", "rounds", "dense"}
     for table in spec["pretrain"].values():
         assert set(table) <= {"init", "tickets"}
