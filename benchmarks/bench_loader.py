@@ -65,7 +65,8 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=None,
                    help="compare the image-folder paths (pil vs uint8) on this image-folder tree instead "
-                        "(DIR/train/<class>/<image>; made with synthetic 500x375 JPEGs when absent)")
+                        "(DIR/train/<class>/<image>; made with synthetic 500x375 JPEGs when absent; default: none, the "
+                        "tensor path)")
     p.add_argument("--image-size", type=_common.positive_int, default=224)
     p.add_argument("--native-size", type=_common.positive_int, default=None,
                    help="side of the stored array images (default 32; not with --folder)")

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # light: nothing here imports torch, so plan's and the grid's errors come at once
-from study.cost import Pricer, cost_lines, select  # noqa: E402
+from study.cost import ASSUMED_TFLOPS, Pricer, cost_lines, select  # noqa: E402
 from study.grid import (  # noqa: E402
     Grid,
     Run,
@@ -93,6 +93,9 @@ def parse_args(argv=None):
                    help="plan: a benchmarks/bench_step.py --json record (repeatable) pricing runs of its regime, "
                         "architecture and image size that no finished run prices (default: none; finished runs "
                         "price what they can)")
+    p.add_argument("--assume-tflops", type=float, default=None, metavar="T",
+                   help="plan: the achieved TFLOP/s that prices runs no finished run or --bench record prices, from "
+                        "their counted FLOPs (default: 250, a quarter of an H100's dense bf16 peak)")
     p.add_argument("--seeds", type=int_list, default=None, help="only these seeds, e.g. 1,2 (default: every seed of the grid)")
     p.add_argument("--datasets", type=_names, default=None, help="only these datasets, e.g. cifar10,svhn (default: every dataset of the grid)")
     p.add_argument("--levels", type=int_list, default=None,
@@ -124,9 +127,12 @@ def parse_args(argv=None):
     p.add_argument("--slurm-folder", default=None, help="submitit's logs and task files (default: OUT/.submitit)")
     args = p.parse_args(argv)
     given = {a.dest: "/".join(a.option_strings) for a in p._actions
-             if a.option_strings and a.dest not in ("help", *SUBSET, "bench") and getattr(args, a.dest) != a.default}
+             if a.option_strings and a.dest not in ("help", *SUBSET, "bench", "assume_tflops") and getattr(args, a.dest) != a.default}
     if args.command != "plan" and args.bench:
         p.error(f"--bench applies only to `plan`; drop it from `{args.command}`.")
+    if args.assume_tflops is not None and (args.command != "plan" or not args.assume_tflops > 0):
+        p.error("--assume-tflops applies only to `plan` and must be a positive number of TFLOP/s.")
+    args.assume_tflops = args.assume_tflops or ASSUMED_TFLOPS
     if args.command != "plan" and args.more_grids:
         p.error(f"more than one grid file applies only to `plan`; `{args.command}` takes one grid file.")
     for dest in SUBSET:
@@ -176,7 +182,7 @@ def plan_study(args, grid, runs):
     grids = [grid] + [load_grid(path) for path in args.more_grids]
     planned = [(args.grid, runs)] + [(path, checked_runs(g)) for path, g in zip(args.more_grids, grids[1:])]
     planned = select(planned, seeds=args.seeds, datasets=args.datasets, levels=args.levels)
-    pricer = Pricer([g.out for g in grids], args.bench or ())  # a bad --bench is refused before any output
+    pricer = Pricer([g.out for g in grids], args.bench or (), args.assume_tflops)  # a bad --bench: refused first
     unique = list({r.run_dir: r for _, rs in planned for r in rs}.values())
     states = {id(r): plan_state(r) for r in unique}
     lines = cost_lines(planned, pricer, done={r.run_dir for r in unique if states[id(r)][0] == "done"})

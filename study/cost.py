@@ -9,7 +9,10 @@ Time comes from one of two sources, never from a guess:
   run's epochs and validated epochs (the final test pass is not in the history, as in `status`);
 - a benchmark record of ``benchmarks/bench_step.py --json`` of the same regime, architecture, image
   size, stem and attack steps, through benchmarks/estimate_run.py's formula (``run_seconds``).
-A group with neither says so, with the bench_step.py command that would price it.
+Where neither fits, an analytic estimate, labelled as such: the model's FLOPs per image, counted by
+torch's FlopCounterMode (a training step 3x a forward pass, each PGD step 2x), at an assumed achieved
+rate (``--assume-tflops``, default 250 TFLOP/s: a quarter of an H100's dense bf16 peak, the engine's
+aim), beside the bench_step.py command that would measure it instead.
 Disk: the mean size of finished run directories that kept the same files, else the model's size
 (from its parameter count) times the model files a run keeps, plus its records.
 """
@@ -35,6 +38,8 @@ TEST_SPLIT = {"cifar10": 10_000, "cifar100": 10_000, "svhn": 26_032, "digits": 3
 # model file.
 RECORD_BYTES, EPOCH_BYTES = 4_000, 350
 BENCH_HINT = "run benchmarks/bench_step.py --json FILE and pass --bench FILE"
+# the analytic fallback's achieved throughput: 25% of an H100 SXM's dense bf16 peak (989 TFLOP/s)
+ASSUMED_TFLOPS = 250.0
 
 
 @dataclass
@@ -76,9 +81,11 @@ def profile(run):
 
 def kept_files(config, regime):
     """The model files a finished run keeps (docs/contracts.md §3): checkpoint.pt is removed at the end
-    unless --keep-checkpoint."""
+    unless --keep-checkpoint; model_best.pt (and model_best_sa.pt) unless --keep-model none, the
+    default of the sweep's runs (a run recorded before the flag kept it)."""
+    best = config.get("keep_model", "best") != "none"
     return (bool(config.get("keep_checkpoint")), bool(config.get("save_trajectory")),
-            bool(config.get("keep_sa_best")) and regime != "st")
+            best and bool(config.get("keep_sa_best")) and regime != "st", best)
 
 
 def images(p):
@@ -164,6 +171,40 @@ def bench_seconds(p, record):
                        test_images=test, train_rate=record["engine"]["images_per_s"],
                        val_rate=val_part["engine"]["images_per_s"],
                        test_rate=test_part["engine"]["images_per_s"])["total_s"]
+
+
+# --------------------------------------------------------------------------- the analytic fallback
+
+@functools.lru_cache(maxsize=None)
+def forward_flops(arch, num_classes, cifar_stem, image_size):
+    """FLOPs of one image's forward pass, counted (dense kernels: a ticket's zeros are still computed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+
+    model = models.build_model(arch, num_classes, cifar_stem=cifar_stem).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops()
+
+
+def analytic_seconds(p, tflops):
+    """GPU-seconds of a run like ``p`` from counted FLOPs at ``tflops`` achieved, or None (unknown size)."""
+    from data_loading.catalog import NUM_CLASSES
+
+    counts = images(p)
+    if counts is None:
+        return None
+    f = forward_flops(p["arch"], len(p["classes"]) if p["classes"] else NUM_CLASSES[p["dataset"]], p["cifar_stem"],
+                      p["image_size"])
+    train_flops = 3 * f + 2 * f * p["attack_steps"]  # the step, and each attack step's gradient to the input
+    clean, robust = f, f + 2 * f * p["test_steps"]  # the test attack, then its forward pass
+    val_flops = clean + (robust if p["regime"] != "st" else 0)
+    test_flops = clean + (robust if p["test_steps"] else 0)
+    train, val, test = counts
+    total = (p["epochs"] * train * train_flops + validated_epochs(p) * val * val_flops + test * test_flops)
+    return total / (tflops * 1e12)
 
 
 # --------------------------------------------------------------------------- source (b): finished runs
@@ -255,7 +296,7 @@ def model_bytes(arch, num_classes, cifar_stem):
 
 def model_disk(p):
     """Bytes a finished run like ``p`` leaves: model_best.pt (weights, and the mask of a ticket run, one
-    byte per convolution weight), model_best_sa.pt, checkpoint.pt (weights and SGD momentum) and the
+    byte per convolution weight) unless --keep-model none, model_best_sa.pt, checkpoint.pt (weights and SGD momentum) and the
     trajectory where the flags keep them, and its records; None for a dataset of unknown size."""
     from data_loading.catalog import NUM_CLASSES
 
@@ -265,8 +306,8 @@ def model_disk(p):
     state, params, conv = model_bytes(p["arch"], len(p["classes"]) if p["classes"] else NUM_CLASSES[p["dataset"]],
                                       p["cifar_stem"])
     mask = conv if p["ticket"] else 0
-    keep_checkpoint, trajectory, sa_best = p["kept"]
-    files = (state + mask) * (1 + sa_best) + (state + params + mask) * keep_checkpoint
+    keep_checkpoint, trajectory, sa_best, best = p["kept"]
+    files = (state + mask) * (best + sa_best) + (state + params + mask) * keep_checkpoint
     files += state * (p["epochs"] + 1) * trajectory
     index_bytes = len(str(TRAIN_SPLIT[p["dataset"]])) + 6  # one indented line per index
     return files + RECORD_BYTES + EPOCH_BYTES * p["epochs"] + index_bytes * (counts[0] + counts[1])
@@ -277,8 +318,9 @@ def model_disk(p):
 class Pricer:
     """Estimates of planned runs from the finished runs below ``roots`` and the bench records ``bench``."""
 
-    def __init__(self, roots, bench=()):
+    def __init__(self, roots, bench=(), tflops=ASSUMED_TFLOPS):
         self.records = [read_bench(path) for path in bench]
+        self.tflops = tflops
         self.evidence = {}
         for f in finished_runs(sorted({str(r) for r in roots})):
             self.evidence.setdefault(f.key, []).append(f)
@@ -303,13 +345,24 @@ class Pricer:
                     source = f"bench {record['path']} ({record.get('device') or 'device not recorded'})"
                     break
             else:
-                source = _no_estimate(p)
+                seconds = analytic_seconds(p, self.tflops)
+                source = _no_estimate(p) if seconds is None else (
+                    f"analytic: {forward_flops_text(p)} per image, counted, at an assumed {self.tflops:g} TFLOP/s "
+                    f"achieved (--assume-tflops); for a measured rate {_no_estimate(p)[len('no estimate: '):]}")
         same = [f.disk for f in evidence if f.kept == p["kept"]]
         if same:
             disk, disk_source = sum(same) / len(same), "finished runs"
         else:
             disk, disk_source = model_disk(p), "model size"
         return Estimate(seconds=seconds, disk=disk, source=source, disk_source=disk_source)
+
+
+def forward_flops_text(p):
+    from data_loading.catalog import NUM_CLASSES
+
+    f = forward_flops(p["arch"], len(p["classes"]) if p["classes"] else NUM_CLASSES[p["dataset"]], p["cifar_stem"],
+                      p["image_size"])
+    return f"{f / 1e9:.3g} GFLOP" if f >= 1e8 else f"{f / 1e6:.3g} MFLOP"
 
 
 def _no_estimate(p):

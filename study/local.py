@@ -31,6 +31,7 @@ from study.rundirs import (
 )
 from utils.cli import run_main
 from utils.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from utils.progress import eta_suffix
 
 
 @dataclass
@@ -306,4 +307,5 @@ class _Progress:
         if now - self.last >= 10 or self.finished == self.total:
             self.last = now
             print(f"{self.title}: {self.finished} of {self.total} runs finished "
-                  f"({(now - self.start) / 60:.1f} min)", file=self.out, flush=True)
+                  f"({(now - self.start) / 60:.1f} min{eta_suffix(self.finished, self.total, now - self.start)})",
+                  file=self.out, flush=True)

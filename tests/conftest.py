@@ -21,6 +21,9 @@ torch.set_num_threads(1)
 
 # "file::test" (every parametrization of the test) or "file" (every test of the file)
 QUICK = (
+    "test_sweep_stage1.py::test_a_multi_gpu_job_gets_slots_on_different_gpus",
+    "test_sweep_stage1.py::test_bad_stage1_entries_are_one_line_naming_the_entry",
+    "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
     "test_folder_uint8.py::test_crop_boxes_are_torchvisions_draw_for_draw",
     "test_folder_uint8.py::test_gpu_decode_falls_back_to_the_cpu_path_with_one_line",
     "test_folder_uint8.py::test_grayscale_cmyk_and_png_named_jpeg_come_out_rgb",

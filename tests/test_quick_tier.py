@@ -14,6 +14,10 @@ from tests.test_layout import REPO, graph, imports_of, module_name, project_file
 
 # module -> the quick test that exercises it ("file::test" or "file": every test of the file)
 COVERAGE = {
+    "study/gridfile.py": "test_sweep_stage1.py::test_bad_stage1_entries_are_one_line_naming_the_entry",
+    "study/stage1.py": "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
+    "study/stage1_progress.py": "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
+    "study/pipeline.py": "test_sweep_stage1.py::test_a_multi_gpu_job_gets_slots_on_different_gpus",
     "data_loading/folder_common.py": "test_folder_uint8.py::test_grayscale_cmyk_and_png_named_jpeg_come_out_rgb",
     "data_loading/folder_uint8.py": "test_folder_uint8.py::test_crop_boxes_are_torchvisions_draw_for_draw",
     "data_loading/folder_nvjpeg.py": "test_folder_uint8.py::test_gpu_decode_falls_back_to_the_cpu_path_with_one_line",

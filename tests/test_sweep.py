@@ -80,8 +80,9 @@ def test_plan_lists_every_run_with_its_command(tickets):
     proc = _sweep("plan", grid)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] == "24 runs: 0 done, 24 pending"
-    body = lines[:-1]
+    end = lines.index("24 runs: 0 done, 24 pending")  # then the cost of the plan (study/cost.py)
+    assert lines[end + 1].startswith("cost of ") and any("GPU-hours" in ln for ln in lines[end:])
+    body = lines[:end]
     assert len(body) == 24 and all(ln.startswith("pending  ") for ln in body)
     dirs = [ln.split()[1] for ln in body]
     assert len(set(dirs)) == 24

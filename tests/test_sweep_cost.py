@@ -4,6 +4,7 @@ record and from the finished runs of the run tree, disk, several grid files shar
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,11 @@ def _runs(grid):
 
 
 def _plan(capsys, *argv):
+    """(the plan's lines up to its total, the cost report after them): both on stdout."""
     assert sweep.main(["plan", *map(str, argv)]) == 0
-    captured = capsys.readouterr()
-    return captured.out.strip().splitlines(), captured.err
+    lines = capsys.readouterr().out.strip().splitlines()
+    end = next(i for i, line in enumerate(lines) if re.match(r"\d+ runs: ", line)) + 1
+    return lines[:end], "\n".join(lines[end:]) + "\n"
 
 
 def _total(err, name):
@@ -94,8 +97,8 @@ def test_bench_record_gives_known_hours(tmp_path, capsys):
     assert pricer.estimate(full).source == f"bench {bench} (test GPU)"
 
     out, err = _plan(capsys, grid, "--bench", bench)
-    assert out[-1] == "2 runs: 0 done, 2 pending"  # stdout keeps its one line per run and the total
-    assert err.startswith(f"cost of {grid}:\n")  # the report on stderr, after any notes
+    assert out[-1] == "2 runs: 0 done, 2 pending"  # one line per run and the total
+    assert err.startswith(f"cost of {grid}:\n")  # then the report
     row = next(line for line in err.splitlines() if line.startswith("digits   1 "))
     assert f" {cost.hours_text(expected_full)} " in row and "[1]" in row
     hours = cost.hours_text(expected_full + expected_tenth)
@@ -108,7 +111,7 @@ def test_standard_runs_need_the_clean_evaluation_rate(tmp_path):
     grid = _grid(tmp_path, axes=['regime = ["st"]'], flags=[f for f in FLAGS if not f.startswith("train_steps")])
     (run,) = _runs(grid)
     old = cost.Pricer([tmp_path / "runs"], [_bench(tmp_path / "old.json", regime="st")])
-    assert old.estimate(run).seconds is None and old.estimate(run).source.startswith("no estimate: run ")
+    assert old.estimate(run).source.startswith("analytic: ")  # an old record without eval_clean prices no st run
     new = cost.Pricer([tmp_path / "runs"], [_bench(tmp_path / "st.json", regime="st", train=2.0, clean=72.0)])
     # epochs 1 and 2 validated (--eval-from 1) on clean images; the test under PGD-2 (--test-steps 2)
     assert new.estimate(run).seconds == pytest.approx(3 * TRAIN / 2.0 + 2 * VAL / 72.0 + TEST / 0.144)
@@ -132,15 +135,25 @@ def test_real_bench_step_record_prices_a_grid(tmp_path):
     assert est.seconds == pytest.approx(3 * TRAIN / r_train + 2 * VAL / r_clean + TEST / r_robust)
 
 
-def test_no_source_says_which_benchmark_to_run(tmp_path, capsys):
+def test_no_source_prices_by_counted_flops_and_says_which_benchmark_to_run(tmp_path, capsys):
     grid = _grid(tmp_path)
     _, err = _plan(capsys, grid)
-    assert "1 runs (0 done), no GPU-hour estimate" in _total(err, str(grid))
-    assert ("[1] no estimate: run python benchmarks/bench_step.py --regime at --arch resnet_tiny --image-size 8 "
-            "--cifar-stem --attack-steps 1 --eval-steps 2 --batch-size 128 --json FILE and pass --bench FILE") in err
+    assert "no GPU-hour estimate" not in _total(err, str(grid))
+    assert ("analytic: " in err and "per image, counted, at an assumed 250 TFLOP/s achieved" in err
+            and "run python benchmarks/bench_step.py --regime at --arch resnet_tiny --image-size 8 --cifar-stem "
+            "--attack-steps 1 --eval-steps 2 --batch-size 128 --json FILE and pass --bench FILE") in err, err
+    (run,) = _runs(grid)
+    p = cost.profile(run)
+    f = cost.forward_flops("resnet_tiny", 10, True, 8)
+    train, val, test = cost.images(p)
+    # the run's FLOPs: 3 epochs of (step 3F + 1 PGD step 2F), 2 validated epochs and the test (clean F,
+    # PGD-2 then F), at 250 TFLOP/s; 10x the rate gives a tenth of the time
+    expected = (3 * train * 5 * f + 2 * val * (f + 5 * f) + test * (f + 5 * f)) / 250e12
+    assert cost.Pricer([tmp_path / "runs"]).estimate(run).seconds == pytest.approx(expected)
+    assert cost.Pricer([tmp_path / "runs"], tflops=2500).estimate(run).seconds == pytest.approx(expected / 10)
     # a record of another architecture prices nothing: never a number from the wrong model
     _, err = _plan(capsys, grid, "--bench", _bench(tmp_path / "r50.json", arch="resnet50"))
-    assert "no GPU-hour estimate" in _total(err, str(grid))
+    assert "analytic: " in err and "] bench " not in err.split("time sources:")[1]
 
 
 # --------------------------------------------------------------------------- source (b): finished runs
@@ -209,9 +222,12 @@ def test_disk_from_the_parameter_count(tmp_path):
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     params = sum(t.numel() * t.element_size() for t in model.parameters())
     records = cost.RECORD_BYTES + 3 * cost.EPOCH_BYTES + (4 + 6) * (TRAIN + VAL)
-    (run,) = _runs(_grid(tmp_path))
-    assert cost.Pricer([tmp_path / "runs"]).estimate(run).disk == state + records
-    (kept,) = _runs(_grid(tmp_path, out="kept", flags=FLAGS + ["keep_checkpoint = true"], name="kept.toml"))
+    (run,) = _runs(_grid(tmp_path))  # a sweep's run keeps no model file by default (--keep-model none)
+    assert cost.Pricer([tmp_path / "runs"]).estimate(run).disk == records
+    (best,) = _runs(_grid(tmp_path, out="best", flags=FLAGS + ['keep_model = "best"'], name="best.toml"))
+    assert cost.Pricer([tmp_path / "best"]).estimate(best).disk == state + records
+    (kept,) = _runs(_grid(tmp_path, out="kept", flags=FLAGS + ["keep_checkpoint = true", 'keep_model = "best"'],
+                          name="kept.toml"))
     assert cost.Pricer([tmp_path / "kept"]).estimate(kept).disk == 2 * state + params + records
 
 
