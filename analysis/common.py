@@ -1,6 +1,8 @@
 """Shared by the analysis scripts: finding and reading run outputs, rebuilding a trained run's
 model and test images, colours that stay fixed for a label in every figure, table writers."""
 
+import contextlib
+import os
 import zlib
 from pathlib import Path
 
@@ -132,12 +134,30 @@ def find_result_files(dirs):
                 raise UserError(f"'{d}' is a file, not a runs directory; pass the folder holding the runs.")
             found.add(d.resolve())
             continue
-        # a directory in a results.json's place is kept, so the reader reports it rather than pass it over
-        found.update(p.resolve() for p in d.rglob("results.json") if p.is_file() or p.is_dir())
+        found.update(_results_below(d))
     if not found:
         raise UserError(f"no results.json found under {', '.join(repr(str(d)) for d in dirs)}; pass the folders "
                         "main_downstream.py wrote (--save-dir), runs that have not finished have none.")
     return sorted(found)
+
+
+def _results_below(d):
+    """The resolved paths of every results.json below directory ``d``, as d.rglob("results.json")
+    finds them (symbolic links to directories are not descended) and a file or a directory (a
+    directory in its place is kept, so the reader reports it rather than pass it over), with ``d``
+    resolved once: below it only a results.json that is itself a link needs resolving, since the
+    walk never passes through a linked directory."""
+    top = d.resolve()
+    out = []
+    for root, dirnames, filenames in os.walk(d):
+        if "results.json" not in filenames and "results.json" not in dirnames:
+            continue
+        path = os.path.join(root, "results.json")
+        if not (os.path.isfile(path) or os.path.isdir(path)):
+            continue  # a dangling link: rglob's exists() passes it over too
+        rel = os.path.relpath(path, d)
+        out.append(Path(path).resolve() if os.path.islink(path) else top / rel)
+    return out
 
 
 def is_dense(obj):
@@ -145,10 +165,33 @@ def is_dense(obj):
     return records.is_dense_result(obj)
 
 
+_PRELOADED = {}  # str(path) -> results.json as utils.records read and checked it (preloaded_results)
+
+
+@contextlib.contextmanager
+def preloaded_results(results):
+    """Within the block, :func:`read_results` takes these {path: results} (read and checked by
+    utils.records in this process moments before, as `status` does for the verdicts of its done
+    runs) instead of reading the files again; any other path is read as always."""
+    saved = dict(_PRELOADED)
+    _PRELOADED.update({str(path): obj for path, obj in results.items()})
+    try:
+        yield
+    finally:
+        _PRELOADED.clear()
+        _PRELOADED.update(saved)
+
+
 def read_results(paths):
-    """(list of (path, results dict), warnings): unreadable or incomplete files are named and left out."""
+    """(list of (path, results dict), warnings): unreadable or incomplete files are named and left out.
+    Each dict is the file without its per-epoch "history", which no analysis reads: at 31,000 runs
+    the histories held together were most of a gigabyte."""
     good, warnings = [], []
     for path in paths:
+        obj = _PRELOADED.get(str(path))
+        if obj is not None:
+            good.append((Path(path), obj))
+            continue
         try:
             obj = records.read_json(path, "results file", expect=object)
         except UserError as exc:
@@ -158,6 +201,7 @@ def read_results(paths):
         if problem:
             warnings.append(f"skipped '{path}': {problem} (docs/contracts.md §3 lists the results.json keys).")
             continue
+        obj.pop("history", None)
         good.append((Path(path), obj))
     return good, warnings
 

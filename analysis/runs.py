@@ -19,6 +19,7 @@ kept with ``--allow-chance``); :func:`protocol_conflicts` lists the groups whose
 """
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class Run:
     stage1: Optional[Path] = None
     protocol: dict = field(default_factory=dict)
     chance: bool = False  # stage 2 found it at chance level and kept it (--allow-chance)
-    results: dict = field(default_factory=dict, repr=False)  # the results.json as read, so no tool reads it twice
+    # the results.json as read (less its per-epoch history, analysis.common.read_results), so no tool reads it twice
+    results: dict = field(default_factory=dict, repr=False)
 
     @property
     def dense(self):
@@ -99,13 +101,38 @@ def _ticket_candidates(obj, results_path):
     return [path] if path.is_absolute() else [path, results_path.parent / path]
 
 
-def _stage1_dir(candidates):
+def _stage1_dir(candidates, cache):
     """The stage-1 save dir of SAVE_DIR/tickets/round_XX.pt (docs/contracts.md §2) holding sparsity.json, or None."""
     for cand in candidates:
         # exists, not is_file: a damaged sparsity.json (a directory, say) is reported, not passed over
-        if cand.parent.name == "tickets" and (cand.parent.parent / "sparsity.json").exists():
+        if cand.parent.name == "tickets" and _exists(cand.parent.parent / "sparsity.json", cache):
             return cand.parent.parent
     return None
+
+
+def _exists(path, cache):
+    """path.exists(), asked once per path in one load_runs (thousands of runs share a few tickets)."""
+    key = ("exists", str(path))
+    if key not in cache:
+        cache[key] = path.exists()
+    return cache[key]
+
+
+def resolved_path(path, cache):
+    """str(Path(path).resolve()), each directory resolved once per ``cache`` (a dict the caller
+    keeps for one reading of the runs): thousands of run directories share their parents, so an
+    absolute path below a resolved directory costs one lstat; a link, a relative path or one
+    with '..' resolves in full."""
+    key = ("resolved", str(path))
+    hit = cache.get(key)
+    if hit is None:
+        p = Path(path)
+        if not p.is_absolute() or p.parent == p or ".." in p.parts or os.path.islink(p):
+            hit = str(p.resolve())
+        else:
+            hit = os.path.join(resolved_path(p.parent, cache), p.name)
+        cache[key] = hit
+    return hit
 
 
 def _ticket_retrain(ticket_path, method, cache):
@@ -114,9 +141,9 @@ def _ticket_retrain(ticket_path, method, cache):
     A ticket file that is gone leaves the kind unknown (the run stands: tickets may be moved after
     training); one that exists but is not a readable torch file is a problem, and the run is skipped.
     """
-    if ticket_path is None or not ticket_path.exists():
+    if ticket_path is None or not _exists(ticket_path, cache):
         return None, None
-    key = str(ticket_path.resolve())
+    key = resolved_path(ticket_path, cache)
     if key not in cache:
         cache[key] = _read_retrain(ticket_path, method)
     return cache[key]
@@ -127,9 +154,9 @@ def _ticket_family(ticket_path, method, cache):
     tickets/ when there is one (an older config without 'pattern' is unstructured), else from the file."""
     import pruning_utils
 
-    if ticket_path is None or not ticket_path.exists():
+    if ticket_path is None or not _exists(ticket_path, cache):
         return method
-    key = ("family", str(ticket_path.resolve()))
+    key = ("family", resolved_path(ticket_path, cache))
     if key not in cache:
         family = None
         cfg = _stage1_config(ticket_path)
@@ -286,7 +313,7 @@ def load_runs(dirs, linear_eval=False):
     for path, obj in good:
         method = DENSE if common.is_dense(obj) else obj["method"]
         candidates = [] if method == DENSE else _ticket_candidates(obj, path)
-        ticket = next((c for c in candidates if c.exists()), None)
+        ticket = next((c for c in candidates if _exists(c, cache)), None)
         retrain, problem = _ticket_retrain(ticket, method, cache)
         family = method if method == DENSE or problem else _ticket_family(ticket, method, cache)
         if problem:
@@ -299,7 +326,7 @@ def load_runs(dirs, linear_eval=False):
                         seed=str(obj["seed"]), sa=float(obj["sa"]),
                         ra=None if obj["ra"] is None else float(obj["ra"]), arch=obj["arch"],
                         retrain=retrain, family=family, attack=_attack_settings(obj),
-                        stage1=_stage1_dir(candidates), chance=_config(obj).get("chance_level") is True,
+                        stage1=_stage1_dir(candidates, cache), chance=_config(obj).get("chance_level") is True,
                         results=obj))
         runs[-1].protocol = _protocol(obj, runs[-1].attack)
     if not runs:
