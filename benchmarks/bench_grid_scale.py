@@ -28,7 +28,6 @@ warnings.txt of the analysis) byte by byte.
     python benchmarks/bench_grid_scale.py --tiny        # seconds: the test suite runs this
 """
 
-import argparse
 import datetime
 import filecmp
 import json
@@ -51,9 +50,12 @@ from utils.errors import UserError  # noqa: E402
 EPOCHS = 100
 LEVEL_ELEMENTS = 10_000  # mask entries of a synthetic ticket: a sparsity of 2 decimals is exact
 # Fig. 3's layout (script/grids/fig3.toml) with a second data rate; TINY: a grid the test suite builds in seconds
+# (knee: the sparsity where tickets start to fall behind; noise: the seeds' spread, which TINY keeps
+# far below every difference, so each of its supports is 0 or 1 however the resamples are drawn)
 FULL = {"datasets": ["cifar10", "cifar100", "svhn"], "rates": [1.0, 0.1], "rounds": 19,
-        "pretrains": {"std": ["imp"], "fat": ["imp"], "at": ["imp", "rp"]}}
-TINY = {"datasets": ["cifar10"], "rates": [1.0, 0.1], "rounds": 3, "pretrains": {"std": ["imp"], "at": ["imp", "rp"]}}
+        "pretrains": {"std": ["imp"], "fat": ["imp"], "at": ["imp", "rp"]}, "knee": 60.0, "noise": 0.35}
+TINY = {"datasets": ["cifar10"], "rates": [1.0, 0.1], "rounds": 3, "pretrains": {"std": ["imp"], "at": ["imp", "rp"]},
+        "knee": 30.0, "noise": 0.01}
 SA = {"cifar10": 93.0, "cifar100": 76.0, "svhn": 95.5}
 
 
@@ -112,15 +114,15 @@ def _grid_text(layout, seeds, out):
     return "\n".join(lines) + "\n"
 
 
-def _accuracies(run, rng):
+def _accuracies(run, rng, layout):
     """(SA, RA) of a synthetic run: a dataset's level, lower under AT, falling at high sparsity."""
     sa = SA[run.dataset] - (8.0 if run.regime == "at" else 0.0) - (3.0 if run.data_rate < 1 else 0.0)
     ra = 48.0 if run.regime == "at" else None
-    drop = 0.0 if run.method == "dense" else max(0.0, run.sparsity - 60.0) ** 2 / 300.0 - 0.4
+    drop = 0.0 if run.method == "dense" else max(0.0, run.sparsity - layout["knee"]) ** 2 / 300.0 - 0.4
     drop += 1.5 if run.method == "rp" else 0.0
-    sa = min(100.0, sa - drop + rng.normal(0.0, 0.35))
+    sa = min(100.0, sa - drop + rng.normal(0.0, layout["noise"]))
     if ra is not None:
-        ra = ra - drop * (0.5 if run.pretrain == "at" else 1.0) + rng.normal(0.0, 0.35)
+        ra = ra - drop * (0.5 if run.pretrain == "at" else 1.0) + rng.normal(0.0, layout["noise"])
     return round(sa, 2), None if ra is None else round(ra, 2)
 
 
@@ -136,12 +138,12 @@ def _history(rng, sa, ra):
     return rows
 
 
-def _run_files(run, config, rng):
+def _run_files(run, config, rng, layout):
     """(results.json object, log.csv text, run_info.json object) of a finished run, as finish() writes them."""
     from main_downstream import LOG_FIELDS
     from utils.rundir import csv_text
 
-    sa, ra = _accuracies(run, rng)
+    sa, ra = _accuracies(run, rng, layout)
     history = _history(rng, sa, ra)
     best = max(range(45, EPOCHS), key=lambda e: history[e]["val_sa"])
     results = {"dataset": run.dataset, "arch": "resnet50", "pretrain": run.pretrain, "init": run.init,
@@ -193,7 +195,7 @@ def build_tree(root, layout, seeds):
     runs = expand(load_grid(root / "grid.toml"))
     rng = np.random.default_rng(0)
     for run, config in zip(runs, _configs(runs)):
-        results, log, info = _run_files(run, config, rng)
+        results, log, info = _run_files(run, config, rng, layout)
         run.run_dir.mkdir(parents=True)
         _write_json(run.run_dir / "config.json", config)
         _write_json(run.run_dir / "run_info.json", info)
@@ -205,19 +207,23 @@ def build_tree(root, layout, seeds):
 
 # --------------------------------------------------------------------------- measuring
 
-def floor(kind, tree):
-    """Seconds to read once each file a step must read per run (in this process, holding nothing)."""
-    dirs = [Path(line) for line in (Path(tree) / "run_dirs.txt").read_text().splitlines()]
-    start = time.perf_counter()
-    for d in dirs:
-        json.loads((d / "results.json").read_text())
-        if kind == "status":
-            json.loads((d / "config.json").read_text())
-            (d / "log.csv").read_text()
-            for _, _, files in os.walk(d):
-                for name in files:
-                    os.lstat(os.path.join(d, name))
-    return time.perf_counter() - start
+# The floor, run by a bare interpreter (no module of this project, so none of their imports):
+# prints the seconds it took to read once each file a step must read per run, holding nothing.
+FLOOR = """
+import json, os, sys, time
+kind, tree = sys.argv[1], sys.argv[2]
+dirs = open(os.path.join(tree, "run_dirs.txt")).read().splitlines()
+start = time.perf_counter()
+for d in dirs:
+    json.loads(open(os.path.join(d, "results.json"), encoding="utf-8").read())
+    if kind == "status":
+        json.loads(open(os.path.join(d, "config.json"), encoding="utf-8").read())
+        open(os.path.join(d, "log.csv"), encoding="utf-8").read()
+        for root, _, files in os.walk(d):
+            for name in files:
+                os.lstat(os.path.join(root, name))
+print(time.perf_counter() - start)
+"""
 
 
 def _measure(argv, cwd, stdout_path=None):
@@ -275,33 +281,57 @@ def compare_outputs(work_a, work_b):
                                                 and filecmp.cmp(Path(work_a, n), Path(work_b, n), shallow=False))]}
 
 
+def build_in_child(tree, tiny, seeds):
+    """build_tree in a child process: this one stays small (no torch), so the processes it starts
+    to measure do not inherit its memory in their peak (a forked child's RSS counts until exec)."""
+    shutil.rmtree(tree, ignore_errors=True)
+    start = time.perf_counter()
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+            f"import bench_grid_scale as b; from pathlib import Path; "
+            f"t = Path({str(tree)!r}); n = b.build_tree(t, b.{'TINY' if tiny else 'FULL'}, {seeds}); "
+            f"(t / '.built').write_text(str(n))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"building the tree in '{tree}' failed: {proc.stderr.strip()[-500:]}")
+    n = int((tree / ".built").read_text())
+    print(f"built {n:,} runs in {tree} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
 def floor_in_child(kind, tree):
     """(seconds, max RSS MB) of the floor read in a child process (so its memory is its own)."""
-    out = Path(tempfile.mkdtemp()) / "floor.json"
-    wall, rss, rc, err = _measure([sys.executable, str(Path(__file__).resolve()), "--floor", kind, str(tree),
-                                   "--json", str(out)], ROOT)
-    if rc != 0:
-        raise UserError(f"the floor read failed: {err.strip()[-300:]}")
-    seconds = json.loads(out.read_text())["seconds"]
-    shutil.rmtree(out.parent)
-    return seconds, rss
+    out = Path(tempfile.mkdtemp()) / "floor.txt"
+    try:
+        wall, rss, rc, err = _measure([sys.executable, "-c", FLOOR, kind, str(tree)], ROOT, out)
+        if rc != 0:
+            raise UserError(f"the floor read failed: {err.strip()[-300:]}")
+        return float(out.read_text()), rss
+    finally:
+        shutil.rmtree(out.parent)
 
 
-def measure_size(tree, n_runs, codes, steps, work):
-    """One record per checkout: every step with its ratios to the floor, and the output comparison."""
+def measure_size(tree, n_runs, codes, steps, work, repeat=1):
+    """One record per checkout: every step with its ratios to the floor, and the output comparison.
+    With ``repeat`` > 1 the checkouts take turns, round after round, and each step keeps its fastest
+    round (and its fastest import): on a shared machine the slow rounds are other work's."""
     floors = {kind: floor_in_child(kind, tree) for kind in ("results", "status")}
     record = {"runs": n_runs, "floor": {k: {"seconds": round(s, 3), "max_rss_mb": round(m, 1)}
                                         for k, (s, m) in floors.items()}, "codes": {}}
-    for name, repo in codes:
-        steps_out = {}
+    rounds = {name: {step: [] for step in steps} for name, _ in codes}
+    for _ in range(repeat):
+        for name, repo in codes:
+            for step in steps:
+                rounds[name][step].append(run_step(step, repo, tree, Path(work) / name))
+    for name, _ in codes:
+        record["codes"][name] = {}
         for step in steps:
-            m = run_step(step, repo, tree, Path(work) / name)
+            ms = rounds[name][step]
+            m = dict(min(ms, key=lambda x: x["seconds"]), import_seconds=min(x["import_seconds"] for x in ms),
+                     rounds_seconds=[x["seconds"] for x in ms])
             base = floors["status" if step == "status" else "results"][0]
             m["floor_ratio"] = round(m["seconds"] / base, 2)
             m["net_floor_ratio"] = round(max(m["seconds"] - m["import_seconds"], 0.0) / base, 2)
             m["net_rss_mb"] = round(m["max_rss_mb"] - m["import_max_rss_mb"], 1)
-            steps_out[step] = m
-        record["codes"][name] = steps_out
+            record["codes"][name][step] = m
     names = [n for n, _ in codes]
     record["identical"] = {f"{a} vs {b}": compare_outputs(Path(work) / a, Path(work) / b)
                            for a, b in zip(names, names[1:])}
@@ -365,8 +395,11 @@ def parse_args(argv=None):
     p.add_argument("--tree", default=None, metavar="DIR",
                    help="build the trees below DIR and keep them (reused when already built); default: a "
                         "temporary folder, removed afterwards")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every step, the checkouts taking turns; the fastest round counts (default 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the record here")
-    p.add_argument("--floor", nargs=2, metavar=("KIND", "TREE"), help=argparse.SUPPRESS)
+    p.add_argument("--keep-outputs", default=None, metavar="DIR",
+                   help="copy every checkout's outputs (status.txt, plan.txt, analysis/) to DIR/SIZE/NAME")
     args = p.parse_args(argv)
     try:
         args.sizes = [int(x) for x in args.runs.split(",") if x.strip()]
@@ -374,6 +407,8 @@ def parse_args(argv=None):
         p.error(f"--runs takes comma-separated numbers of runs, not {args.runs!r}")
     if not args.sizes or min(args.sizes) < 1:
         p.error("--runs needs at least one positive number")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     args.step_list = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in args.step_list if s not in IMPORTS]
     if unknown or not args.step_list:
@@ -390,10 +425,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.floor:
-        seconds = floor(*args.floor)
-        Path(args.json).write_text(json.dumps({"seconds": seconds}))
-        return 0
     layout = TINY if args.tiny else FULL
     sizes = [2 * runs_per_seed(layout)] if args.tiny else args.sizes
     base = Path(args.tree) if args.tree else Path(tempfile.mkdtemp(prefix="grid_scale_"))
@@ -403,20 +434,19 @@ def main(argv=None):
             seeds = max(1, round(size / runs_per_seed(layout)))
             tree = base / f"{'tiny' if args.tiny else 'full'}_{seeds}seeds"
             if not (tree / ".built").is_file():
-                shutil.rmtree(tree, ignore_errors=True)
-                start = time.perf_counter()
-                n = build_tree(tree, layout, seeds)
-                (tree / ".built").write_text(str(n))
-                print(f"built {n:,} runs in {tree} ({time.perf_counter() - start:.0f} s)", flush=True)
+                build_in_child(tree, args.tiny, seeds)
             n = int((tree / ".built").read_text())
             work = Path(tempfile.mkdtemp(prefix="outputs_", dir=base))
-            records.append(measure_size(tree, n, args.codes, args.step_list, work))
+            records.append(measure_size(tree, n, args.codes, args.step_list, work, args.repeat))
             print_record(records[-1])
+            if args.keep_outputs:
+                shutil.copytree(work, Path(args.keep_outputs) / str(n), dirs_exist_ok=True)
             shutil.rmtree(work)
     finally:
         if not args.tree:
             shutil.rmtree(base, ignore_errors=True)
     record = {"date": datetime.date.today().isoformat(), "machine": _machine(), "steps": args.step_list,
+              "repeat": args.repeat,
               "codes": dict(args.codes), "sizes": records, "growth": growth(records)}
     if record["growth"]:
         print("\ngrowth smallest -> largest grid:", json.dumps(record["growth"]))
