@@ -183,12 +183,12 @@ def config_now(run):
     if not (isinstance(run.seed, int) and 0 <= run.seed < 2 ** 32) or not {"--seed", "--save-dir", "--ticket"} <= set(at):
         return main_downstream.config_for(argv)
     ticket = argv[at["--ticket"]]
-    varying = {at["--seed"], at["--save-dir"]} | ({at["--ticket"]} if ticket != "none" else set())
+    ticket = None if ticket.lower() == "none" else ticket  # as resolve_defaults reads it
+    varying = {at["--seed"], at["--save-dir"]} | ({at["--ticket"]} if ticket else set())
     key = tuple(v for i, v in enumerate(argv) if i not in varying)
     if key not in _CONFIGS:
         _CONFIGS[key] = main_downstream.config_for(argv)
-    return dict(_CONFIGS[key], seed=run.seed, save_dir=argv[at["--save-dir"]],
-                ticket=None if ticket == "none" else ticket)
+    return dict(_CONFIGS[key], seed=run.seed, save_dir=argv[at["--save-dir"]], ticket=ticket)
 
 
 def stale_text(diffs, limit=6):
