@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -196,14 +197,18 @@ def stale_text(diffs, limit=6):
 
 
 def finished_results(run_dir):
-    """The run's results.json as utils.records reads it (checked), without its per-epoch history,
-    or None when there is none (study.grid.run_finished's rule); a damaged one is a UserError."""
+    """The run's results.json as utils.records reads it (checked), without its per-epoch history
+    and with its keys (and its config's) interned, or None when there is none (study.grid.run_finished's
+    rule); a damaged one is a UserError. `status` holds one per done run: 4.5 KB instead of 8 plus
+    the history, which nothing after this reads."""
     path = Path(run_dir) / "results.json"
     if not os.path.lexists(path):
         return None
     results = read_results(path)
-    results.pop("history", None)  # the bulk of the file, which nothing after this reads
-    return results
+    results.pop("history", None)
+    if isinstance(results.get("config"), dict):
+        results["config"] = {sys.intern(k): v for k, v in results["config"].items()}
+    return {sys.intern(k): v for k, v in results.items()}
 
 
 def run_state(run):
