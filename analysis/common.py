@@ -124,7 +124,7 @@ def find_result_files(dirs):
     """Every results.json under the given directories (recursive), sorted, without duplicates."""
     if not dirs:
         raise UserError("no runs directory given; pass one or more directories holding results.json files.")
-    found = set()
+    found, cache = set(), {}
     for d in dirs:
         d = Path(d)
         if not d.exists():
@@ -135,20 +135,37 @@ def find_result_files(dirs):
                 raise UserError(f"'{d}' is a file, not a runs directory; pass the folder holding the runs.")
             found.add(d.resolve())
             continue
-        found.update(_results_below(d))
+        found.update(_results_below(d, cache))
     if not found:
         raise UserError(f"no results.json found under {', '.join(repr(str(d)) for d in dirs)}; pass the folders "
                         "main_downstream.py wrote (--save-dir), runs that have not finished have none.")
     return sorted(found)
 
 
-def _results_below(d):
+def resolved_path(path, cache):
+    """str(Path(path).resolve()), each directory resolved once per ``cache`` (a dict the caller
+    keeps for one reading of the runs): thousands of run directories share their parents, so an
+    absolute path below a resolved directory costs one lstat; a link, a relative path or one
+    with '..' resolves in full."""
+    key = ("resolved", str(path))
+    hit = cache.get(key)
+    if hit is None:
+        p = Path(path)
+        if not p.is_absolute() or p.parent == p or ".." in p.parts or os.path.islink(p):
+            hit = str(p.resolve())
+        else:
+            hit = os.path.join(resolved_path(p.parent, cache), p.name)
+        cache[key] = hit
+    return hit
+
+
+def _results_below(d, cache):
     """The resolved paths of every results.json below directory ``d``, as d.rglob("results.json")
     finds them (symbolic links to directories are not descended) and a file or a directory (a
     directory in its place is kept, so the reader reports it rather than pass it over), with ``d``
     resolved once: below it only a results.json that is itself a link needs resolving, since the
-    walk never passes through a linked directory."""
-    top = d.resolve()
+    walk never passes through a linked directory. ``cache``: resolved_path's, for one search."""
+    top = Path(resolved_path(d, cache))
     out = []
     for root, dirnames, filenames in os.walk(d):
         if "results.json" not in filenames and "results.json" not in dirnames:

@@ -19,7 +19,6 @@ kept with ``--allow-chance``); :func:`protocol_conflicts` lists the groups whose
 """
 
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,23 +117,6 @@ def _exists(path, cache):
     return cache[key]
 
 
-def resolved_path(path, cache):
-    """str(Path(path).resolve()), each directory resolved once per ``cache`` (a dict the caller
-    keeps for one reading of the runs): thousands of run directories share their parents, so an
-    absolute path below a resolved directory costs one lstat; a link, a relative path or one
-    with '..' resolves in full."""
-    key = ("resolved", str(path))
-    hit = cache.get(key)
-    if hit is None:
-        p = Path(path)
-        if not p.is_absolute() or p.parent == p or ".." in p.parts or os.path.islink(p):
-            hit = str(p.resolve())
-        else:
-            hit = os.path.join(resolved_path(p.parent, cache), p.name)
-        cache[key] = hit
-    return hit
-
-
 def _ticket_retrain(ticket_path, method, cache):
     """(re-training kind "st"/"at" or None, problem or None) of a run's ticket file.
 
@@ -143,7 +125,7 @@ def _ticket_retrain(ticket_path, method, cache):
     """
     if ticket_path is None or not _exists(ticket_path, cache):
         return None, None
-    key = resolved_path(ticket_path, cache)
+    key = common.resolved_path(ticket_path, cache)
     if key not in cache:
         cache[key] = _read_retrain(ticket_path, method)
     return cache[key]
@@ -156,7 +138,7 @@ def _ticket_family(ticket_path, method, cache):
 
     if ticket_path is None or not _exists(ticket_path, cache):
         return method
-    key = ("family", resolved_path(ticket_path, cache))
+    key = ("family", common.resolved_path(ticket_path, cache))
     if key not in cache:
         family = None
         cfg = _stage1_config(ticket_path)

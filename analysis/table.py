@@ -43,7 +43,6 @@ from analysis.runs import (
     groups_of,
     load_runs,
     protocol_conflicts,
-    resolved_path,
     threat_differences,
 )
 from utils import records
@@ -73,7 +72,7 @@ def _stage1_levels(runs, warnings):
     for r in runs:
         if r.dense or r.stage1 is None:
             continue
-        key = resolved_path(r.stage1, paths)
+        key = common.resolved_path(r.stage1, paths)
         if key not in read:
             path = r.stage1 / "sparsity.json"
             try:
@@ -120,8 +119,8 @@ def expected_from_records(records, runs, base=None):
     its fields, its method standing for every label of that method in its group (IMP runs split
     into imp-st / imp-at when both kinds exist).
     """
-    paths = {}  # each directory resolved once (analysis.runs.resolved_path)
-    by_dir = {resolved_path(r.path.parent, paths): r for r in runs}
+    paths = {}  # each directory resolved once (analysis.common.resolved_path)
+    by_dir = {common.resolved_path(r.path.parent, paths): r for r in runs}
     labels = defaultdict(set)
     for r in runs:
         if not r.dense:
@@ -137,7 +136,7 @@ def expected_from_records(records, runs, base=None):
         run = None
         if rec.get("run_dir"):
             for cand in ([Path(rec["run_dir"])] + ([Path(base) / rec["run_dir"]] if base else [])):
-                run = by_dir.get(resolved_path(cand, paths))
+                run = by_dir.get(common.resolved_path(cand, paths))
                 if run is not None:
                     break
         if run is not None:
