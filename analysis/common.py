@@ -1,6 +1,9 @@
 """Shared by the analysis scripts: finding and reading run outputs, rebuilding a trained run's
 model and test images, table writers (colours and markers: analysis/style.py)."""
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 from analysis import verdict
@@ -102,7 +105,7 @@ def find_result_files(dirs):
     """Every results.json under the given directories (recursive), sorted, without duplicates."""
     if not dirs:
         raise UserError("no runs directory given; pass one or more directories holding results.json files.")
-    found = set()
+    found, cache = set(), {}
     for d in dirs:
         d = Path(d)
         if not d.exists():
@@ -113,12 +116,47 @@ def find_result_files(dirs):
                 raise UserError(f"'{d}' is a file, not a runs directory; pass the folder holding the runs.")
             found.add(d.resolve())
             continue
-        # a directory in a results.json's place is kept, so the reader reports it rather than pass it over
-        found.update(p.resolve() for p in d.rglob("results.json") if p.is_file() or p.is_dir())
+        found.update(_results_below(d, cache))
     if not found:
         raise UserError(f"no results.json found under {', '.join(repr(str(d)) for d in dirs)}; pass the folders "
                         "main_downstream.py wrote (--save-dir), runs that have not finished have none.")
     return sorted(found)
+
+
+def resolved_path(path, cache):
+    """str(Path(path).resolve()), each directory resolved once per ``cache`` (a dict the caller
+    keeps for one reading of the runs): thousands of run directories share their parents, so an
+    absolute path below a resolved directory costs one lstat; a link, a relative path or one
+    with '..' resolves in full."""
+    key = ("resolved", str(path))
+    hit = cache.get(key)
+    if hit is None:
+        p = Path(path)
+        if not p.is_absolute() or p.parent == p or ".." in p.parts or os.path.islink(p):
+            hit = str(p.resolve())
+        else:
+            hit = os.path.join(resolved_path(p.parent, cache), p.name)
+        cache[key] = hit
+    return hit
+
+
+def _results_below(d, cache):
+    """The resolved paths of every results.json below directory ``d``, as d.rglob("results.json")
+    finds them (symbolic links to directories are not descended) and a file or a directory (a
+    directory in its place is kept, so the reader reports it rather than pass it over), with ``d``
+    resolved once: below it only a results.json that is itself a link needs resolving, since the
+    walk never passes through a linked directory. ``cache``: resolved_path's, for one search."""
+    top = Path(resolved_path(d, cache))
+    out = []
+    for root, dirnames, filenames in os.walk(d):
+        if "results.json" not in filenames and "results.json" not in dirnames:
+            continue
+        path = os.path.join(root, "results.json")
+        if not (os.path.isfile(path) or os.path.isdir(path)):
+            continue  # a dangling link: rglob's exists() passes it over too
+        rel = os.path.relpath(path, d)
+        out.append(Path(path).resolve() if os.path.islink(path) else top / rel)
+    return out
 
 
 def is_dense(obj):
@@ -126,10 +164,33 @@ def is_dense(obj):
     return records.is_dense_result(obj)
 
 
+_PRELOADED = {}  # str(path) -> results.json as utils.records read and checked it (preloaded_results)
+
+
+@contextlib.contextmanager
+def preloaded_results(results):
+    """Within the block, :func:`read_results` takes these {path: results} (read and checked by
+    utils.records in this process moments before, as `status` does for the verdicts of its done
+    runs) instead of reading the files again; any other path is read as always."""
+    saved = dict(_PRELOADED)
+    _PRELOADED.update({str(path): obj for path, obj in results.items()})
+    try:
+        yield
+    finally:
+        _PRELOADED.clear()
+        _PRELOADED.update(saved)
+
+
 def read_results(paths):
-    """(list of (path, results dict), warnings): unreadable or incomplete files are named and left out."""
+    """(list of (path, results dict), warnings): unreadable or incomplete files are named and left out.
+    Each dict is the file without its per-epoch "history", which no analysis reads: at 31,000 runs
+    the histories held together were most of a gigabyte."""
     good, warnings = [], []
     for path in paths:
+        obj = _PRELOADED.get(str(path))
+        if obj is not None:
+            good.append((Path(path), obj))
+            continue
         try:
             obj = records.read_json(path, "results file", expect=object)
         except UserError as exc:
@@ -139,8 +200,17 @@ def read_results(paths):
         if problem:
             warnings.append(f"skipped '{path}': {problem} (docs/contracts.md §3 lists the results.json keys).")
             continue
-        good.append((Path(path), obj))
+        good.append((Path(path), _compact(obj)))
     return good, warnings
+
+
+def _compact(obj):
+    """A results dict without its history, its keys (and its config's) shared by every run, as
+    sys.intern makes them: 4.5 KB a run instead of 8 (json gives each file its own key strings)."""
+    obj.pop("history", None)
+    if isinstance(obj.get("config"), dict):
+        obj["config"] = {sys.intern(k): v for k, v in obj["config"].items()}
+    return {sys.intern(k): v for k, v in obj.items()}
 
 
 def _reason(exc, path):

@@ -53,7 +53,8 @@ class Run:
     stage1: Optional[Path] = None
     protocol: dict = field(default_factory=dict)
     chance: bool = False  # stage 2 found it at chance level and kept it (--allow-chance)
-    results: dict = field(default_factory=dict, repr=False)  # the results.json as read, so no tool reads it twice
+    # the results.json as read (less its per-epoch history, analysis.common.read_results), so no tool reads it twice
+    results: dict = field(default_factory=dict, repr=False)
 
     @property
     def dense(self):
@@ -101,13 +102,21 @@ def _ticket_candidates(obj, results_path):
     return [path] if path.is_absolute() else [path, results_path.parent / path]
 
 
-def _stage1_dir(candidates):
+def _stage1_dir(candidates, cache):
     """The stage-1 save dir of SAVE_DIR/tickets/round_XX.pt (docs/contracts.md §2) holding sparsity.json, or None."""
     for cand in candidates:
         # exists, not is_file: a damaged sparsity.json (a directory, say) is reported, not passed over
-        if cand.parent.name == "tickets" and (cand.parent.parent / "sparsity.json").exists():
+        if cand.parent.name == "tickets" and _exists(cand.parent.parent / "sparsity.json", cache):
             return cand.parent.parent
     return None
+
+
+def _exists(path, cache):
+    """path.exists(), asked once per path in one load_runs (thousands of runs share a few tickets)."""
+    key = ("exists", str(path))
+    if key not in cache:
+        cache[key] = path.exists()
+    return cache[key]
 
 
 def _ticket_retrain(ticket_path, method, cache):
@@ -116,9 +125,9 @@ def _ticket_retrain(ticket_path, method, cache):
     A ticket file that is gone leaves the kind unknown (the run stands: tickets may be moved after
     training); one that exists but is not a readable torch file is a problem, and the run is skipped.
     """
-    if ticket_path is None or not ticket_path.exists():
+    if ticket_path is None or not _exists(ticket_path, cache):
         return None, None
-    key = str(ticket_path.resolve())
+    key = common.resolved_path(ticket_path, cache)
     if key not in cache:
         cache[key] = _read_retrain(ticket_path, method)
     return cache[key]
@@ -129,9 +138,9 @@ def _ticket_family(ticket_path, method, cache):
     tickets/ when there is one (an older config without 'pattern' is unstructured), else from the file."""
     import pruning_utils
 
-    if ticket_path is None or not ticket_path.exists():
+    if ticket_path is None or not _exists(ticket_path, cache):
         return method
-    key = ("family", str(ticket_path.resolve()))
+    key = ("family", common.resolved_path(ticket_path, cache))
     if key not in cache:
         family = None
         cfg = _stage1_config(ticket_path)
@@ -301,7 +310,7 @@ def load_runs(dirs, linear_eval=False):
     for path, obj in good:
         method = DENSE if common.is_dense(obj) else obj["method"]
         candidates = [] if method == DENSE else _ticket_candidates(obj, path)
-        ticket = next((c for c in candidates if c.exists()), None)
+        ticket = next((c for c in candidates if _exists(c, cache)), None)
         retrain, problem = _ticket_retrain(ticket, method, cache)
         family = method if method == DENSE or problem else _ticket_family(ticket, method, cache)
         if method != DENSE and _config(obj).get("random_reinit") is True:  # the mask on fresh weights
@@ -316,7 +325,7 @@ def load_runs(dirs, linear_eval=False):
                         seed=str(obj["seed"]), sa=float(obj["sa"]),
                         ra=None if obj["ra"] is None else float(obj["ra"]), arch=obj["arch"],
                         retrain=retrain, family=family, attack=_attack_settings(obj),
-                        stage1=_stage1_dir(candidates), chance=_config(obj).get("chance_level") is True,
+                        stage1=_stage1_dir(candidates, cache), chance=_config(obj).get("chance_level") is True,
                         results=obj))
         runs[-1].protocol = _protocol(obj, runs[-1].attack)
     if not runs:

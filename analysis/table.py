@@ -71,11 +71,11 @@ VERDICT_REGIMES = ("st", "at")
 
 def _stage1_levels(runs, warnings):
     """{ticket group: levels its stage-1 directories' sparsity.json list} (docs/contracts.md §2)."""
-    read, levels = {}, defaultdict(set)
+    read, levels, paths = {}, defaultdict(set), {}
     for r in runs:
         if r.dense or r.stage1 is None:
             continue
-        key = str(r.stage1.resolve())
+        key = common.resolved_path(r.stage1, paths)
         if key not in read:
             path = r.stage1 / "sparsity.json"
             try:
@@ -122,7 +122,8 @@ def expected_from_records(records, runs, base=None):
     its fields, its method standing for every label of that method in its group (IMP runs split
     into imp-st / imp-at when both kinds exist).
     """
-    by_dir = {str(r.path.parent.resolve()): r for r in runs}
+    paths = {}  # each directory resolved once (analysis.common.resolved_path)
+    by_dir = {common.resolved_path(r.path.parent, paths): r for r in runs}
     labels = defaultdict(set)
     for r in runs:
         if not r.dense:
@@ -138,7 +139,7 @@ def expected_from_records(records, runs, base=None):
         run = None
         if rec.get("run_dir"):
             for cand in ([Path(rec["run_dir"])] + ([Path(base) / rec["run_dir"]] if base else [])):
-                run = by_dir.get(str(cand.resolve()))
+                run = by_dir.get(common.resolved_path(cand, paths))
                 if run is not None:
                     break
         if run is not None:

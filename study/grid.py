@@ -95,6 +95,15 @@ class Run:
         """(the grid's flags that act on this run, {flag: where it applies} of those left out). A grid's
         [flags] holds every run's extras, but a flag without effect on a run (--train-steps on an st
         run) is refused by main_downstream.py, so each run gets only the flags that act on it."""
+        # the answer depends on nothing else, and plan asks it about every run four times
+        key = (self.dataset, self.regime, float(self.data_rate), str(self.ticket) if self.ticket else "none",
+               self.init, tuple((k, type(v), repr(v)) for k, v in self.flags.items()))
+        if key not in _ACTING:
+            _ACTING[key] = self._acting_flags()
+        acting, left_out = _ACTING[key]
+        return dict(acting), dict(left_out)
+
+    def _acting_flags(self):
         import main_downstream  # the stage's own rule of where each of its flags acts
 
         context = {"dataset": self.dataset, "regime": self.regime, "data_rate": float(self.data_rate),
@@ -132,6 +141,9 @@ class Run:
         where = "dense" if self.round is None else f"{self.method} round {self.round} ({self.sparsity:.2f}%)"
         return (f"dataset {self.dataset}, data rate {self.data_rate!r}, regime {self.regime}, pretrain "
                 f"{self.pretrain}, {where}, seed {self.seed}")
+
+
+_ACTING = {}  # Run.acting_flags by everything it depends on
 
 
 def run_finished(run_dir):

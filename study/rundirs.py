@@ -12,12 +12,13 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 from study.grid import run_finished
 from utils.errors import UserError
-from utils.records import read_config, read_json
+from utils.records import read_config, read_json, read_results
 
 LOG_NAME, FAILED_NAME, LOCK_NAME = ".sweep.log", ".sweep-failed.json", ".sweep.lock"
 CONTROL_NAMES = (LOCK_NAME, LOG_NAME, FAILED_NAME)
@@ -164,38 +165,84 @@ def stale_keys(run, old, finished):
         return []
     import main_downstream
 
-    return main_downstream.config_changes(old, main_downstream.config_for(run.argv()), finished=finished)
+    return main_downstream.config_changes(old, config_now(run), finished=finished)
+
+
+_CONFIGS = {}  # main_downstream.config_for of the first run of each kind (config_now)
+
+
+def config_now(run):
+    """main_downstream.config_for(run.argv()), its parser run once per kind of run: runs that differ
+    only in the seed, the run directory and the ticket file (not in having one) differ in exactly
+    those three config values (tests/test_bench_grid_scale.py compares every run of a grid with
+    config_for). Parsing per run cost 10 ms a run, most of `status` at 31,000 runs. A seed
+    config_for would refuse goes to config_for itself, which says why."""
+    import main_downstream
+
+    argv = run.argv()
+    at = {argv[i]: i + 1 for i in range(0, 16, 2)}  # Run.argv's head: flag, value pairs
+    if not (isinstance(run.seed, int) and 0 <= run.seed < 2 ** 32) or not {"--seed", "--save-dir", "--ticket"} <= set(at):
+        return main_downstream.config_for(argv)
+    ticket = argv[at["--ticket"]]
+    ticket = None if ticket.lower() == "none" else ticket  # as resolve_defaults reads it
+    varying = {at["--seed"], at["--save-dir"]} | ({at["--ticket"]} if ticket else set())
+    key = tuple(v for i, v in enumerate(argv) if i not in varying)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = main_downstream.config_for(argv)
+    return dict(_CONFIGS[key], seed=run.seed, save_dir=argv[at["--save-dir"]], ticket=ticket)
 
 
 def stale_text(diffs, limit=6):
     return "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:limit]) + (" ..." if len(diffs) > limit else "")
 
 
+def finished_results(run_dir):
+    """The run's results.json as utils.records reads it (checked), without its per-epoch history
+    and with its keys (and its config's) interned, or None when there is none (study.grid.run_finished's
+    rule); a damaged one is a UserError. `status` holds one per done run: 4.5 KB instead of 8 plus
+    the history, which nothing after this reads."""
+    path = Path(run_dir) / "results.json"
+    if not os.path.lexists(path):
+        return None
+    results = read_results(path)
+    results.pop("history", None)
+    if isinstance(results.get("config"), dict):
+        results["config"] = {sys.intern(k): v for k, v in results["config"].items()}
+    return {sys.intern(k): v for k, v in results.items()}
+
+
 def run_state(run):
     """(state, detail): done, stale (its config.json differs from what the grid gives it now;
     detail: the differences), running (a live process holds it), failed (a failure record, or a
     damaged file; detail: why) or pending. A damaged file of the run is its state, never an error."""
+    return run_state_results(run)[:2]
+
+
+def run_state_results(run):
+    """(state, detail, results): run_state's answer, and the results.json it read (see
+    finished_results; None when there is none or the run is not done), so no caller reads it twice."""
     try:
-        old, finished = recorded_config(run.run_dir), run_finished(run.run_dir)
+        old, results = recorded_config(run.run_dir), finished_results(run.run_dir)
     except UserError as exc:
-        return "failed", f"invalid: {exc}"
+        return "failed", f"invalid: {exc}", None
+    finished = results is not None
     diffs = stale_keys(run, old, finished)
     try:
         if diffs:
-            return ("running", "") if lock_holder(run.run_dir) else ("stale", diffs)
+            return ("running", "", None) if lock_holder(run.run_dir) else ("stale", diffs, None)
         if finished:
-            return "done", ""
+            return "done", "", results
         if lock_holder(run.run_dir):
-            return "running", ""
+            return "running", "", None
         record = read_failure(run.run_dir)
     except UserError as exc:
-        return "failed", f"invalid: {exc}"
+        return "failed", f"invalid: {exc}", None
     if record:
         try:
-            return "failed", last_error_line(run.run_dir) or record.get("error", "")
+            return "failed", last_error_line(run.run_dir) or record.get("error", ""), None
         except UserError as exc:
-            return "failed", f"invalid: {exc}"
-    return "pending", ""
+            return "failed", f"invalid: {exc}", None
+    return "pending", "", None
 
 
 def plan_state(run):

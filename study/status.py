@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from study.grid import REGIMES, expected_record
-from study.rundirs import run_state, stale_text
+from study.rundirs import run_state_results, stale_text
 from utils.errors import UserError
 from utils.records import read_log
 
@@ -29,22 +29,27 @@ def gpu_seconds(run_dir):
         return 0.0
     total = 0.0
     for row in read_log(path):
-        with contextlib.suppress(TypeError, ValueError):
+        try:  # (a try per row, not contextlib.suppress: this loop runs 100 times per run)
             total += float(row.get("seconds") or 0)
+        except (TypeError, ValueError):
+            pass
     return total
 
 
 def _states(runs):
-    """id(run) -> (state, detail, GPU-seconds); a run with a damaged file is failed, the damage its detail."""
-    out = {}
+    """(id(run) -> (state, detail, GPU-seconds), {results.json path: its results} of the done runs);
+    a run with a damaged file is failed, the damage its detail."""
+    out, results = {}, {}
     for r in runs:
-        state, detail = run_state(r)
+        state, detail, obj = run_state_results(r)
         try:
             seconds = gpu_seconds(r.run_dir)
         except UserError as exc:
             seconds, state, detail = 0.0, "failed", f"invalid: {exc}"
+        if state == "done":
+            results[Path(r.run_dir) / "results.json"] = obj
         out[id(r)] = (state, detail, seconds)
-    return out
+    return out, results
 
 
 def human_bytes(n):
@@ -54,10 +59,11 @@ def human_bytes(n):
         n /= 1024
 
 
-def _show(path):
-    """A path as short as it can be said: relative to the working directory when below it."""
+def _show(path, cwd=None):
+    """A path as short as it can be said: relative to the working directory (``cwd``, resolved,
+    when the caller has it) when below it."""
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        return str(Path(path).resolve().relative_to(cwd or Path.cwd().resolve()))
     except ValueError:
         return str(path)
 
@@ -74,7 +80,8 @@ def status_lines(grid, runs):
     groups = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
-    full = _states(runs)
+    full, results = _states(runs)
+    cwd = Path.cwd().resolve()
     states = {key: state for key, (state, _, _) in full.items()}
     rows, total_bytes, total_gpu = [], 0, 0.0
     order = {"dense": ""}
@@ -90,17 +97,18 @@ def status_lines(grid, runs):
                      *(counts[s] for s in STATES), f"{seconds / 3600:.3f}",
                      human_bytes(sum(sizes) / len(sizes)) if sizes else "-"])
     header = ["dataset", "rate", "pretrain", "method", "regime", "runs", *STATES, "GPU-h", "disk/run"]
-    lines = [f"grid {_show(grid.path)} -> {_show(grid.out)}", *stage1_status_lines(grid, runs), *_table(header, rows)]
+    lines = [f"grid {_show(grid.path, cwd)} -> {_show(grid.out, cwd)}", *stage1_status_lines(grid, runs),
+             *_table(header, rows)]
     failed = [r for r in runs if states[id(r)] == "failed"]
     if failed:
         lines += ["", f"failed runs ({len(failed)}; `run` retries them):"]
-        lines += [f"  {_show(r.run_dir)}: {full[id(r)][1]}" for r in failed]
+        lines += [f"  {_show(r.run_dir, cwd)}: {full[id(r)][1]}" for r in failed]
     stale = [r for r in runs if states[id(r)] == "stale"]
     if stale:
         lines += ["", f"stale runs ({len(stale)}; their config.json differs from what the grid gives them now; "
                       "`run --rerun-stale` moves them aside and runs them again):"]
-        lines += [f"  {_show(r.run_dir)}: {stale_text(full[id(r)][1])}" for r in stale]
-    lines += ["", *verdict_lines(grid, runs, states)]
+        lines += [f"  {_show(r.run_dir, cwd)}: {stale_text(full[id(r)][1])}" for r in stale]
+    lines += ["", *verdict_lines(grid, runs, states, results)]
     n = len(runs)
     count = {s: sum(v == s for v in states.values()) for s in STATES}
     lines += ["", f"GPU-hours {total_gpu / 3600:.3f}, disk {human_bytes(total_bytes)}",
@@ -122,9 +130,10 @@ def _rate_text(value):
         return str(value)
 
 
-def verdict_lines(grid, runs, states):
+def verdict_lines(grid, runs, states, results=None):
     """The double-win verdict of every (dataset, rate, pretrain, method) whose runs, and whose dense
-    baselines, are all done, from the analysis' own verdict code."""
+    baselines, are all done, from the analysis' own verdict code. ``results``: {path: results} of
+    results.json files this status has just read (study.rundirs.finished_results), not read again."""
     finished = {}
     for r in runs:
         key = (r.dataset, r.data_rate, r.pretrain, r.method)
@@ -142,13 +151,15 @@ def verdict_lines(grid, runs, states):
     # finished groups, and those are the analysis' own table code, never a second copy. Imported
     # here because the analysis loads torch (through utils.rundir), which plan and the grid's error
     # messages need not wait for.
+    from analysis.common import preloaded_results
     from analysis.table import verdict_rows
 
     dirs = sorted({str(r.run_dir) for members in ready for r in members})
     # the grid says which levels and seeds exist: rounds left out of the grid are not "missing"
     expected = [expected_record(r) for members in ready for r in members]
     try:
-        rows = verdict_rows(dirs, expected=expected)
+        with preloaded_results(results or {}):
+            rows = verdict_rows(dirs, expected=expected)
     except UserError as exc:
         return [f"verdicts: not available ({exc})"]
     except Exception as exc:  # noqa: BLE001  (the progress table must not die with the verdict code)
