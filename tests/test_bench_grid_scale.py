@@ -2,9 +2,11 @@
 exactly what the code before them gave, and benchmarks/bench_grid_scale.py keeps running.
 
 tests/data/grid_scale/ holds `status`'s text and the analysis' CSV files for the --tiny tree, made
-by the code before these changes (commit b15f4fc, the last one before them):
+by the code before these changes (first made with commit b15f4fc; made again with the parent of the
+merge that brought them, whose verdict table has the `sources` and `double_win_ddof0` columns and
+whose run configs record the newer flags):
 
-    git archive b15f4fc | tar -x -C /tmp/before
+    git archive <the code before> | tar -x -C /tmp/before
     python benchmarks/bench_grid_scale.py --tiny --code before=/tmp/before --steps status,analysis \
         --tree /tmp/gs_00000000 --keep-outputs /tmp/outputs
     # then status.txt with the tree's path written TREE, and analysis/*.csv (figures' data included)
