@@ -136,3 +136,24 @@ def test_a_replicated_stage1_entry_makes_one_ticket_search_per_replicate(tmp_pat
     runs = expand(grid)
     assert {(r.init, r.ticket.parent.parent.name) for r in runs if r.ticket} == {
         (str(tmp_path / f"std{k}.pt"), f"r{k}") for k in (1, 2, 3)}
+
+
+@pytest.mark.slow
+def test_finished_replicated_runs_give_three_sources_per_cell(sources):
+    """A sweep of the replicated grid, then the verdict table: each cell's sources are its 3 replicates."""
+    import csv
+
+    from analysis import table
+
+    grid = _grid(sources, REPLICATED[0], REPLICATED[1], seeds="[1, 2, 3]", name="run.toml")
+    text = grid.read_text().replace('regime = ["st"]', 'regime = ["st", "at"]\nrounds = [1]')
+    grid.write_text(text + 'eps = "32/255"\nalpha = "8/255"\ntrain_steps = 1\ntest_steps = 2\n')
+    proc = subprocess.run([sys.executable, str(REPO / "script/sweep.py"), "run", str(grid), "--workers", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = sources / "analysis"
+    table.write_tables(table.collect([str(sources / "runs")]), out)
+    with open(out / "double_win_details.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    judged = [row for row in rows if row["judged"] == "True"]  # rounds = [1]: the 75% level has no runs
+    assert [row["sparsity"] for row in judged] == ["50.00"] and judged[0]["sources"] == "3"
