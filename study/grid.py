@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line
+from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line, read_inits, replica_dir, replica_of
 from study.gridfile import fail as _fail
 from utils.errors import UserError
 from utils.records import read_config, read_results, read_sparsity
@@ -315,7 +315,8 @@ def _read_axes(grid_path, axes):
 
 
 def _read_pretrain(grid_path, base, label, table, rounds, made=None, missing=None):
-    """One checked [pretrain.LABEL] table: {"init": the θ_p path or "none", "tickets": [TicketDir]}.
+    """One checked [pretrain.LABEL] table: {"init": the (first) θ_p path or "none", "inits": the θ_p
+    of each replicate, "tickets": [TicketDir] of every replicate, "replicas": their count}.
     ``made``: the grid's stage-1 entries (their directories need not exist); ``missing``: a list to
     note absent inputs in, instead of refusing them."""
     if not isinstance(table, dict):
@@ -323,47 +324,88 @@ def _read_pretrain(grid_path, base, label, table, rounds, made=None, missing=Non
     unknown = sorted(set(table) - PRETRAIN_KEYS)
     if unknown:
         _fail(grid_path, f"unknown key(s) in [pretrain.{label}]: {', '.join(unknown)}; use init and tickets.")
-    init = table.get("init")
-    if not isinstance(init, str) or not init:
-        _fail(grid_path, f"[pretrain.{label}] needs init = \"PATH\" (the θ_p file, or \"none\").")
-    if init.lower() != "none":
-        init_path = base / init
-        if not init_path.exists() and missing is not None:
-            missing.append(f"[pretrain.{label}] init '{init_path}': θ_p is not there yet (`run` needs it)")
-        elif not init_path.exists():
-            _fail(grid_path, f"[pretrain.{label}] init '{init_path}' does not exist; point it at your θ_p "
-                             "checkpoint (relative paths are relative to the grid file).")
-        init = str(init_path)
+    inits = [_read_init(grid_path, base, label, i, missing) for i in read_inits(grid_path, label, table.get("init"))]
     tickets = table.get("tickets", [])
     if isinstance(tickets, str):
         tickets = [tickets]
-    if not isinstance(tickets, list) or not all(isinstance(t, str) for t in tickets):
-        _fail(grid_path, f"[pretrain.{label}] tickets must be a list of stage-1 directories.")
+    if not isinstance(tickets, list) or not all(isinstance(t, str) or (
+            isinstance(t, list) and t and all(isinstance(u, str) for u in t)) for t in tickets):
+        _fail(grid_path, f"[pretrain.{label}] tickets must be a list of stage-1 directories (each a directory, or a "
+                         "list of one directory per replicate).")
+    families = [_ticket_replicas(grid_path, base, label, t, made, missing) for t in tickets]
+    families = [f for f in families if f is not None]
+    count = max([len(inits)] + [len(f) for f in families])
+    for t, fam in zip(tickets, families):
+        if len(fam) != count or len(inits) not in (1, count):
+            _fail(grid_path, f"[pretrain.{label}] has {len(inits)} θ_p file(s) but its tickets entry {t!r} names "
+                             f"{len(fam)} directory(ies); replicated sources need one ticket directory per replicate, "
+                             f"{count} for every entry, in the order of init.")
+    dirs = [d for fam in families for d in fam]
+    _check_ticket_dirs(grid_path, label, dirs, rounds)
+    return {"init": inits[0], "inits": inits, "tickets": dirs, "replicas": count}
+
+
+def _read_init(grid_path, base, label, init, missing):
+    """One θ_p path taken from ``base`` (or "none"); an absent file is refused or noted in ``missing``."""
+    if init.lower() == "none":
+        return init
+    init_path = base / init
+    if not init_path.exists() and missing is not None:
+        missing.append(f"[pretrain.{label}] init '{init_path}': θ_p is not there yet (`run` needs it)")
+    elif not init_path.exists():
+        _fail(grid_path, f"[pretrain.{label}] init '{init_path}' does not exist; point it at your θ_p "
+                         "checkpoint (relative paths are relative to the grid file).")
+    return str(init_path)
+
+
+def _ticket_replicas(grid_path, base, label, item, made, missing):
+    """The replicates of one tickets entry, replicate 1 first: a list's directories, the directories
+    of a replicated [stage1.NAME] entry whose save_dir it names, or one directory; None when absent."""
+    entries = (made or {}).values()
+    if isinstance(item, str):
+        group = sorted((e for e in entries if e.replicas > 1 and e.group_dir == (base / item).resolve()),
+                       key=lambda e: e.replica)
+        item = [e.save_dir for e in group] or [item]
     dirs = []
-    for t in tickets:
-        entry = next((e for e in (made or {}).values() if e.save_dir == (base / t).resolve()), None)
+    for i, t in enumerate(item, 1):
+        entry = next((e for e in entries if e.save_dir == (base / t).resolve()), None)
         if entry is not None:
             from study.stage1 import ticket_dir
 
-            dirs.append(ticket_dir(entry))
+            d = ticket_dir(entry)
         elif missing is not None and not (base / t).exists():
             missing.append(f"[pretrain.{label}] ticket directory '{base / t}' is not there and no [stage1.NAME] "
                            "entry makes it: its runs are not listed")
+            return None
         else:
-            dirs.append(_read_ticket_dir(grid_path, label, base / t))
-    _check_ticket_dirs(grid_path, label, dirs, rounds)
-    return {"init": init, "tickets": dirs}
+            d = _read_ticket_dir(grid_path, label, base / t)
+        d.replica = i
+        dirs.append(d)
+    return dirs
 
 
 def _check_ticket_dirs(grid_path, label, dirs, rounds):
-    """One directory per method name in a pre-training, holding every round the grid asks for."""
-    names = [d.name for d in dirs]
+    """One directory per method name and replicate in a pre-training, each holding every round the
+    grid asks for; the replicates of a method at the same levels, no directory twice."""
+    paths = [d.path.resolve() for d in dirs]
+    twice = next((p for p in paths if paths.count(p) > 1), None)
+    if twice is not None:
+        _fail(grid_path, f"[pretrain.{label}] lists the ticket directory '{twice}' twice; each replicate needs "
+                         "its own ticket search.")
+    names = [(d.name, d.replica) for d in dirs]
     for name in set(names):
         if names.count(name) > 1:
-            clash = [str(d.path) for d in dirs if d.name == name]
+            clash = [str(d.path) for d in dirs if (d.name, d.replica) == name]
             _fail(grid_path, f"[pretrain.{label}] has two ticket directories of method '{name}' ({', '.join(clash)}); "
                              "the analysis tells runs apart by pre-training label and method, so give one of "
                              "them its own [pretrain.LABEL] table.")
+    first = {d.name: d for d in dirs if d.replica == 1}
+    for d in dirs:
+        if d.levels != first[d.name].levels and (rounds == "all" or any(
+                d.levels.get(r) != first[d.name].levels.get(r) for r in rounds)):
+            _fail(grid_path, f"[pretrain.{label}]: the replicates '{first[d.name].path}' and '{d.path}' of method "
+                             f"'{d.name}' are at other levels; a cell's replicates must share its sparsity (list "
+                             "rounds they share, or let stage 1 finish them alike).")
     if rounds != "all":
         for d in dirs:
             absent = [r for r in rounds if r not in d.levels]
@@ -421,24 +463,37 @@ def expand(grid, flags_for=None):
         for rate in grid.data_rates:
             for regime in grid.regimes:
                 for label, pre in grid.pretrains.items():
-                    base = grid.out / dataset / f"rate{rate:g}" / regime / label
-                    cells = []
-                    if grid.dense:
-                        cells.append(("dense", 0.0, None, None, base / "dense"))
-                    for td in pre["tickets"]:
-                        for r in sorted(td.levels if grid.rounds == "all" else grid.rounds):
-                            s = round(td.levels[r], 2)
-                            cells.append((td.method, s, r, td.path / "tickets" / f"round_{r:02d}.pt",
-                                          base / td.name / level_dir(s)))
-                    for method, s, r, ticket, where in cells:
-                        for seed in grid.seeds:
-                            run = Run(dataset=dataset, data_rate=rate, regime=regime, pretrain=label, method=method,
-                                      sparsity=s, seed=seed, round=r, init=pre["init"], ticket=ticket,
-                                      run_dir=where / f"seed{seed}", flags=sweep_flags(grid.flags))
-                            if flags_for is not None:
-                                run.flags.update(flags_for(run))
-                            runs.append(run)
+                    runs += _label_runs(grid, dataset, rate, regime, label, pre, flags_for)
     _refuse_shared_dirs(grid, runs)
+    return runs
+
+
+def _label_runs(grid, dataset, rate, regime, label, pre, flags_for):
+    """The runs of one pre-training at one (dataset, rate, regime): each cell's seeds dealt over its
+    replicates (the dense runs over the θ_p files alone), a replicate's runs below repI/ when there
+    are several."""
+    base = grid.out / dataset / f"rate{rate:g}" / regime / label
+    inits = pre.get("inits", [pre["init"]])
+    cells = []
+    if grid.dense:
+        cells.append(("dense", 0.0, None, [None] * len(inits), base / "dense"))
+    for td in (d for d in pre["tickets"] if d.replica == 1):
+        replicas = [d for d in pre["tickets"] if d.name == td.name]
+        for r in sorted(td.levels if grid.rounds == "all" else grid.rounds):
+            s = round(td.levels[r], 2)
+            cells.append((td.method, s, r, [d.path / "tickets" / f"round_{r:02d}.pt" for d in replicas],
+                          base / td.name / level_dir(s)))
+    runs = []
+    for method, s, r, tickets, where in cells:
+        count = max(len(tickets), len(inits))
+        for position, seed in enumerate(grid.seeds):
+            i = replica_of(position, count)
+            run = Run(dataset=dataset, data_rate=rate, regime=regime, pretrain=label, method=method, sparsity=s,
+                      seed=seed, round=r, init=inits[(i - 1) % len(inits)], ticket=tickets[(i - 1) % len(tickets)],
+                      run_dir=where / replica_dir(i, count) / f"seed{seed}", flags=sweep_flags(grid.flags))
+            if flags_for is not None:
+                run.flags.update(flags_for(run))
+            runs.append(run)
     return runs
 
 

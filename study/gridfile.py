@@ -1,6 +1,7 @@
 """The grid file's shared vocabulary: what study.grid and study.stage1 (the [stage1.NAME] entries)
 both need to read a grid file and refuse its mistakes, below either of them so neither imports the other."""
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ class TicketDir:
     levels: dict  # round -> sparsity (percent)
     name: str = ""  # the run-directory component: the method, "-at" added for adversarially re-trained IMP
     made_by: str = ""  # the [stage1.NAME] entry of the grid that makes this directory (study/stage1.py)
+    replica: int = 1  # which replicated source (θ_p file, ticket search) of its pre-training it is
 
 
 def fail(grid_path, message, line=None):
@@ -68,3 +70,31 @@ def flag_args(flags):
 def is_name(text):
     """A string that may be one component of a path: [A-Za-z0-9._-]+, not "." or ".."."""
     return isinstance(text, str) and NAME.fullmatch(text) is not None and text not in (".", "..")
+
+
+def read_inits(grid_path, label, init):
+    """[pretrain.LABEL] init: one θ_p path (or "none"), or a list of distinct θ_p files, one per
+    replicated source model. Returns the list (one item for the common case)."""
+    if isinstance(init, str) and init:
+        return [init]
+    if not (isinstance(init, list) and init and all(isinstance(i, str) and i and i.lower() != "none" for i in init)):
+        fail(grid_path, f"[pretrain.{label}] needs init = \"PATH\" (the θ_p file, or \"none\"), or a list of θ_p "
+                        "files, one per replicated source model, such as [\"a.pt\", \"b.pt\", \"c.pt\"].")
+    norm = [os.path.normpath(i) for i in init]
+    twice = next((i for i, n in zip(init, norm) if norm.count(n) > 1), None)
+    if twice is not None:
+        fail(grid_path, f"[pretrain.{label}] init lists '{twice}' twice; each replicate is its own source model, "
+                        "so list each θ_p file once.")
+    return init
+
+
+def replica_of(position, count):
+    """The replicate (1-based) that the seed at ``position`` of [axes] seed runs from: the seeds of a
+    cell are dealt over its ``count`` replicates in turn, so every seed stays distinct within the cell."""
+    return position % count + 1
+
+
+def replica_dir(replica, count):
+    """The run-directory component of a replicate: "repI" when there are several, none otherwise
+    (a grid without replicates keeps its paths)."""
+    return f"rep{replica}" if count > 1 else ""

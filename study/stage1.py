@@ -19,11 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line
+from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line, read_inits
 from study.gridfile import fail as _fail
 from utils.errors import UserError
 
-ENTRY_KEYS = {"pretrain", "method", "retrain", "save_dir", "gpus", "flags"}
+ENTRY_KEYS = {"pretrain", "method", "retrain", "save_dir", "gpus", "flags", "replicas"}
 METHODS = ("imp", "omp", "rp", "lmp")
 # main_imp_pretrain.py settings an entry sets itself (by whatever alias a flags key names them);
 # --restart would discard the directory on every rerun instead of resuming it
@@ -44,6 +44,9 @@ class Entry:
     flags: dict
     levels: dict = field(default_factory=dict)  # round -> sparsity percent (2 decimals), as sparsity.json will hold
     given: tuple = ()  # the entry keys the grid file sets (retrain is passed only when given)
+    replica: int = 1  # which of the entry's replicated ticket searches this is (NAME_rI in SAVE_DIR/rI)
+    replicas: int = 1
+    group_dir: Path = None  # the entry's save_dir as the grid file names it (the replicates' parent)
     entry = "main_imp_pretrain"
     done_file = "sparsity.json"
 
@@ -115,11 +118,54 @@ def read_entries(grid_path, base, table, pretrain, source=""):
         if other != name:  # before either is judged: the clash is the mistake to name
             _fail(grid_path, f"[stage1.{name}] and [stage1.{other}] both make the ticket directory "
                              f"'{(base / save_dir).resolve()}'; give one of them another save_dir.", line)
-        entries[name] = _read_entry(grid_path, base, name, spec, pretrain, source, line)
+        for entry in _replicate(grid_path, base, name, spec, pretrain, source, line):
+            if entry.name in entries or entry.name in table and entry.name != name:
+                _fail(grid_path, f"[stage1.{name}]'s replicate {entry.name} has the name of another entry; rename "
+                                 "one of them.", line)
+            entries[entry.name] = entry
     return entries
 
 
-def _read_entry(grid_path, base, name, spec, pretrain, source, line):
+def _replicate(grid_path, base, name, spec, pretrain, source, line):
+    """The entry, or with replicas = R (by default the number of its label's θ_p files) its R
+    ticket searches NAME_r1..NAME_rR in SAVE_DIR/r1..rR: replicate I prunes the label's θ_p file I
+    (its only one when it has one) with stage 1's --seed I where the seed acts."""
+    label = spec.get("pretrain")
+    inits = pretrain[label].get("init") if isinstance(pretrain, dict) and isinstance(pretrain.get(label), dict) else None
+    inits = read_inits(grid_path, label, inits) if label in (pretrain or {}) else [None]
+    replicas = spec.get("replicas", len(inits))
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        _fail(grid_path, f"[stage1.{name}] replicas = {replicas!r} must be a whole number of ticket searches, 1 or "
+                         "more.", line)
+    if len(inits) not in (1, replicas):
+        _fail(grid_path, f"[stage1.{name}] replicas = {replicas} but [pretrain.{label}] names {len(inits)} θ_p "
+                         f"files; a replicated search prunes one θ_p file each: use replicas = {len(inits)}.", line)
+    if replicas == 1:
+        return [_read_entry(grid_path, base, name, spec, pretrain, source, line, inits[0])]
+    flags = spec.get("flags", {})
+    if isinstance(flags, dict) and any(k.replace("-", "_") == "seed" for k in flags):
+        _fail(grid_path, f"[stage1.{name}] sets seed in its flags and replicas = {replicas}; each replicate gets "
+                         "its own --seed (1..replicas): drop seed from its flags.", line)
+    save_dir = spec.get("save_dir", f"tickets/{name}")
+    out = []
+    for i in range(1, replicas + 1):
+        one = {**spec, "save_dir": f"{save_dir}/r{i}"}
+        entry = _read_entry(grid_path, base, f"{name}_r{i}", one, pretrain, source, line, inits[(i - 1) % len(inits)])
+        args = _parse(grid_path, entry, line)
+        import main_imp_pretrain
+
+        if main_imp_pretrain.FLAG_SCOPE["seed"][0]({k: getattr(args, k) for k in main_imp_pretrain.FLAG_CONTEXT}):
+            entry.flags["seed"] = i
+        elif len(inits) == 1:
+            _fail(grid_path, f"[stage1.{name}] replicas = {replicas} from one θ_p: stage 1's --seed "
+                             f"{main_imp_pretrain.FLAG_SCOPE['seed'][1]}, so the replicates would be one ticket; "
+                             f"give [pretrain.{label}] one θ_p file per replicate, or drop replicas.", line)
+        entry.replica, entry.replicas, entry.group_dir = i, replicas, (base / save_dir).resolve()
+        out.append(entry)
+    return out
+
+
+def _read_entry(grid_path, base, name, spec, pretrain, source, line, init=None):
     where = f"[stage1.{name}]"
     unknown = sorted(set(spec) - ENTRY_KEYS)
     if unknown:
@@ -142,7 +188,7 @@ def _read_entry(grid_path, base, name, spec, pretrain, source, line):
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         _fail(grid_path, f"{where} gpus = {gpus!r} must be a whole number of GPUs per job, 1 or more.", line)
     save_dir = spec.get("save_dir", f"tickets/{name}")
-    init = pretrain[label].get("init") if isinstance(pretrain[label], dict) else None
+    init = init or (pretrain[label].get("init") if isinstance(pretrain[label], dict) else None)
     if not isinstance(init, str) or not init:
         _fail(grid_path, f"[pretrain.{label}] needs init = \"PATH\" (the θ_p file, or \"none\").")
     entry = Entry(name=name, pretrain=label, method=method, retrain=retrain, save_dir=(base / save_dir).resolve(),
