@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 
 # "file::test" (every parametrization of the test) or "file" (every test of the file)
 QUICK = (
+    "test_bench_grid_scale.py::test_bad_arguments_are_one_line",
     "test_gpu_suite.py::test_gpu_table_marks_missed_and_met_targets",
     "test_sweep_stage1.py::test_a_multi_gpu_job_gets_slots_on_different_gpus",
     "test_sweep_stage1.py::test_bad_stage1_entries_are_one_line_naming_the_entry",

@@ -14,6 +14,7 @@ from tests.test_layout import REPO, graph, imports_of, module_name, project_file
 
 # module -> the quick test that exercises it ("file::test" or "file": every test of the file)
 COVERAGE = {
+    "benchmarks/bench_grid_scale.py": "test_bench_grid_scale.py::test_bad_arguments_are_one_line",
     "benchmarks/gpu_table.py": "test_gpu_suite.py::test_gpu_table_marks_missed_and_met_targets",
     "study/gridfile.py": "test_sweep_stage1.py::test_bad_stage1_entries_are_one_line_naming_the_entry",
     "study/stage1.py": "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
