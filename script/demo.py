@@ -4,13 +4,17 @@ Source task: digits 0-4. Target task: digits 5-9 (new classes, so the head is re
 the backbone must transfer). Every step goes through the real entry points and files:
 
 1. pre-train three dense source models (STD, FAT, AT) with main_downstream.py (--init none);
-2. find tickets with main_imp_pretrain.py: IMP (standard re-training) from each, OMP and
-   random pruning from the AT model, and structured tickets — channel OMP (whole filters) from
-   the AT and the STD model;
-3. transfer every ticket and the dense models to the target task under ST and AT, at 100% and
-   10% of the data, 5 seeds each (one with --quick), with main_downstream.py: a grid run by the sweep's local backend
-   (study/local.py, the same runner as the paper's grid; every run's log is the .sweep.log in its
-   directory);
+2. channel tickets (channel OMP, whole filters, from the AT and the STD model) with
+   main_imp_pretrain.py: a structured pattern's levels depend on the weights, so a study cannot
+   list them before they exist and they are made first (OMP ranks; seconds);
+3. the study OUT/demo_digits.toml, a grid file with stage 1 inside (docs/sweeps.md §6), run by the
+   sweep's pipeline as `python script/sweep.py run GRID` runs it: [stage1.NAME] entries find the
+   unstructured tickets (IMP with standard re-training from each source model, OMP and random
+   pruning from the AT model), and every ticket and the dense models are transferred to the target
+   task under ST and AT, at 100% and 10% of the data, 5 seeds each (one with --quick), each round's
+   runs starting as soon as its ticket is written (every job's and run's log is the .sweep.log in
+   its directory); the demo adds its shortened per-run schedules (demo_schedule), which a grid
+   file cannot state per cell;
 4. analysis/plot_curves.py and analysis/mask_stats.py: curves, the double-win table, mask stats.
 
 Rerunning skips every finished run. ``--quick`` is the shortened version CI runs.
