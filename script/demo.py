@@ -228,19 +228,20 @@ def run_study(grid, runs, workers):
 
 
 def pipelined_line(grid, runs):
-    """When the first run of a round-1 ticket started (its config.json) against when the last stage-1
-    round was written (its ticket file): the overlap the pipeline buys."""
+    """When the first transfer run and the first run of a round-1 ticket started (their config.json)
+    against when the last stage-1 round was written (its ticket file): the overlap of the two stages."""
     made = {e.save_dir for e in grid.stage1.values()}
-    first = [(Path(r.run_dir) / "config.json").stat().st_mtime for r in runs
-             if r.round == 1 and r.ticket and Path(r.ticket).parents[1] in made
-             and (Path(r.run_dir) / "config.json").exists()]
+    started = {id(r): (Path(r.run_dir) / "config.json").stat().st_mtime for r in runs
+               if (Path(r.run_dir) / "config.json").exists()}
+    first = [t for r in runs if id(r) in started for t in [started[id(r)]]
+             if r.round == 1 and r.ticket and Path(r.ticket).parents[1] in made]
     last = [(e.save_dir / "tickets" / f"round_{max(e.levels):02d}.pt").stat().st_mtime for e in grid.stage1.values()]
     if not first or not last:
         return "pipelined: no round-1 run or stage-1 ticket to compare"
-    start, end = min(first), max(last)
-    overlap = f"{end - start:.0f} s before it" if start < end else f"{start - end:.0f} s after it, no overlap"
-    return (f"pipelined: first round-1 run started at {clock(start)}, last stage-1 round written at {clock(end)} "
-            f"({overlap})")
+    end = max(last)
+    when = lambda t: f"{clock(t)} ({end - t:.0f} s before it)" if t < end else f"{clock(t)} ({t - end:.0f} s after)"  # noqa: E731
+    return (f"pipelined: last stage-1 round written at {clock(end)}; first transfer run started at "
+            f"{when(min(started.values()))}, first round-1 run at {when(min(first))}")
 
 
 def clock(t):

@@ -45,7 +45,7 @@ def test_quick_demo_produces_table_and_figures(tmp_path):
     assert (out / "transfer" / "digits" / "rate0.1" / "st" / "at" / "rp" / "s75.00" / "seed1" / "results.json").exists()
     # stage 1 ran inside the study (its jobs logged by the pipeline), and the demo says how it overlapped
     assert (out / "demo_digits.toml").exists() and (out / "tickets" / "at_imp" / ".sweep.log").exists()
-    assert "pipelined: first round-1 run started at " in proc.stdout
+    assert "pipelined: last stage-1 round written at " in proc.stdout and ", first round-1 run at " in proc.stdout
     # a rerun skips everything that is finished
     again = subprocess.run([sys.executable, str(REPO / "script" / "demo.py"), str(out), "--quick"],
                            capture_output=True, text=True, timeout=600)
