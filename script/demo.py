@@ -233,8 +233,8 @@ def pipelined_line(grid, runs):
     made = {e.save_dir for e in grid.stage1.values()}
     started = {id(r): (Path(r.run_dir) / "config.json").stat().st_mtime for r in runs
                if (Path(r.run_dir) / "config.json").exists()}
-    first = [t for r in runs if id(r) in started for t in [started[id(r)]]
-             if r.round == 1 and r.ticket and Path(r.ticket).parents[1] in made]
+    first = [started[id(r)] for r in runs
+             if id(r) in started and r.round == 1 and r.ticket and Path(r.ticket).parents[1] in made]
     last = [(e.save_dir / "tickets" / f"round_{max(e.levels):02d}.pt").stat().st_mtime for e in grid.stage1.values()]
     if not first or not last:
         return "pipelined: no round-1 run or stage-1 ticket to compare"
