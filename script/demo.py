@@ -4,19 +4,24 @@ Source task: digits 0-4. Target task: digits 5-9 (new classes, so the head is re
 the backbone must transfer). Every step goes through the real entry points and files:
 
 1. pre-train three dense source models (STD, FAT, AT) with main_downstream.py (--init none);
-2. find tickets with main_imp_pretrain.py: IMP (standard re-training) from each, OMP and
-   random pruning from the AT model, and structured tickets — channel OMP (whole filters) from
-   the AT and the STD model;
-3. transfer every ticket and the dense models to the target task under ST and AT, at 100% and
-   10% of the data, 5 seeds each (one with --quick), with main_downstream.py: a grid run by the sweep's local backend
-   (study/local.py, the same runner as the paper's grid; every run's log is the .sweep.log in its
-   directory);
+2. channel tickets (channel OMP, whole filters, from the AT and the STD model) with
+   main_imp_pretrain.py: a structured pattern's levels depend on the weights, so a study cannot
+   list them before they exist and they are made first (OMP ranks; seconds);
+3. the study OUT/demo_digits.toml, a grid file with stage 1 inside (docs/sweeps.md §6), run by the
+   sweep's pipeline as `python script/sweep.py run GRID` runs it: [stage1.NAME] entries find the
+   unstructured tickets (IMP with standard re-training from each source model, OMP and random
+   pruning from the AT model), and every ticket and the dense models are transferred to the target
+   task under ST and AT, at 100% and 10% of the data, 5 seeds each (one with --quick), each round's
+   runs starting as soon as its ticket is written (every job's and run's log is the .sweep.log in
+   its directory); the demo adds its shortened per-run schedules (demo_schedule), which a grid
+   file cannot state per cell;
 4. analysis/plot_curves.py and analysis/mask_stats.py: curves, the double-win table, mask stats.
 
 Rerunning skips every finished run. ``--quick`` is the shortened version CI runs.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,10 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from study.grid import build_grid, expand  # noqa: E402
+from study.grid import check_flag_keys, check_flags, expand, flag_args, load_grid, refuse_flags_acting_nowhere  # noqa: E402,E501
 from study.local import Task, run_local  # noqa: E402
-from study.rundirs import LOG_NAME, last_error_line  # noqa: E402
+from study.pipeline import run_pipeline  # noqa: E402
+from study.rundirs import LOG_NAME, last_error_line, refuse_linked_control_files  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
+from utils.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 
 # 8x8 grey digits with 17 intensity levels: 8/255 is below one level step, so the
 # threat model uses a larger radius that still keeps every digit recognisable to a person.
@@ -39,6 +46,9 @@ MODEL = ["--dataset", "digits", "--arch", "resnet_tiny", "--cifar-stem"]
 TRAINING = ["--batch-size", "64", "--no-progress"]
 PRETRAINS = {"std": "st", "fat": "fat", "at": "at"}  # label -> source training regime
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
+STUDY_FILE = "demo_digits.toml"
+STUDY_NOTE = ("written by script/demo.py, which runs it with its per-run schedules (epochs by data rate, lr by "
+              "regime; demo_schedule): resume with script/demo.py, read with `sweep.py plan`")
 
 
 def settings(quick):
@@ -104,27 +114,22 @@ def main(argv=None):
         source[label]) for label, regime in PRETRAINS.items()], workers and min(workers, 3), "1/4 pre-train sources")
     stage_done("1/4 pre-train sources")
 
-    # 2. tickets (stage 1 skips finished rounds by itself; it is finished when its last ticket exists)
-    ticket_jobs = []  # (pretrain label, method, save dir, extra flags, rounds)
-    for label in PRETRAINS:
-        ticket_jobs.append((label, "imp", out / "tickets" / f"{label}_imp", [], s["rounds"]))
-    if s["omp_rp"]:
-        ticket_jobs += [("at", "omp", out / "tickets" / "at_omp", [], s["rounds"]),
-                        ("at", "rp", out / "tickets" / "at_rp", [], s["rounds"])]
-    ticket_jobs += [(label, "omp", out / "tickets" / f"{label}_omp_channel", ["--pattern", "channel"],
-                     s["channel_rounds"]) for label in ("at", "std")]
-    run_tasks([Task("main_imp_pretrain", MODEL + ticket_flags(method, s, training) + [
-        "--classes", SOURCE_CLASSES, "--init", str(source[label] / "model_best.pt"), "--pretrain", label,
-        "--method", method, "--rate", str(s["rate"]), "--rounds", str(rounds), *extra,
-        "--save-dir", str(save_dir)], save_dir, f"tickets/round_{rounds:02d}.pt")
-        for label, method, save_dir, extra, rounds in ticket_jobs], workers, "2/4 find tickets")
-    stage_done("2/4 find tickets")
+    # 2. channel tickets: a structured pattern's levels depend on the weights, so the study cannot
+    # list them before they exist (docs/sweeps.md §6); they are ranked (no training) before the study
+    ticket_jobs = make_ticket_jobs(s, out)
+    channel = [job for job in ticket_jobs if "--pattern" in job[3]]
+    run_tasks([channel_task(job, s, source) for job in channel], workers, "2/4 channel tickets")
+    stage_done("2/4 channel tickets")
 
-    # 3. transfer to digits 5-9: a sweep grid (study/grid.py) built in code
-    grid = build_grid(transfer_grid(s, ticket_jobs, args.no_channels_last), out, out / "demo-transfer-grid")
+    # 3. the study: stage 1 and the transfer to digits 5-9 in one grid file, run as `sweep.py run`
+    # runs it, each round's runs started as soon as its ticket is written
+    grid_path = write_study(out, transfer_grid(s, ticket_jobs, args.no_channels_last))
+    grid = load_grid(grid_path)
     runs = expand(grid, flags_for=lambda run: demo_schedule(s, run))
-    run_tasks(runs, workers, "3/4 transfer runs")
-    stage_done(f"3/4 transfer runs ({len(runs)})")
+    check_study(grid, runs)
+    run_study(grid, runs, workers)
+    stage_done(f"3/4 study: stage 1 and {len(runs)} transfer runs")
+    print(pipelined_line(grid, runs), flush=True)
 
     # 4. analysis
     from analysis import mask_stats, plot_curves
@@ -146,27 +151,133 @@ def source_attack_flags(regime):
             + (["--train-steps", "3"] if regime == "at" else []))
 
 
-def ticket_flags(method, s, training):
-    """IMP re-trains (standard, so no attack flags); OMP and RP only rank or draw, so they take no
-    training flags, and only RP's draw has a seed."""
-    if method == "imp":
-        return training + ["--retrain", "st", "--epochs-per-round", str(s["epochs_per_round"]), "--lr", "0.01",
-                           "--seed", "0"]
-    return ["--seed", "0"] if method == "rp" else []
-
-
 def transfer_grid(s, ticket_jobs, no_channels_last=False):
-    """Every ticket and dense model of each pre-training, to digits 5-9 under ST and AT (docs/contracts.md §7)."""
+    """The study: every unstructured ticket job as a [stage1.NAME] entry, and every ticket and dense
+    model of each pre-training transferred to digits 5-9 under ST and AT (docs/contracts.md §7)."""
     pretrain = {label: {"init": f"source/{label}/model_best.pt",
                         "tickets": [f"tickets/{d.name}" for lab, _, d, _, _ in ticket_jobs if lab == label]}
                 for label in PRETRAINS}
+    stage1 = {d.name: {"pretrain": label, "method": method, **({"retrain": "st"} if method == "imp" else {}),
+                       "save_dir": f"tickets/{d.name}", "flags": stage1_flags(method, s, rounds, no_channels_last)}
+              for label, method, d, extra, rounds in ticket_jobs if not extra}
     flags = {"arch": "resnet_tiny", "cifar_stem": True, "batch_size": 64, "eps": EPS, "alpha": ALPHA,
              "no_progress": True, "classes": TARGET_CLASSES, "train_steps": 2, "test_steps": 5,
              "no_channels_last": no_channels_last}
-    return {"out": "transfer", "pretrain": pretrain,
+    return {"out": "transfer", "pretrain": pretrain, "stage1": stage1,
             "axes": {"dataset": ["digits"], "regime": ["st", "at"], "data_rate": s["rates"], "seed": s["seeds"],
                      "rounds": "all", "dense": True},
             "flags": flags}
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a JSON string or number is a TOML one (the study holds ASCII only)
+
+
+def toml_table(name, table):
+    lines = [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, sub in table.items():
+        if isinstance(sub, dict):
+            lines += ["", *toml_table(f"{name}.{key}", sub)]
+    return lines
+
+
+def write_study(out, spec):
+    """The study as a grid file in the demo's folder (its paths relative to it, as a grid file's are)."""
+    lines = [f"# {STUDY_NOTE}", "", f"out = {toml_value(spec['out'])}"]
+    for section in ("pretrain", "stage1"):
+        for name, table in spec[section].items():
+            lines += ["", *toml_table(f"{section}.{name}", table)]
+    lines += ["", *toml_table("axes", spec["axes"]), "", *toml_table("flags", spec["flags"])]
+    path = out / STUDY_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def check_study(grid, runs):
+    """`sweep.py run`'s checks before anything starts: flag keys, flags acting nowhere, each run's
+    command through main_downstream.py's parser, no linked control files."""
+    check_flag_keys(grid)
+    refuse_flags_acting_nowhere(grid, runs)
+    check_flags(runs)
+    refuse_linked_control_files([r.run_dir for r in runs if not r.done] +
+                                [e.save_dir for e in grid.stage1.values() if not e.finished])
+
+
+def run_study(grid, runs, workers):
+    """The grid's stage 1 and runs on the sweep's pipeline, as `sweep.py run GRID` drives it."""
+    res = run_pipeline(grid, runs, workers=workers, retries=1, title="3/4 study")
+    jobs = res["stage1"]
+    if res["interrupted"] or "interrupted" in jobs.values():
+        raise SystemExit("3/4 study: stopped; rerun the same command to resume both stages.")
+    bad = res["failed"] + res["busy"] + res["blocked"]
+    failed_jobs = [e for e in grid.stage1.values() if jobs[e.name] != "done"]
+    for item in (failed_jobs + bad)[:5]:
+        print(f"  failed: {item.run_dir}: {last_error_line(item.run_dir)} "
+              f"(log: {Path(item.run_dir) / LOG_NAME})", file=sys.stderr)
+    if bad or failed_jobs:
+        raise SystemExit(f"{len(failed_jobs)} stage-1 job(s) and {len(bad)} transfer runs did not finish (failed, "
+                         "held back by a failed job, or held by another process); see the logs above and rerun "
+                         "to retry them.")
+
+
+def pipelined_line(grid, runs):
+    """When the first transfer run and the first run of a round-1 ticket started (their config.json)
+    against when the last stage-1 round was written (its ticket file): the overlap of the two stages."""
+    made = {e.save_dir for e in grid.stage1.values()}
+    started = {id(r): (Path(r.run_dir) / "config.json").stat().st_mtime for r in runs
+               if (Path(r.run_dir) / "config.json").exists()}
+    first = [started[id(r)] for r in runs
+             if id(r) in started and r.round == 1 and r.ticket and Path(r.ticket).parents[1] in made]
+    last = [(e.save_dir / "tickets" / f"round_{max(e.levels):02d}.pt").stat().st_mtime for e in grid.stage1.values()]
+    if not first or not last:
+        return "pipelined: no round-1 run or stage-1 ticket to compare"
+    end = max(last)
+    when = lambda t: f"{clock(t)} ({end - t:.0f} s before it)" if t < end else f"{clock(t)} ({t - end:.0f} s after)"  # noqa: E731
+    return (f"pipelined: last stage-1 round written at {clock(end)}; first transfer run started at "
+            f"{when(min(started.values()))}, first round-1 run at {when(min(first))}")
+
+
+def clock(t):
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def make_ticket_jobs(s, out):
+    """(pretrain label, method, save dir, extra flags, rounds) of every ticket directory: IMP from each
+    source, OMP and random pruning from the AT model, channel OMP from the AT and the STD model."""
+    jobs = [(label, "imp", out / "tickets" / f"{label}_imp", [], s["rounds"]) for label in PRETRAINS]
+    if s["omp_rp"]:
+        jobs += [("at", "omp", out / "tickets" / "at_omp", [], s["rounds"]),
+                 ("at", "rp", out / "tickets" / "at_rp", [], s["rounds"])]
+    return jobs + [(label, "omp", out / "tickets" / f"{label}_omp_channel", ["--pattern", "channel"],
+                    s["channel_rounds"]) for label in ("at", "std")]
+
+
+def stage1_flags(method, s, rounds, no_channels_last=False):
+    """main_imp_pretrain.py's flags of a ticket job. IMP re-trains (standard, so no attack flags); OMP
+    and RP only rank or draw, so they take no training flags, and only RP's draw has a seed."""
+    flags = {"dataset": "digits", "arch": "resnet_tiny", "cifar_stem": True, "classes": SOURCE_CLASSES,
+             "rate": s["rate"], "rounds": rounds}
+    if method == "imp":
+        flags.update(batch_size=64, no_progress=True, epochs_per_round=s["epochs_per_round"], lr=0.01, seed=0,
+                     no_channels_last=no_channels_last)
+    elif method == "rp":
+        flags["seed"] = 0
+    return flags
+
+
+def channel_task(job, s, source):
+    """A channel-ticket job run by hand (a structured pattern cannot be a [stage1] entry)."""
+    label, method, save_dir, extra, rounds = job
+    return Task("main_imp_pretrain", flag_args(stage1_flags(method, s, rounds)) + [
+        "--init", str(source[label] / "model_best.pt"), "--pretrain", label, "--method", method, *extra,
+        "--save-dir", str(save_dir)], save_dir, f"tickets/round_{rounds:02d}.pt")
 
 
 def demo_schedule(s, run):
@@ -181,4 +292,8 @@ def demo_schedule(s, run):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

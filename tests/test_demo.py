@@ -1,6 +1,7 @@
 """The shortened demo end to end: every stage through the real entry points, figures and table produced."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,41 @@ def test_quick_demo_produces_table_and_figures(tmp_path):
     dense = out / "transfer" / "digits" / "rate1" / "at" / "at" / "dense" / "seed1"
     assert (dense / "results.json").exists() and (dense / ".sweep.log").exists()
     assert (out / "transfer" / "digits" / "rate0.1" / "st" / "at" / "rp" / "s75.00" / "seed1" / "results.json").exists()
+    # stage 1 ran inside the study (its jobs logged by the pipeline), and the demo says how it overlapped
+    assert (out / "demo_digits.toml").exists() and (out / "tickets" / "at_imp" / ".sweep.log").exists()
+    assert "pipelined: last stage-1 round written at " in proc.stdout and ", first round-1 run at " in proc.stdout
     # a rerun skips everything that is finished
     again = subprocess.run([sys.executable, str(REPO / "script" / "demo.py"), str(out), "--quick"],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already finished, skipped" in again.stdout
+    assert "stage 1 already finished: std_imp, fat_imp, at_imp, at_omp, at_rp" in again.stdout
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("demo_study", REPO / "script" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_study_file_is_a_grid_with_stage1_inside(tmp_path):
+    demo = _demo()
+    s = demo.settings(True)
+    jobs = demo.make_ticket_jobs(s, tmp_path)
+    path = demo.write_study(tmp_path, demo.transfer_grid(s, jobs, no_channels_last=True))
+    assert path == tmp_path / "demo_digits.toml"
+    grid = demo.load_grid(path, missing_ok=True)  # before the sources and tickets exist, as `sweep.py plan` reads it
+    # the unstructured ticket jobs are stage-1 entries at stage 1's levels; channel tickets are made by hand
+    assert list(grid.stage1) == ["std_imp", "fat_imp", "at_imp", "at_omp", "at_rp"]
+    assert all(e.levels == {1: 50.0, 2: 75.0} for e in grid.stage1.values())
+    imp, rp = grid.stage1["at_imp"].command(), grid.stage1["at_rp"].command()
+    assert f"--init {tmp_path / 'source' / 'at' / 'model_best.pt'}" in imp and "--retrain st" in imp
+    assert "--epochs-per-round 1" in imp and "--no-channels-last" in imp and "--seed 0" in rp
+    assert "--lr" not in rp and "--epochs-per-round" not in rp  # random pruning trains nothing
+    assert sum("omp_channel" in m and "no [stage1.NAME] entry makes it" in m for m in grid.missing) == 2
+    runs = demo.expand(grid, flags_for=lambda run: demo.demo_schedule(s, run))
+    # the runs of each stage-1 ticket wait on it: 5 entries x 2 levels x 2 regimes x 2 rates, one seed
+    assert sum(r.ticket is not None for r in runs) == 40 and grid.out == tmp_path / "transfer"
+    scarce = next(r for r in runs if r.data_rate == 0.1 and r.regime == "at" and r.method == "rp")
+    assert scarce.flags["epochs"] == s["scarce_epochs"] and scarce.flags["allow_chance"] is True
