@@ -152,11 +152,11 @@ class Pipeline:
         """Move waiting runs whose ticket is written to the queue; hold back those of failed jobs."""
         written = {j.entry.name: j.entry.written() for j in self.jobs}
         state = {j.entry.name: j.state for j in self.jobs}
-        still, released = [], {}
+        still, released, ready = [], {}, []
         for run in self.waiting:
             entry, k = self.needs[id(run)]
             if k in written[entry.name]:
-                self.queue.append((run, 1))
+                ready.append((run, 1))
                 released[(entry.name, k)] = released.get((entry.name, k), 0) + 1
             elif state[entry.name] in ("failed", "done"):  # done without this round: cannot happen, but never hang
                 self.result["blocked"].append(run)
@@ -164,6 +164,9 @@ class Pipeline:
             else:
                 still.append(run)
         self.waiting = still
+        # ahead of the runs that waited on nothing (dense baselines): a round's runs start as soon as its
+        # ticket exists, while later rounds are still being searched, which is the point of the pipeline
+        self.queue[:0] = ready
         for (name, k), count in sorted(released.items()):
             self.say(f"stage 1 {name}: round {k} ticket written ({written[name][k]:.2f}%); its {count} run(s) queued")
 
