@@ -37,6 +37,7 @@ def test_quick_demo_produces_table_and_figures(tmp_path):
         if listed and r.get("verdict") == "complete":  # an incomplete row may withhold its extreme
             assert r["extreme_sparsity"] == max(listed, key=float)
     assert "|" in (analysis / "double_win.md").read_text()
+    assert "The paper's numbers beside ours" in (analysis / "paper_vs_ours.md").read_text()
     pngs = list(analysis.rglob("*.png"))
     assert len(pngs) >= 3 and all(p.stat().st_size > 5000 for p in pngs)
     # the transfer grid ran through script/sweep.py: its run-directory layout and per-run logs
