@@ -186,16 +186,8 @@ def load_paper(path):
 
 
 def _sparsity(text, line, csv_path, column):
-    if text is None or text.strip() == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise UserError(f"'{csv_path}' line {line}: {column} '{text}' is not a sparsity in percent; rerun "
-                        "analysis/plot_curves.py to rewrite the table.")
-    return value
+    return _number(text, csv_path, line, column, "a sparsity in percent",
+                   "analysis/plot_curves.py to rewrite the table")
 
 
 def read_double_win(out_dir):
@@ -243,6 +235,11 @@ def read_outputs(out_dir):
 
 def _float_cell(text, path, line, column, tool):
     """A number of an output table; empty (not measured, e.g. no transfer attack) is None."""
+    return _number(text, path, line, column, "a number", f"{tool} to rewrite it")
+
+
+def _number(text, path, line, column, what, rerun):
+    """A table cell as a finite float, None where empty; anything else is one line naming the cell."""
     if text is None or text.strip() == "":
         return None
     try:
@@ -250,7 +247,7 @@ def _float_cell(text, path, line, column, tool):
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise UserError(f"'{path}' line {line}: {column} '{text}' is not a number; rerun {tool} to rewrite it.")
+        raise UserError(f"'{path}' line {line}: {column} '{text}' is not {what}; rerun {rerun}.")
     return value
 
 

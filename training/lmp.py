@@ -190,7 +190,13 @@ class LearnedMasks(Policy):
                 for s, saved in zip(self.net.scores, state["scores"]):
                     s.copy_(saved.to(s.device))
             if state.get("base_bn") is not None:
-                base.load_state_dict(state["base_bn"], strict=False)
+                # only BatchNorm's tensors were saved, so every other key is missing by design; a saved
+                # key this model lacks means the checkpoint is another architecture's
+                unexpected = base.load_state_dict(state["base_bn"], strict=False).unexpected_keys
+                if unexpected:
+                    raise UserError(f"the checkpoint's trained BatchNorm holds keys this model lacks "
+                                    f"({', '.join(unexpected[:3])}); it was written by another --arch. "
+                                    "Rerun with --restart or another --save-dir.")
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
