@@ -61,7 +61,7 @@ def _config(argv):
 
 def profile(run):
     """What of a planned run its cost depends on, from main_downstream.py's own resolved config."""
-    from data_loading.catalog import NATIVE_SIZE
+    from data_loading.catalog import NATIVE_SIZE, NUM_CLASSES
     from training.setup import default_image_size
 
     # one config per kind of run: the seed, directory, θ_p and ticket paths do not change the cost
@@ -76,7 +76,8 @@ def profile(run):
             "image_size": c["image_size"] or default_image_size(run.dataset) or NATIVE_SIZE[run.dataset],
             "attack_steps": {"st": 0, "fat": 1, "at": c["train_steps"]}[run.regime], "test_steps": c["test_steps"],
             "batch_size": c["batch_size"], "classes": c["classes"], "val_size": c["val_size"],
-            "ticket": run.ticket is not None, "kept": kept_files(c, run.regime)}
+            "ticket": run.ticket is not None, "kept": kept_files(c, run.regime),
+            "num_classes": len(c["classes"]) if c["classes"] else NUM_CLASSES.get(run.dataset)}
 
 
 def kept_files(config, regime):
@@ -191,13 +192,11 @@ def forward_flops(arch, num_classes, cifar_stem, image_size):
 
 def analytic_seconds(p, tflops):
     """GPU-seconds of a run like ``p`` from counted FLOPs at ``tflops`` achieved, or None (unknown size)."""
-    from data_loading.catalog import NUM_CLASSES
 
     counts = images(p)
     if counts is None:
         return None
-    f = forward_flops(p["arch"], len(p["classes"]) if p["classes"] else NUM_CLASSES[p["dataset"]], p["cifar_stem"],
-                      p["image_size"])
+    f = forward_flops(p["arch"], p["num_classes"], p["cifar_stem"], p["image_size"])
     train_flops = 3 * f + 2 * f * p["attack_steps"]  # the step, and each attack step's gradient to the input
     clean, robust = f, f + 2 * f * p["test_steps"]  # the test attack, then its forward pass
     val_flops = clean + (robust if p["regime"] != "st" else 0)
@@ -298,13 +297,11 @@ def model_disk(p):
     """Bytes a finished run like ``p`` leaves: model_best.pt (weights, and the mask of a ticket run, one
     byte per convolution weight) unless --keep-model none, model_best_sa.pt, checkpoint.pt (weights and SGD momentum) and the
     trajectory where the flags keep them, and its records; None for a dataset of unknown size."""
-    from data_loading.catalog import NUM_CLASSES
 
     counts = images(p)
     if counts is None:
         return None
-    state, params, conv = model_bytes(p["arch"], len(p["classes"]) if p["classes"] else NUM_CLASSES[p["dataset"]],
-                                      p["cifar_stem"])
+    state, params, conv = model_bytes(p["arch"], p["num_classes"], p["cifar_stem"])
     mask = conv if p["ticket"] else 0
     keep_checkpoint, trajectory, sa_best, best = p["kept"]
     files = (state + mask) * (best + sa_best) + (state + params + mask) * keep_checkpoint
@@ -358,10 +355,8 @@ class Pricer:
 
 
 def forward_flops_text(p):
-    from data_loading.catalog import NUM_CLASSES
 
-    f = forward_flops(p["arch"], len(p["classes"]) if p["classes"] else NUM_CLASSES[p["dataset"]], p["cifar_stem"],
-                      p["image_size"])
+    f = forward_flops(p["arch"], p["num_classes"], p["cifar_stem"], p["image_size"])
     return f"{f / 1e9:.3g} GFLOP" if f >= 1e8 else f"{f / 1e6:.3g} MFLOP"
 
 
