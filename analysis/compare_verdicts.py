@@ -9,7 +9,10 @@ the cell (supported: double-win support >= 0.9; contradicted: <= 0.1; uncertain:
 many cells changed their double-win verdict, and how many rows changed any of their extreme
 sparsities. The question it answers: when the same runs are repeated on another machine or with
 other float rounding, do the cells the support calls settled stay settled? (docs/demo.md §3, "How
-sure is the demo's table".)
+sure is the demo's table".) The report ends with the settled cells over all the tables: how many
+are settled in every one, how many settled cells changed their verdict (and one in how many), and
+the reversals, cells supported in one table and contradicted in another — the measure of a support
+that claims more than it knows.
 """
 
 import sys
@@ -99,6 +102,32 @@ def compare(reference, other):
     return out
 
 
+def settled_summary(tables):
+    """Over every cell in all ``tables`` (read_cells of each): {"settled_everywhere": cells settled in
+    each table, "settled": cells settled in at least one, "changed": of those, the ones whose verdict is
+    not the same in every table, "reversals": cells supported in one table and contradicted in another}."""
+    common = set.intersection(*(set(t) for t in tables))
+    out = {"cells": len(common), "settled_everywhere": 0, "settled": 0, "changed": 0, "reversals": 0}
+    for key in common:
+        labels = {support_label(t[key][1]) for t in tables}
+        if labels & {"supported", "contradicted"}:
+            out["settled"] += 1
+            out["changed"] += len({t[key][0] for t in tables}) > 1
+        out["settled_everywhere"] += labels <= {"supported", "contradicted"} and len(labels) == 1
+        out["reversals"] += {"supported", "contradicted"} <= labels
+    return out
+
+
+def summary_lines(dirs):
+    s = settled_summary([read_cells(d) for d in dirs])
+    rate = f" (one in {s['settled'] / s['changed']:.1f})" if s["changed"] else ""
+    return [f"over all {len(dirs)} tables, {s['cells']} cells in every one:",
+            f"  settled (support >= 0.9 or <= 0.1) in every table, with one label: {s['settled_everywhere']}",
+            f"  settled in at least one table: {s['settled']}; of them, verdict not the same in every table: "
+            f"{s['changed']}{rate}",
+            f"  reversals (supported in one table, contradicted in another): {s['reversals']}"]
+
+
 def report(reference, others):
     lines = []
     for other in others:
@@ -126,7 +155,7 @@ def main(argv=None):
     p.add_argument("reference", help="--out directory of plot_curves.py (the reference table)")
     p.add_argument("others", nargs="+", help="--out directories to compare with it")
     args = p.parse_args(argv)
-    lines = report(args.reference, args.others)
+    lines = report(args.reference, args.others) + summary_lines([args.reference, *args.others])
     print("\n".join(lines))
     return 0
 

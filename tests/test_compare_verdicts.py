@@ -76,3 +76,20 @@ def test_a_file_that_is_not_a_verdict_table_is_one_clear_error(tmp_path, content
     with pytest.raises(UserError, match="double_win") as err:
         compare_verdicts.compare(tmp_path / "a", tmp_path / "b")
     assert "\n" not in str(err.value)
+
+
+def test_the_settled_summary_counts_reversals_and_changes_over_all_tables(tmp_path):
+    write_out(tmp_path / "a", {"40.00": (True, 0.95), "64.00": (False, 0.05), "78.40": (False, 0.03),
+                               "87.04": (True, 0.5)}, "40.00")
+    write_out(tmp_path / "b", {"40.00": (True, 0.92), "64.00": (True, 0.6), "78.40": (False, 0.01),
+                               "87.04": (True, 0.95)}, "64.00")
+    write_out(tmp_path / "c", {"40.00": (False, 0.08), "64.00": (False, 0.2), "78.40": (False, 0.0),
+                               "87.04": (True, 0.93)}, "")
+    tables = [compare_verdicts.read_cells(tmp_path / n) for n in "abc"]
+    s = compare_verdicts.settled_summary(tables)
+    # 40.00: supported twice, contradicted once (a reversal); 64.00: settled in a only, its verdict changed;
+    # 78.40: contradicted everywhere; 87.04: settled in b and c, the same verdict everywhere
+    assert s == {"cells": 4, "settled_everywhere": 1, "settled": 4, "changed": 2, "reversals": 1}
+    assert compare_verdicts.settled_summary(tables[:1])["changed"] == 0
+    text = "\n".join(compare_verdicts.summary_lines([tmp_path / n for n in "abc"]))
+    assert "verdict not the same in every table: 2 (one in 2.0)" in text and "another): 1" in text
