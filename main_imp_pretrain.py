@@ -64,7 +64,9 @@ def build_parser():
                    help="IMP re-training epochs between rounds; LMP score-training epochs per level")
     p.add_argument("--attack-steps", "--attack_steps", type=int, default=3, help="PGD steps of adversarial re-training")
     p.add_argument("--exclude-stem", action="store_true", help="never prune the first convolution")
-    p.add_argument("--layerwise", action="store_true", help="prune each layer by the rate instead of globally")
+    p.add_argument("--layerwise", action="store_true",
+                   help="prune each conv by the rate instead of globally: its weights (unstructured), or its filters "
+                        "(channel, imp/omp: one architecture's models then share their sparsity levels)")
     p.add_argument("--pattern", choices=list(pruning_utils.PATTERNS), default="unstructured",
                    help="unstructured (single weights), channel (whole filters of block-internal convs, --rate of "
                         "the remaining filters per round) or nm (N:M groups along each filter's inputs, one level: "
@@ -123,8 +125,10 @@ FLAG_SCOPE = {
     "freeze_bn": (lambda c: c["method"] == "lmp", "applies only to --method lmp with --lmp-recipe hydra"),
     "rate": (lambda c: c["pattern"] != "nm", "applies to every --pattern but nm (N:M is one level)"),
     "nm": (lambda c: c["pattern"] == "nm", "applies only to --pattern nm"),
-    "layerwise": (lambda c: c["method"] != "rp" and c["pattern"] == "unstructured",
-                  "applies only to --pattern unstructured with --method imp, omp or lmp"),
+    "layerwise": (lambda c: c["method"] != "rp" and (c["pattern"] == "unstructured"
+                                                    or (c["pattern"] == "channel" and c["method"] != "lmp")),
+                  "applies only to --method imp, omp or lmp with --pattern unstructured and to imp or omp with "
+                  "--pattern channel"),
     "seed": (lambda c: c["method"] == "rp" or _trains(c) or str(c["init"]).lower() == "none" or c["reinit_stem"],
              f"applies only to --method rp, to random weights (--init none, --reinit-stem) and when stage 1 "
              f"trains ({WHEN_TRAINING}): masks by magnitude of θ_p are deterministic"),
@@ -191,9 +195,12 @@ def check_pattern_args(args):
     if args.method == "lmp" and args.pattern != "channel":
         raise UserError(f"--method lmp learns unstructured or channel (filter-wise) masks, not {args.pattern}; "
                         "pass --pattern unstructured or channel.")
-    if args.layerwise:
-        raise UserError(f"--layerwise applies to --pattern unstructured; the {args.pattern} pattern has its own "
-                        "per-layer rule, so drop --layerwise.")
+    if args.layerwise and args.pattern == "nm":
+        raise UserError("--layerwise applies to --pattern unstructured and channel; N:M already keeps N of every M "
+                        "weights in every layer, so drop --layerwise.")
+    if args.layerwise and args.method == "lmp":
+        raise UserError("--method lmp --pattern channel always keeps the same share of each conv's filters (what "
+                        "--layerwise asks of IMP and OMP), so drop --layerwise.")
     if args.pattern == "nm":
         if args.nm is None:
             args.nm = [2, 4]
@@ -260,6 +267,8 @@ def next_mask(args, weights, mask, generator):
     if args.pattern == "channel":
         if args.method == "rp":
             return pruning_utils.random_channel_prune(mask, args.rate, generator)
+        if args.layerwise:
+            return pruning_utils.layerwise_channel_prune(weights, mask, args.rate)
         return pruning_utils.channel_prune(weights, mask, args.rate)
     if args.pattern == "nm":
         n, m = args.nm

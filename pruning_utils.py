@@ -13,6 +13,7 @@ from masks.channel import (
     channel_groups,
     channel_prune,
     complete_channel_mask,
+    layerwise_channel_prune,
     random_channel_prune,
 )
 from masks.enforce import MaskEnforcer, apply_mask, check_mask_fits, mask_gradients
@@ -62,8 +63,8 @@ __all__ = [
     "prune_to_sparsity", "random_prune",
     # channel and N:M patterns
     "ChannelGroup", "alive_filters", "alive_inputs", "channel_groups", "channel_prune", "complete_channel_mask",
-    "derived_masks", "random_channel_prune", "nm_dense_layers", "nm_groups_fit", "nm_prune", "parse_nm",
-    "random_nm_prune",
+    "derived_masks", "layerwise_channel_prune", "random_channel_prune", "nm_dense_layers", "nm_groups_fit",
+    "nm_prune", "parse_nm", "random_nm_prune",
     # changing a model
     "MaskEnforcer", "apply_mask", "check_mask_fits", "mask_gradients",
     # statistics

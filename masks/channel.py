@@ -106,6 +106,32 @@ def _filter_scores(weights, mask, groups, generator):
     return out
 
 
+def _best_protected(score, alive):
+    """``alive`` minus the best-scoring alive filter: the candidates for removal, so no conv is emptied."""
+    protected = torch.zeros_like(alive)
+    if bool(alive.any()):
+        protected[torch.where(alive, score, torch.full_like(score, -float("inf"))).argmax()] = True
+    return alive & ~protected
+
+
+def _lowest(score, candidates, count):
+    """Bool vector flagging the ``count`` candidates of lowest score."""
+    drop = torch.zeros_like(candidates)
+    if count > 0:
+        index = candidates.nonzero().squeeze(1)
+        # stable sort: ties go to the earlier filter in mask order, the same on every device
+        order = torch.sort(score[index], stable=True).indices
+        drop[index[order[:count]]] = True
+    return drop
+
+
+def _remove_filters(mask, groups, drops):
+    out = {n: m.clone() for n, m in mask.items()}
+    for g, removed in zip(groups, drops):
+        out[g.conv][removed.to(out[g.conv].device)] = False
+    return complete_channel_mask(out)
+
+
 def channel_prune(weights, mask, fraction, generator=None):
     """Remove ``round(fraction * alive filters)`` whole filters of block-internal convs.
 
@@ -119,29 +145,28 @@ def channel_prune(weights, mask, fraction, generator=None):
     check_mask_type(mask)
     groups = require_channel_groups(mask)
     scored = _filter_scores(weights, mask, groups, generator)
-    scores, candidates = [], []
-    for score, alive in scored:
-        protected = torch.zeros_like(alive)
-        if bool(alive.any()):
-            protected[torch.where(alive, score, torch.full_like(score, -float("inf"))).argmax()] = True
-        scores.append(score)
-        candidates.append(alive & ~protected)
-    flat_scores, flat_cand = torch.cat(scores), torch.cat(candidates)
+    flat_scores = torch.cat([score for score, _ in scored])
+    flat_cand = torch.cat([_best_protected(score, alive) for score, alive in scored])
     remaining = sum(int(alive.count_nonzero()) for _, alive in scored)
     count = min(count_for(fraction, remaining), int(flat_cand.count_nonzero()))
-    drop = torch.zeros_like(flat_cand)
-    if count > 0:
-        index = flat_cand.nonzero().squeeze(1)
-        # stable sort: ties go to the earlier filter in mask order, the same on every device
-        order = torch.sort(flat_scores[index], stable=True).indices
-        drop[index[order[:count]]] = True
-    out = {n: m.clone() for n, m in mask.items()}
-    start = 0
-    for g, (score, _) in zip(groups, scored):
-        removed = drop[start:start + score.numel()]
-        start += score.numel()
-        out[g.conv][removed.to(out[g.conv].device)] = False
-    return complete_channel_mask(out)
+    drop = _lowest(flat_scores, flat_cand, count)
+    return _remove_filters(mask, groups, torch.split(drop, [score.numel() for score, _ in scored]))
+
+
+def layerwise_channel_prune(weights, mask, fraction):
+    """:func:`channel_prune` conv by conv: each block-internal conv loses ``round(fraction * its alive
+    filters)`` of its lowest-scoring filters (never its last one), as ``layerwise_magnitude_prune``
+    rounds per layer.  Which convs lose how many filters then depends on the shapes alone, so every
+    model of one architecture gets the same weight sparsity at each level."""
+    fraction = check_fraction(fraction)
+    check_mask_type(mask)
+    groups = require_channel_groups(mask)
+    drops = []
+    for score, alive in _filter_scores(weights, mask, groups, None):
+        candidates = _best_protected(score, alive)
+        count = min(count_for(fraction, int(alive.count_nonzero())), int(candidates.count_nonzero()))
+        drops.append(_lowest(score, candidates, count))
+    return _remove_filters(mask, groups, drops)
 
 
 def random_channel_prune(mask, fraction, generator=None):

@@ -16,7 +16,9 @@ import models
 import pruning_utils as pu
 from masks import enforce
 from tests.fixtures import write_image_folder
+from training import lmp
 from utils.checkpoint import safe_load
+from utils.cli import run_main
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +63,103 @@ def test_omp_channel_tickets_remove_whole_filters_round_by_round(tmp_path):
     assert levels["4"] == pu.load_ticket(out / "tickets" / "round_04.pt")["sparsity"]
 
 
+def _tiny(seed):
+    torch.manual_seed(seed)
+    return models.build_model("resnet_tiny", 10, cifar_stem=True)
+
+
+def _removed_filters(mask):
+    return {g.conv: int((~pu.alive_filters(mask[g.conv])).sum()) for g in pu.channel_groups(list(mask))}
+
+
+def _levels(model, prune, rounds=3, rate=0.4):
+    """(removed filters per internal conv, weight sparsity) of each level, every level pruned from θ_p."""
+    weights, mask, out = model.state_dict(), pu.full_mask(model), []
+    for _ in range(rounds):
+        mask = prune(weights, mask, rate)
+        out.append((_removed_filters(mask), pu.sparsity(mask)))
+    return out
+
+
+def test_layerwise_channel_levels_depend_on_the_architecture_only():
+    a, b = _tiny(0), _tiny(1)
+    layerwise = _levels(a, pu.layerwise_channel_prune)
+    assert layerwise == _levels(b, pu.layerwise_channel_prune)
+    widths = {g.conv: a.state_dict()[g.conv].shape[0] for g in pu.channel_groups(list(pu.full_mask(a)))}
+    for k, (removed, _) in enumerate(layerwise, 1):  # each conv rounds its own count, round by round
+        assert removed == {n: pu.imp_pruned_count(f, k, 0.4) for n, f in widths.items()}
+    # the global ranking spreads the same filter count over the convs by weight, so its levels differ
+    global_a, global_b = _levels(a, pu.channel_prune), _levels(b, pu.channel_prune)
+    assert [sum(r.values()) for r, _ in global_a] == [sum(r.values()) for r, _ in global_b]
+    assert [s for _, s in global_a] != [s for _, s in global_b]
+
+
+def test_layerwise_channel_removes_each_convs_lowest_l1_filters_and_never_its_last():
+    model = _tiny(2)
+    weights, mask = model.state_dict(), pu.full_mask(model)
+    for _ in range(2):
+        new = pu.layerwise_channel_prune(weights, mask, 0.4)
+        pu.make_ticket(new, round=1, method="omp", retrain=None, arch="resnet_tiny", pretrain="std", init="x",
+                       source_dataset="digits", pattern="channel")  # validates the channel pattern
+        for g in pu.channel_groups(list(mask)):
+            l1 = (weights[g.conv].abs() * mask[g.conv]).reshape(mask[g.conv].shape[0], -1).sum(dim=1)
+            before, after = pu.alive_filters(mask[g.conv]), pu.alive_filters(new[g.conv])
+            dropped = before & ~after
+            assert int(dropped.sum()) == round(0.4 * int(before.sum())), g.conv
+            assert float(l1[dropped].max()) <= float(l1[after].min()), g.conv
+        mask = new
+    # at 90% per round every conv soon has one filter left, which it keeps
+    deep = _levels(model, pu.layerwise_channel_prune, rounds=6, rate=0.9)
+    widths = {n: weights[n].shape[0] for n in deep[0][0]}
+    kept = [{n: widths[n] - r for n, r in removed.items()} for removed, _ in deep]
+    assert kept[-1] == dict.fromkeys(widths, 1)
+    # filter-wise LMP keeps per conv exactly the filters --layerwise leaves, so their levels agree
+    assert kept == lmp.level_keep_counts(model, pu.prunable_names(model), 6, 0.9, False, "channel")
+
+
+def test_omp_channel_layerwise_sparsity_levels_equal_across_source_models(tmp_path):
+    runs = []
+    for seed in (0, 1):
+        (tmp_path / str(seed)).mkdir()
+        init, _ = tiny_init(tmp_path / str(seed), seed=seed)
+        out = tmp_path / str(seed) / "omp"
+        main_imp_pretrain.main(["--dataset", "digits", "--init", str(init), "--pretrain", "std", "--save-dir",
+                                str(out), "--arch", "resnet_tiny", "--cifar-stem", "--method", "omp", "--pattern",
+                                "channel", "--layerwise", "--rounds", "2", "--rate", "0.4"])
+        assert json.loads((out / "config.json").read_text())["layerwise"] is True
+        runs.append((json.loads((out / "sparsity.json").read_text()),
+                     pu.load_ticket(out / "tickets" / "round_02.pt")["masks"]))
+    (levels_a, masks_a), (levels_b, masks_b) = runs
+    assert list(levels_a) == ["1", "2"] and levels_a == levels_b
+    assert _removed_filters(masks_a) == _removed_filters(masks_b) == {
+        "layer1.0.conv1.weight": 10, "layer2.0.conv1.weight": 21, "layer3.0.conv1.weight": 41,
+        "layer4.0.conv1.weight": 82}
+    assert any(not torch.equal(masks_a[n], masks_b[n]) for n in masks_a)  # each θ_p chose its own filters
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "omp", "--pattern", "nm", "--rounds", "1"], "N:M already keeps"),
+    (["--method", "rp", "--pattern", "channel"], "has no effect"),
+    (["--method", "lmp", "--pattern", "channel"], "--method lmp --pattern channel always keeps"),
+])
+def test_layerwise_is_refused_where_it_would_change_nothing(tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_main(main_imp_pretrain.main, ["--dataset", "digits", "--init", "x", "--save-dir", str(out), *extra,
+                                          "--layerwise"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--layerwise" in err and needle in err, err
+    assert not out.exists()
+
+
 def test_nm_pattern_is_one_level_and_rp_picks_random_groups(tmp_path):
     with pytest.raises(UserError, match="--rounds 1"):
         main_imp_pretrain.parse_args(["--dataset", "digits", "--init", "x", "--save-dir", "o", "--method", "omp",
                                       "--pattern", "nm"])
     with pytest.raises(UserError, match="--nm applies to --pattern nm only"):
         main_imp_pretrain.parse_args(["--dataset", "digits", "--init", "x", "--save-dir", "o", "--nm", "2:4"])
-    with pytest.raises(UserError, match="--layerwise"):
-        main_imp_pretrain.parse_args(["--dataset", "digits", "--init", "x", "--save-dir", "o", "--pattern", "channel",
-                                      "--layerwise"])
     out = tmp_path / "rp"
     stage1(tmp_path, out, "--method", "rp", "--pattern", "nm", "--nm", "1:4", "--rounds", "1")
     t = pu.load_ticket(out / "tickets" / "round_01.pt")
