@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.cli import parse_fraction  # noqa: F401  (the attacks' ε and α readers)
+from utils.cli import parse_fraction, resolve_sizes  # noqa: F401  (the attacks' ε and α readers and their defaults)
 from utils.distributed import unwrap_model
 from utils.errors import UserError
 
@@ -199,19 +199,6 @@ class ThreatModel:
                           random_start=self.random_start, norm=self.norm, bn_mode=self.bn_mode)
 
     __call__ = attack  # the engine takes any ``attack(model, images, labels)``
-
-
-def resolve_sizes(regime: str, eps: float, alpha=None, test_eps=None, test_alpha=None):
-    """``(alpha, test_eps, test_alpha)`` with the unset ones (None) given by the one rule of both
-    stages: the training step is 1.25 ε for FGSM-RS (fat; Wong et al. 2020) and ε/4 for PGD (the
-    paper's 2/255 at ε = 8/255); robust evaluation attacks at the training radius, with PGD's ε/4."""
-    if alpha is None:
-        alpha = 1.25 * eps if regime == "fat" else eps / 4
-    if test_eps is None:
-        test_eps = eps
-    if test_alpha is None:
-        test_alpha = test_eps / 4
-    return alpha, test_eps, test_alpha
 
 
 def training_attack(regime: str, eps, alpha, steps: int, bn_mode: str | None = "train") -> ThreatModel | None:

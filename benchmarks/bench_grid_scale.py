@@ -29,7 +29,6 @@ warnings.txt of the analysis) byte by byte.
 """
 
 import datetime
-import filecmp
 import json
 import os
 import platform
@@ -243,7 +242,12 @@ def _measure(argv, cwd, stdout_path=None):
     return wall, usage.ru_maxrss / 1024, proc.returncode, err.decode("utf-8", "replace")[-2000:]
 
 
-IMPORTS = {"plan": "import main_downstream, study.status", "status": "import main_downstream, study.status, analysis.table",
+# What each step imports whatever the grid's size: sweep.py's modules and stage 2's parser; plan on a tree
+# with no finished run also the model and torch's FLOP counter (its analytic estimate), status the
+# verdicts' analysis code, which loads torch through pruning_utils
+SWEEP_IMPORTS = "import study.local, study.pipeline, study.slurm, study.status, study.cost, training.downstream_args"
+IMPORTS = {"plan": f"{SWEEP_IMPORTS}, models, torch.utils.flop_counter",
+           "status": f"{SWEEP_IMPORTS}, analysis.table, pruning_utils",
            "analysis": "import matplotlib.pyplot, analysis.plot_curves"}
 
 
@@ -268,17 +272,25 @@ def run_step(step, repo, tree, work):
             "import_max_rss_mb": round(imp_rss, 1)}
 
 
-def compare_outputs(work_a, work_b):
-    """The output files of two checkouts' steps that differ (status text, analysis tables and CSVs)."""
-    names = ["status.txt"]
+def _same(a, b, repos):
+    """Whether two output files hold the same bytes, each checkout's own path (plan's commands name
+    main_downstream.py by it) read as one."""
+    if not (a.is_file() and b.is_file()):
+        return False
+    return a.read_bytes().replace(os.fsencode(repos[0]), b"REPO") == b.read_bytes().replace(os.fsencode(repos[1]), b"REPO")
+
+
+def compare_outputs(work_a, work_b, repos):
+    """The output files of two checkouts' steps that differ (plan's and status's text, analysis tables and
+    CSVs); ``repos``: the two checkouts' resolved paths."""
+    names = [n for n in ("plan.txt", "status.txt") if (Path(work_a) / n).is_file() or (Path(work_b) / n).is_file()]
     analysis = Path(work_a) / "analysis"
     if analysis.is_dir():
         names += sorted(f"analysis/{p.name}" for p in analysis.iterdir() if p.suffix in (".csv", ".md", ".txt"))
     names += sorted(f"analysis/{p.name}" for p in (Path(work_b) / "analysis").glob("*")
                     if p.suffix in (".csv", ".md", ".txt") and f"analysis/{p.name}" not in names)
     return {"compared": names,
-            "differ": [n for n in names if not (Path(work_a, n).is_file() and Path(work_b, n).is_file()
-                                                and filecmp.cmp(Path(work_a, n), Path(work_b, n), shallow=False))]}
+            "differ": [n for n in names if not _same(Path(work_a, n), Path(work_b, n), repos)]}
 
 
 def build_in_child(tree, tiny, seeds):
@@ -333,7 +345,8 @@ def measure_size(tree, n_runs, codes, steps, work, repeat=1):
             m["net_rss_mb"] = round(m["max_rss_mb"] - m["import_max_rss_mb"], 1)
             record["codes"][name][step] = m
     names = [n for n, _ in codes]
-    record["identical"] = {f"{a} vs {b}": compare_outputs(Path(work) / a, Path(work) / b)
+    repos = {name: str(Path(repo).resolve()) for name, repo in codes}
+    record["identical"] = {f"{a} vs {b}": compare_outputs(Path(work) / a, Path(work) / b, (repos[a], repos[b]))
                            for a, b in zip(names, names[1:])}
     return record
 

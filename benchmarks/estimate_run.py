@@ -10,7 +10,6 @@ The data path is added in series, since the tensor loader shares the GPU with tr
     python benchmarks/estimate_run.py step_at.json --loader loader.json
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from study.cost import rate_at, read_record, run_seconds, validated_epochs  # noqa: E402
 from utils.checkpoint import atomic_write_json  # noqa: E402
 from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -37,44 +37,6 @@ def build_parser():
     p.add_argument("--test-images", type=int, default=10_000)
     p.add_argument("--json", type=Path, default=None, help="write the estimate here (default: print only)")
     return p
-
-
-def read_record(path, what):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} file {path} does not exist; write it with the benchmark's --json.") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{what} file {path} is not readable JSON ({exc}); rerun the benchmark with --json.") from None
-
-
-def rate_at(record, keys, path):
-    """The positive number at ``record[keys[0]][keys[1]]...``, else a UserError naming ``path``."""
-    node = record
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
-    if not isinstance(node, (int, float)) or isinstance(node, bool) or not node > 0:
-        raise UserError(f"{path} has no positive {'.'.join(keys)}; pass a file written by the matching benchmark.")
-    return float(node)
-
-
-def validated_epochs(epochs, eval_from):
-    return sum(1 for e in range(epochs) if e >= eval_from or e == epochs - 1)
-
-
-def run_seconds(*, epochs, validated, train_images, val_images, test_images, train_rate, val_rate, test_rate,
-                data_rate=None):
-    """Seconds per part of one run and in total: the formula of this module's docstring, with the
-    validation and test rates apart (a standard run validates clean images only but tests under PGD).
-    study/cost.py prices every run of a grid with it."""
-    out = {"train_s": epochs * train_images / train_rate,
-           "val_s": validated * val_images / val_rate if validated and val_images else 0.0,
-           "test_s": test_images / test_rate if test_images else 0.0,
-           "data_s": 0.0}
-    if data_rate is not None:
-        out["data_s"] = (epochs * train_images + validated * val_images + test_images) / data_rate
-    out["total_s"] = out["train_s"] + out["val_s"] + out["test_s"] + out["data_s"]
-    return out
 
 
 def estimate(step, loader=None, *, epochs=100, eval_from=45, train_images=45_000, val_images=5_000,

@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from masks.family import ticket_family  # noqa: F401  (reached as masks.ticket.NAME and pruning_utils.NAME)
 from masks.patterns import PATTERNS, check_pattern_masks
 from masks.prunable import HEAD_PREFIX, check_mask_type
 from masks.stats import sparsity
@@ -43,17 +44,6 @@ def parse_rewind(text):
         return text
     raise UserError(f"--rewind '{text}' is not theta_p, none or epoch_K (K >= 1, an epoch of the first "
                     "re-training round); pass e.g. --rewind epoch_2.")
-
-
-def ticket_family(method, pattern="unstructured", nm=None):
-    """The name under which analysis and sweeps group a ticket's runs: its method, with the sparsity
-    pattern appended when it is structured ("omp_channel", "imp_nm2of4"), so that channel and
-    unstructured tickets of one method never share a curve or a verdict row."""
-    if pattern in (None, "unstructured"):
-        return method
-    if pattern == "nm":
-        return f"{method}_nm{nm[0]}of{nm[1]}" if nm else f"{method}_nm"
-    return f"{method}_{pattern}"
 
 
 def make_ticket(mask, *, round, method, retrain, arch, pretrain, init, source_dataset,

@@ -8,7 +8,7 @@ Time comes from one of two sources, never from a guess:
   per epoch (training scales with the data rate, validation does not) and applied to the planned
   run's epochs and validated epochs (the final test pass is not in the history, as in `status`);
 - a benchmark record of ``benchmarks/bench_step.py --json`` of the same regime, architecture, image
-  size, stem and attack steps, through benchmarks/estimate_run.py's formula (``run_seconds``).
+  size, stem and attack steps, through ``run_seconds`` (benchmarks/estimate_run.py's formula too).
 Where neither fits, an analytic estimate, labelled as such: the model's FLOPs per image, counted by
 torch's FlopCounterMode (a training step 3x a forward pass, each PGD step 2x), at an assumed achieved
 rate (``--assume-tflops``, default 250 TFLOP/s: a quarter of an H100's dense bf16 peak, the engine's
@@ -19,6 +19,7 @@ Disk: the mean size of finished run directories that kept the same files, else t
 
 import contextlib
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +55,15 @@ class Estimate:
 
 @functools.lru_cache(maxsize=None)
 def _config(argv):
-    import main_downstream  # the stage's own defaults: epochs, eval_from, image size per dataset and regime
+    from training.downstream_args import config_for  # the stage's own defaults: epochs, eval_from, image size
 
-    return main_downstream.config_for(list(argv))
+    return config_for(list(argv))
 
 
 def profile(run):
     """What of a planned run its cost depends on, from main_downstream.py's own resolved config."""
     from data_loading.catalog import NATIVE_SIZE, NUM_CLASSES
-    from training.setup import default_image_size
+    from training.common_args import default_image_size
 
     # one config per kind of run: the seed, directory, θ_p and ticket paths do not change the cost
     argv = run.argv()
@@ -105,18 +106,56 @@ def images(p):
     return round((full - val) * p["data_rate"]), val, round(TEST_SPLIT[p["dataset"]] * share)
 
 
-def validated_epochs(p):
-    from benchmarks.estimate_run import validated_epochs as count
+def validated_epochs(epochs, eval_from):
+    """The epochs main_downstream.py validates: those >= --eval-from, and always the last one."""
+    return sum(1 for e in range(epochs) if e >= eval_from or e == epochs - 1)
 
-    return count(p["epochs"], p["eval_from"])
+
+def run_seconds(*, epochs, validated, train_images, val_images, test_images, train_rate, val_rate, test_rate,
+                data_rate=None):
+    """Seconds per part of one run and in total, from measured rates (images per second):
+    ``epochs x train_images / train_rate`` of training, ``validated x val_images / val_rate`` of
+    validation, ``test_images / test_rate`` of the final test (the validation and test rates apart: a
+    standard run validates clean images only but tests under PGD), and with ``data_rate`` every one
+    of those images again through the data path, in series (the tensor loader shares the GPU)."""
+    out = {"train_s": epochs * train_images / train_rate,
+           "val_s": validated * val_images / val_rate if validated and val_images else 0.0,
+           "test_s": test_images / test_rate if test_images else 0.0,
+           "data_s": 0.0}
+    if data_rate is not None:
+        out["data_s"] = (epochs * train_images + validated * val_images + test_images) / data_rate
+    out["total_s"] = out["train_s"] + out["val_s"] + out["test_s"] + out["data_s"]
+    return out
+
+
+def _validated(p):
+    return validated_epochs(p["epochs"], p["eval_from"])
 
 
 # --------------------------------------------------------------------------- source (a): bench records
 
+def read_record(path, what):
+    """The JSON a benchmark's --json wrote (``what`` names its kind), or one UserError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} does not exist; write it with the benchmark's --json.") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{what} file {path} is not readable JSON ({exc}); rerun the benchmark with --json.") from None
+
+
+def rate_at(record, keys, path):
+    """The positive number at ``record[keys[0]][keys[1]]...``, else a UserError naming ``path``."""
+    node = record
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, (int, float)) or isinstance(node, bool) or not node > 0:
+        raise UserError(f"{path} has no positive {'.'.join(keys)}; pass a file written by the matching benchmark.")
+    return float(node)
+
+
 def read_bench(path):
     """A bench_step.py --json record, checked: one UserError naming the file and the fix otherwise."""
-    from benchmarks.estimate_run import rate_at, read_record
-
     rec = read_record(path, "bench record")
     what = f"bench record '{path}' is not a benchmarks/bench_step.py --json record"
     if not isinstance(rec, dict):
@@ -165,10 +204,8 @@ def bench_seconds(p, record):
     test_part = robust if p["test_steps"] else clean
     if val_part is None or test_part is None:
         return None
-    from benchmarks.estimate_run import run_seconds
-
     train, val, test = counts
-    return run_seconds(epochs=p["epochs"], validated=validated_epochs(p), train_images=train, val_images=val,
+    return run_seconds(epochs=p["epochs"], validated=_validated(p), train_images=train, val_images=val,
                        test_images=test, train_rate=record["engine"]["images_per_s"],
                        val_rate=val_part["engine"]["images_per_s"],
                        test_rate=test_part["engine"]["images_per_s"])["total_s"]
@@ -177,16 +214,22 @@ def bench_seconds(p, record):
 # --------------------------------------------------------------------------- the analytic fallback
 
 @functools.lru_cache(maxsize=None)
+def _model(arch, num_classes, cifar_stem):
+    """The model of a kind, built once for its FLOPs and its size, on the meta device: a forward pass
+    there computes shapes only, which is all FlopCounterMode counts from."""
+    import models
+
+    return models.build_model(arch, num_classes, cifar_stem=cifar_stem).eval().to("meta")
+
+
+@functools.lru_cache(maxsize=None)
 def forward_flops(arch, num_classes, cifar_stem, image_size):
     """FLOPs of one image's forward pass, counted (dense kernels: a ticket's zeros are still computed)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import models
-
-    model = models.build_model(arch, num_classes, cifar_stem=cifar_stem).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, image_size, image_size))
+        _model(arch, num_classes, cifar_stem)(torch.zeros(1, 3, image_size, image_size, device="meta"))
     return counter.get_total_flops()
 
 
@@ -202,7 +245,7 @@ def analytic_seconds(p, tflops):
     val_flops = clean + (robust if p["regime"] != "st" else 0)
     test_flops = clean + (robust if p["test_steps"] else 0)
     train, val, test = counts
-    total = (p["epochs"] * train * train_flops + validated_epochs(p) * val * val_flops + test * test_flops)
+    total = (p["epochs"] * train * train_flops + _validated(p) * val * val_flops + test * test_flops)
     return total / (tflops * 1e12)
 
 
@@ -267,13 +310,18 @@ def fit(rows):
     return srs / srr, 0.0, "validation not separable from training: whole epochs scaled by the data rate"
 
 
-def history_seconds(p, evidence):
-    """(seconds, note) of a run like ``p`` from the finished runs of its (dataset, regime, arch)."""
+def fit_evidence(evidence):
+    """(a, b, note, data rates) of the finished runs of one (dataset, regime, arch): ``fit`` of all their epochs."""
     rows = [row for f in evidence for row in f.rows]
-    a, b, note = fit(rows)
-    if note and {r for r, _, _ in rows} == {p["data_rate"]}:
+    return (*fit(rows), {r for r, _, _ in rows})
+
+
+def history_seconds(p, fitted):
+    """(seconds, note) of a run like ``p`` from ``fit_evidence`` of the finished runs of its (dataset, regime, arch)."""
+    a, b, note, rates = fitted
+    if note and rates == {p["data_rate"]}:
         note = ""  # the same data rate: the measured epochs apply as they are
-    v = validated_epochs(p)
+    v = _validated(p)
     return p["epochs"] * a * p["data_rate"] + v * b, note
 
 
@@ -284,9 +332,7 @@ def model_bytes(arch, num_classes, cifar_stem):
     """(state dict bytes, parameter bytes, convolution weights) of a model (built once per kind)."""
     import torch
 
-    import models
-
-    model = models.build_model(arch, num_classes, cifar_stem=cifar_stem)
+    model = _model(arch, num_classes, cifar_stem)
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     params = sum(t.numel() * t.element_size() for t in model.parameters())
     conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -321,18 +367,28 @@ class Pricer:
         self.evidence = {}
         for f in finished_runs(sorted({str(r) for r in roots})):
             self.evidence.setdefault(f.key, []).append(f)
-        self.cache = {}
+        self.fits = {key: fit_evidence(evidence) for key, evidence in self.evidence.items()}
+        self.cache, self.kinds = {}, {}
 
     def estimate(self, run):
         if run.run_dir not in self.cache:
-            self.cache[run.run_dir] = self._estimate(profile(run))
+            # one estimate for the runs that differ only in seed and directory, which ``profile`` sets aside, as
+            # Run.acting_flags depends on the rest alone: building every run's command line was most of plan
+            # at 31,000 runs
+            kind = (run.dataset, run.regime, float(run.data_rate), run.pretrain,
+                    str(run.ticket) if run.ticket else "none", run.init,
+                    tuple((k, type(v), repr(v)) for k, v in run.flags.items()))
+            if kind not in self.kinds:
+                self.kinds[kind] = self._estimate(profile(run))
+            self.cache[run.run_dir] = self.kinds[kind]
         return self.cache[run.run_dir]
 
     def _estimate(self, p):
-        evidence = self.evidence.get((p["dataset"], p["regime"], p["arch"]), [])
+        key = (p["dataset"], p["regime"], p["arch"])
+        evidence = self.evidence.get(key, [])
         seconds = None
         if evidence:
-            seconds, note = history_seconds(p, evidence)
+            seconds, note = history_seconds(p, self.fits[key])
             source = (f"{len(evidence)} finished {'/'.join((p['dataset'], p['regime'], p['arch']))} "
                       f"run{'s' if len(evidence) > 1 else ''}" + (f" ({note})" if note else ""))
         else:

@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from masks.family import ticket_family
 from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line, read_inits, replica_dir, replica_of
 from study.gridfile import fail as _fail
 from utils.errors import UserError
@@ -104,7 +105,7 @@ class Run:
         return dict(acting), dict(left_out)
 
     def _acting_flags(self):
-        import main_downstream  # the stage's own rule of where each of its flags acts
+        from training import downstream_args  # the stage's own rule of where each of its flags acts
 
         context = {"dataset": self.dataset, "regime": self.regime, "data_rate": float(self.data_rate),
                    "ticket": str(self.ticket) if self.ticket else "none", "init": self.init,
@@ -113,7 +114,7 @@ class Run:
         for key, value in self.flags.items():
             flag = "--" + key.replace("_", "-")
             try:
-                applies, where = main_downstream.flag_applies(flag, **context)
+                applies, where = downstream_args.flag_applies(flag, **context)
             except UserError:  # not a flag of the stage: check_flags reports it with the parser's words
                 applies = True
             if applies or value is False:
@@ -188,8 +189,6 @@ def _read_ticket_dir(grid_path, label, path):
     levels = read_sparsity(spars)
     if not levels:
         _fail(grid_path, f"'{spars}' lists no rounds yet; let stage 1 finish at least one round.")
-    import pruning_utils
-
     method = retrain = pattern = nm = None
     config = path / "config.json"
     if os.path.lexists(config):
@@ -197,6 +196,8 @@ def _read_ticket_dir(grid_path, label, path):
         method, retrain = cfg.get("method"), cfg.get("retrain")
         pattern, nm = cfg.get("pattern"), cfg.get("nm")
     if method is None:  # a directory without our config: the ticket file says what it is
+        import pruning_utils
+
         first = path / "tickets" / f"round_{min(levels):02d}.pt"
         ticket = pruning_utils.load_ticket(first)
         method, retrain = ticket.get("method"), ticket.get("retrain")
@@ -207,7 +208,7 @@ def _read_ticket_dir(grid_path, label, path):
     if not (pattern is None or isinstance(pattern, str)) or not (nm is None or isinstance(nm, list) and len(nm) == 2):
         _fail(grid_path, f"the stage-1 run in '{path}' names the sparsity pattern {pattern!r} (N:M {nm!r}), which "
                          "this tool does not write; rerun stage 1 there.")
-    method = pruning_utils.ticket_family(method, pattern, nm)
+    method = ticket_family(method, pattern, nm)
     name = f"{method}-at" if method == "imp" and retrain == "at" else method
     if not is_name(name):
         _fail(grid_path, f"the ticket family {name!r} of '{path}' is not a plain name (letters, digits, '.', '_', '-'), "
@@ -522,9 +523,9 @@ def expected_runs(grid_path):
 @functools.lru_cache(maxsize=None)
 def stage_options():
     """main_downstream.py's option strings -> their argparse actions."""
-    import main_downstream
+    from training import downstream_args
 
-    return {o: a for a in main_downstream.build_parser()._actions for o in a.option_strings}
+    return {o: a for a in downstream_args.build_parser()._actions for o in a.option_strings}
 
 
 def _typed(key, value):
@@ -570,7 +571,7 @@ def check_flag_keys(grid):
 def check_flags(runs):
     """Let main_downstream.py's own parser and defaults judge the flags, before hundreds of runs fail
     on them: once per kind of run (dataset, regime, data rate, dense or not: the flags each gets)."""
-    import main_downstream
+    from training import downstream_args
 
     kinds = {}
     for r in runs:
@@ -580,7 +581,7 @@ def check_flags(runs):
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                main_downstream.config_for(run.argv())
+                downstream_args.config_for(run.argv())
             continue
         except SystemExit:
             lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]

@@ -19,6 +19,8 @@ from pathlib import Path
 from study.grid import run_finished
 from utils.errors import UserError
 from utils.records import read_config, read_json, read_results
+from utils.rundir import lock_holder as rundir_lock_holder
+from utils.rundir import open_control_file
 
 LOG_NAME, FAILED_NAME, LOCK_NAME = ".sweep.log", ".sweep-failed.json", ".sweep.lock"
 CONTROL_NAMES = (LOCK_NAME, LOG_NAME, FAILED_NAME)
@@ -26,10 +28,6 @@ CONTROL_NAMES = (LOCK_NAME, LOG_NAME, FAILED_NAME)
 
 def open_control(path, flags):
     """A control file's descriptor, never through a symbolic link (utils.rundir.open_control_file)."""
-    # imported here: utils.rundir loads torch (through utils.checkpoint), and plan and the grid's
-    # error messages should not wait for it
-    from utils.rundir import open_control_file
-
     return open_control_file(path, flags, 0o666)
 
 
@@ -56,9 +54,7 @@ def lock_holder(run_dir):
 
 def entry_lock_holder(run_dir):
     """The holder of the lock main_downstream.py takes on its --save-dir."""
-    from utils import rundir
-
-    return rundir.lock_holder(run_dir)
+    return rundir_lock_holder(run_dir)
 
 
 def _sweep_lock_holder(run_dir):
@@ -163,9 +159,9 @@ def stale_keys(run, old, finished):
     UserError here is the grid's flags, not the run directory."""
     if old is None:
         return []
-    import main_downstream
+    from training import downstream_args
 
-    return main_downstream.config_changes(old, config_now(run), finished=finished)
+    return downstream_args.config_changes(old, config_now(run), finished=finished)
 
 
 _CONFIGS = {}  # main_downstream.config_for of the first run of each kind (config_now)
@@ -177,18 +173,18 @@ def config_now(run):
     those three config values (tests/test_bench_grid_scale.py compares every run of a grid with
     config_for). Parsing per run cost 10 ms a run, most of `status` at 31,000 runs. A seed
     config_for would refuse goes to config_for itself, which says why."""
-    import main_downstream
+    from training import downstream_args
 
     argv = run.argv()
     at = {argv[i]: i + 1 for i in range(0, 16, 2)}  # Run.argv's head: flag, value pairs
     if not (isinstance(run.seed, int) and 0 <= run.seed < 2 ** 32) or not {"--seed", "--save-dir", "--ticket"} <= set(at):
-        return main_downstream.config_for(argv)
+        return downstream_args.config_for(argv)
     ticket = argv[at["--ticket"]]
     ticket = None if ticket.lower() == "none" else ticket  # as resolve_defaults reads it
     varying = {at["--seed"], at["--save-dir"]} | ({at["--ticket"]} if ticket else set())
     key = tuple(v for i, v in enumerate(argv) if i not in varying)
     if key not in _CONFIGS:
-        _CONFIGS[key] = main_downstream.config_for(argv)
+        _CONFIGS[key] = downstream_args.config_for(argv)
     return dict(_CONFIGS[key], seed=run.seed, save_dir=argv[at["--save-dir"]], ticket=ticket)
 
 

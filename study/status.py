@@ -149,8 +149,8 @@ def verdict_lines(grid, runs, states, results=None):
         return ["verdicts: no group is finished yet"]
     # The one import that runs back up the house (study -> analysis): status shows the verdicts of
     # finished groups, and those are the analysis' own table code, never a second copy. Imported
-    # here because the analysis loads torch (through utils.rundir), which plan and the grid's error
-    # messages need not wait for.
+    # here because the analysis loads torch (its ticket lookups, through pruning_utils), which plan,
+    # the grid's error messages and a status without a finished group need not wait for.
     from analysis.common import preloaded_results
     from analysis.table import verdict_rows
 

@@ -150,6 +150,24 @@ def test_tiny_benchmark_runs_and_writes_its_record(tree, tmp_path):
     assert size["identical"] == {} and rec["growth"] == {} and "this       status" in proc.stdout
 
 
+def test_outputs_compare_byte_for_byte_but_for_each_checkouts_path(tmp_path):
+    """plan's commands name main_downstream.py by the checkout's path: two checkouts' plans are the same
+    when nothing else differs, and a differing byte anywhere else is found."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for work, repo in ((a, "/src/before"), (b, "/src/after")):
+        (work / "analysis").mkdir(parents=True)
+        (work / "plan.txt").write_text(f"pending  runs/x  python {repo}/main_downstream.py --seed 1\n")
+        (work / "status.txt").write_text("done 1 of 1 runs\n")
+        (work / "analysis" / "double_win.csv").write_text("verdict\ndouble win\n")
+    assert bench.compare_outputs(a, b, ("/src/before", "/src/after")) == {
+        "compared": ["plan.txt", "status.txt", "analysis/double_win.csv"], "differ": []}
+    (b / "analysis" / "double_win.csv").write_text("verdict\nno double win\n")
+    (b / "plan.txt").write_text("pending  runs/x  python /src/after/main_downstream.py --seed 2\n")
+    assert bench.compare_outputs(a, b, ("/src/before", "/src/after"))["differ"] == ["plan.txt",
+                                                                                    "analysis/double_win.csv"]
+    assert bench.compare_outputs(a, a, ("/src/before", "/src/before"))["differ"] == []
+
+
 def test_bad_arguments_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_grid_scale.py"), "--code",
                            f"x={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=REPO)

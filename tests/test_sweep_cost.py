@@ -156,6 +156,23 @@ def test_no_source_prices_by_counted_flops_and_says_which_benchmark_to_run(tmp_p
     assert "analytic: " in err and "] bench " not in err.split("time sources:")[1]
 
 
+def test_flops_and_size_counted_on_the_meta_device_are_the_real_models():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+
+    for arch, classes, stem, size in (("resnet_tiny", 10, True, 8), ("resnet18", 100, False, 64)):
+        model = models.build_model(arch, classes, cifar_stem=stem).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.rand(1, 3, size, size))
+        assert cost.forward_flops(arch, classes, stem, size) == counter.get_total_flops() > 0
+        assert cost.model_bytes(arch, classes, stem) == (
+            sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            sum(t.numel() * t.element_size() for t in model.parameters()),
+            sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
+
+
 # --------------------------------------------------------------------------- source (b): finished runs
 
 def _finish(run, seconds, world=2, model_bytes=5000):
@@ -294,6 +311,35 @@ def test_a_subset_the_grid_does_not_have_is_refused(subset_grid, capsys, argv, n
             sweep.main([command[0], str(subset_grid), *command[1:], *argv])
         assert "\n" not in str(info.value) and all(n in str(info.value) for n in needles), str(info.value)
     assert capsys.readouterr().out == ""  # refused before anything is listed
+
+
+# --------------------------------------------------------------------------- no torch in plan and status
+
+def _imported(argv):
+    """(stdout, every module the command imported): `python -X importtime` names each on stderr."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(SWEEP), *map(str, argv)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                         if line.startswith("import time:")}
+
+
+def test_plan_and_status_load_no_torch_where_finished_runs_price_the_grid(tmp_path):
+    """plan and status of a grid of existing tickets ask the stage's parser and read the run tree without
+    torch (importing it was most of plan at 31,000 runs, issue 29); only the analytic estimate, for runs
+    that no finished run nor bench record prices, loads it to count the model's FLOPs."""
+    _ticket_dir(tmp_path, {1: 20.0})
+    grid = _grid(tmp_path, axes=["seed = [1, 2]"], pretrain=['[pretrain.std]', 'init = "none"', 'tickets = ["std_omp"]'])
+    out, modules = _imported(["plan", grid])
+    assert "analytic: " in out and "torch" in modules  # the check below sees torch where it is loaded
+    _finish(next(r for r in _runs(grid) if r.ticket is None and r.seed == 1), [10.0, 12.0, 12.0])
+    out, modules = _imported(["plan", grid])  # the finished run prices every run: time and disk
+    assert "[1] 1 finished digits/at/resnet_tiny run" in out and "analytic" not in out, out
+    assert "torch" not in modules, sorted(m for m in modules if m.startswith("torch"))
+    out, modules = _imported(["status", grid])
+    assert "verdicts: no group is finished yet" in out and out.strip().endswith("done 1 of 4 runs (0 failed, 3 pending, "
+                                                                                "0 running)"), out
+    assert "torch" not in modules, sorted(m for m in modules if m.startswith("torch"))
 
 
 # --------------------------------------------------------------------------- bad input

@@ -5,10 +5,16 @@ command records in its run directory, which the sweep compares with what a grid 
 import argparse
 import json
 
-import attacks
-from training import setup, tensorboard
-from training.engine import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE
-from utils.cli import ArgumentParser, flag_applies_in, fraction, int_list, refuse_flags_without_effect
+from training import tensorboard
+from training.common_args import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE, add_common_args, check_common_args
+from utils.cli import (
+    ArgumentParser,
+    flag_applies_in,
+    fraction,
+    int_list,
+    refuse_flags_without_effect,
+    resolve_sizes,
+)
 from utils.errors import UserError
 from utils.rundir import NON_SEMANTIC_KEYS, config_differences
 
@@ -63,7 +69,7 @@ def build_parser():
     p = ArgumentParser(prog="main_downstream.py", description=DESCRIPTION, epilog=_regime_defaults_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     per_regime = "per regime and dataset, listed below"
-    setup.add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"), defaults={
+    add_common_args(p, ("cifar10", "cifar100", "svhn", "folder", "digits"), defaults={
         "lr": per_regime, "weight_decay": per_regime, "batch_size": per_regime,
         "alpha": "eps/4 under --regime at, 1.25 eps under fat",
         "pretrain": "the ticket's own label; a dense run without it is 'unknown', the baseline of no ticket"})
@@ -186,7 +192,7 @@ FLAG_SCOPE = {
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    setup.check_common_args(args)
+    check_common_args(args)
     if args.save_trajectory and args.keep_model == "none":
         raise UserError("--save-trajectory keeps weights for analysis/loss_landscape.py, which centres them on "
                         "model_best.pt, but --keep-model none removes it; use --keep-model best (keep_model = "
@@ -220,7 +226,7 @@ def resolve_defaults(args, n_train_full=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.alpha, args.test_eps, args.test_alpha = attacks.resolve_sizes(args.regime, args.eps, args.alpha, args.test_eps,
+    args.alpha, args.test_eps, args.test_alpha = resolve_sizes(args.regime, args.eps, args.alpha, args.test_eps,
                                                                        args.test_alpha)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, not {args.epochs}.")

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training.common_args import MAX_LOSS_FACTOR, MAX_LOSS_PATIENCE
 from utils import distributed as du
 from utils.errors import NonFiniteLoss, NonFiniteOutput, UserError
 
 SYNC_EVERY = 25  # steps between host syncs: progress display and the non-finite-loss check
-MAX_LOSS_FACTOR = 100  # a loss 100x that of a uniform prediction is divergence, not learning
-MAX_LOSS_PATIENCE = 10  # ... when it lasts this many consecutive steps
 
 
 def uniform_loss(num_classes):

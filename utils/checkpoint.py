@@ -15,9 +15,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from utils.errors import UserError
+
+# torch is imported by the two functions that read or write a torch file: the atomic JSON and text
+# writers here also serve utils.rundir, which the sweep's plan and status load without torch
 
 
 def _numpy_safe_globals():
@@ -75,6 +77,8 @@ def safe_load(path, map_location="cpu"):
     if empty:
         raise UserError(f"checkpoint file '{path}' is empty (0 bytes), e.g. from an interrupted copy; "
                         "copy or download it again.")
+    import torch
+
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -148,6 +152,8 @@ def _zip_writer_failure(exc):
 
 def atomic_save(obj, path):
     """``torch.save`` to a temporary file, then ``os.replace`` onto ``path``."""
+    import torch
+
     _atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
 
 

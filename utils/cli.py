@@ -45,6 +45,19 @@ def fraction(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def resolve_sizes(regime: str, eps: float, alpha=None, test_eps=None, test_alpha=None):
+    """``(alpha, test_eps, test_alpha)`` with the unset ones (None) given by the one rule of both
+    stages: the training step is 1.25 ε for FGSM-RS (fat; Wong et al. 2020) and ε/4 for PGD (the
+    paper's 2/255 at ε = 8/255); robust evaluation attacks at the training radius, with PGD's ε/4."""
+    if alpha is None:
+        alpha = 1.25 * eps if regime == "fat" else eps / 4
+    if test_eps is None:
+        test_eps = eps
+    if test_alpha is None:
+        test_alpha = test_eps / 4
+    return alpha, test_eps, test_alpha
+
+
 def int_list(text):
     """'50,75' -> [50, 75]; '' -> []."""
     try:
