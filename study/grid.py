@@ -277,15 +277,22 @@ def build_grid(spec, base, grid_path, source="", missing_ok=False):
     if not axes["dense"] and not any(p["tickets"] for p in pretrains.values()) and not missing:
         _fail(grid_path, "implies no runs: no pre-training lists tickets and dense = false.")
     flags = read_flags(grid_path, base, spec.get("flags", {}), source)
-    families = None if missing else [(label, m, f) for label, p in pretrains.items() for m, f in
-                                     [("dense", "dense")] * axes["dense"] + [(d.method, d.name) for d in p["tickets"]]]
-    known = {"dataset": axes["datasets"], "data_rate": [float(r) for r in axes["rates"]],
-             "regime": axes["regimes"], "pretrain": list(pretrains)}
-    cells = read_cell_flags(grid_path, base, spec.get("cell_flags", []), source, known, families)
+    cells = _read_cells(grid_path, base, spec.get("cell_flags", []), source, axes, pretrains, missing)
     return Grid(path=Path(grid_path).resolve(), out=(base / spec["out"]).resolve(), pretrains=pretrains,
                 datasets=axes["datasets"], regimes=axes["regimes"], data_rates=[float(r) for r in axes["rates"]],
                 seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source,
                 stage1=made, missing=missing or [], cell_flags=cells)
+
+
+def _read_cells(grid_path, base, entries, source, axes, pretrains, missing):
+    """The checked [[cell_flags]] entries, each match value one that some run of the grid holds."""
+    # a ticket directory not there yet has a method nobody knows, so the runs' methods are not all known
+    families = None if any("ticket directory" in m for m in missing or []) else [
+        (label, m, f) for label, pre in pretrains.items()
+        for m, f in [("dense", "dense")] * axes["dense"] + [(d.method, d.name) for d in pre["tickets"]]]
+    known = {"dataset": axes["datasets"], "data_rate": [float(r) for r in axes["rates"]],
+             "regime": axes["regimes"], "pretrain": list(pretrains)}
+    return read_cell_flags(grid_path, base, entries, source, known, families)
 
 
 def _header_line(source, label):
