@@ -149,3 +149,27 @@ def test_runs_made_with_their_cells_schedule_are_done_not_stale(tmp_path):
     assert status.returncode == 0 and "done 2 of 2 runs (0 failed, 0 pending, 0 running)" in status.stdout, status.stdout
     plan = sweep_cmd("plan")
     assert "2 runs: 2 done, 0 pending" in plan.stdout and "stale" not in plan.stdout, plan.stdout
+
+
+def test_method_matches_the_ticket_method_or_its_family_and_entries_must_meet_some_run(tmp_path):
+    grid = write_grid(tmp_path, cells=["[[cell_flags]]", 'method = "imp-at"', "flags = { epochs = 5 }",
+                                       "[[cell_flags]]", 'method = "imp"', "flags = { lr = 0.03 }"])
+    text = grid.read_text().replace('tickets = ["tickets/at_imp", "tickets/at_omp"]',
+                                    'tickets = ["tickets/at_imp", "tickets/at_omp", "tickets/at_imp_at"]')
+    grid.write_text(text.replace("[axes]", "\n".join(["[stage1.at_imp_at]", 'pretrain = "at"', 'method = "imp"',
+                                                       'retrain = "at"', "[stage1.at_imp_at.flags]", *STAGE1,
+                                                       "epochs_per_round = 1", "[axes]"])))
+    runs = expand(load_grid(grid, missing_ok=True))
+    family = {r.family: r.method for r in runs}
+    assert family == {"dense": "dense", "imp": "imp", "omp": "omp", "imp-at": "imp"}
+    for r in runs:
+        assert r.flags["epochs"] == (5 if r.family == "imp-at" else 1), r.point()
+        assert r.flags["lr"] == (0.03 if r.method == "imp" else 0.05), r.point()
+        assert ("/imp-at/" in str(r.run_dir)) is (r.family == "imp-at")
+
+    two = write_grid(tmp_path, cells=["[[cell_flags]]", 'pretrain = "std"', 'method = ["imp", "omp"]',
+                                      "flags = { epochs = 5 }"], name="two.toml")
+    two.write_text(two.read_text().replace("[axes]", '[pretrain.std]\ninit = "none"\n[axes]'))
+    with pytest.raises(sweep.UserError, match=r"entry 1 matches no run of the grid: no pre-training it names has "
+                                              r"runs of the method imp or omp"):
+        load_grid(two, missing_ok=True)
