@@ -17,7 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from masks.family import ticket_family
-from study.gridfile import REPO, TicketDir, flag_args, is_name, key_line, read_inits, replica_dir, replica_of
+from study.cellflags import read_cell_flags, refuse_acting_nowhere, run_flags
+from study.gridfile import (
+    REPO,
+    TicketDir,
+    flag_args,
+    is_name,
+    key_line,
+    read_flags,
+    read_inits,
+    replica_dir,
+    replica_of,
+    sweep_flags,
+)
 from study.gridfile import fail as _fail
 from utils.errors import UserError
 from utils.records import read_config, read_results, read_sparsity
@@ -32,20 +44,13 @@ except ModuleNotFoundError:  # Python < 3.11
 
 ENTRY = REPO / "main_downstream.py"
 
-GRID_KEYS = {"out", "pretrain", "axes", "flags", "stage1"}
+GRID_KEYS = {"out", "pretrain", "axes", "flags", "cell_flags", "stage1"}
 PRETRAIN_KEYS = {"init", "tickets"}
 AXES_KEYS = {"dataset", "regime", "data_rate", "seed", "rounds", "dense"}
 DATASETS = ("cifar10", "cifar100", "svhn", "folder", "digits")
 REGIMES = ("st", "fat", "at")
-# Flags every run gets from the grid's own structure; a [flags] entry may not override them.
-AXIS_FLAGS = {"dataset", "init", "pretrained", "pretrain", "ticket", "tickets_file", "mask", "regime", "data_rate",
-              "data_number", "seed", "save_dir"}
-PATH_FLAGS = {"data"}  # [flags] values that are paths, hence relative to the grid file
 # main_downstream.py's settings the grid sets per run (by whatever alias a [flags] key names them)
 AXIS_DESTS = {"dataset", "init", "pretrain", "ticket", "regime", "data_rate", "seed", "save_dir"}
-# What a sweep's run gets unless the grid's [flags] say otherwise: no model file once results.json is
-# written (a grid whose figure reads weights, e.g. loss landscapes, sets keep_model = "best").
-SWEEP_FLAGS = {"keep_model": "none"}
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Grid:
     source: str = ""  # the grid file's text, to name the line of a refused entry
     stage1: dict = field(default_factory=dict)  # name -> study.stage1.Entry: the ticket directories it makes
     missing: list = field(default_factory=list)  # inputs not there yet (load_grid(..., missing_ok=True))
+    cell_flags: list = field(default_factory=list)  # [[cell_flags]] entries (study.cellflags.CellFlags)
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Run:
     ticket: object  # Path or None
     run_dir: Path
     flags: dict = field(default_factory=dict)
+    family: str = ""  # its run directory's family: "dense", the ticket family, "imp-at"
     entry = "main_downstream"
 
     @property
@@ -249,7 +256,7 @@ def build_grid(spec, base, grid_path, source="", missing_ok=False):
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         _fail(grid_path, f"unknown key(s) {', '.join(unknown)}; the file holds only out, [pretrain.LABEL], [axes] "
-                         "and [flags] (docs/contracts.md §7).")
+                         "[flags], [[cell_flags]] and [stage1.NAME] (docs/contracts.md §7).")
     if not isinstance(spec.get("out"), str) or not spec["out"]:
         _fail(grid_path, "needs out = \"DIR\", the folder every run directory goes below.")
     pretrain = spec.get("pretrain")
@@ -270,11 +277,23 @@ def build_grid(spec, base, grid_path, source="", missing_ok=False):
                  for label, table in pretrain.items()}
     if not axes["dense"] and not any(p["tickets"] for p in pretrains.values()) and not missing:
         _fail(grid_path, "implies no runs: no pre-training lists tickets and dense = false.")
-    flags = _read_flags(grid_path, base, spec.get("flags", {}), source)
+    flags = read_flags(grid_path, base, spec.get("flags", {}), source)
+    cells = _read_cells(grid_path, base, spec.get("cell_flags", []), source, axes, pretrains, missing)
     return Grid(path=Path(grid_path).resolve(), out=(base / spec["out"]).resolve(), pretrains=pretrains,
                 datasets=axes["datasets"], regimes=axes["regimes"], data_rates=[float(r) for r in axes["rates"]],
                 seeds=axes["seeds"], rounds=axes["rounds"], dense=axes["dense"], flags=flags, source=source,
-                stage1=made, missing=missing or [])
+                stage1=made, missing=missing or [], cell_flags=cells)
+
+
+def _read_cells(grid_path, base, entries, source, axes, pretrains, missing):
+    """The checked [[cell_flags]] entries, each match value one that some run of the grid holds."""
+    # a ticket directory not there yet has a method nobody knows, so the runs' methods are not all known
+    families = None if any("ticket directory" in m for m in missing or []) else [
+        (label, m, f) for label, pre in pretrains.items()
+        for m, f in [("dense", "dense")] * axes["dense"] + [(d.method, d.name) for d in pre["tickets"]]]
+    known = {"dataset": axes["datasets"], "data_rate": [float(r) for r in axes["rates"]],
+             "regime": axes["regimes"], "pretrain": list(pretrains)}
+    return read_cell_flags(grid_path, base, entries, source, known, families)
 
 
 def _header_line(source, label):
@@ -421,44 +440,14 @@ def _check_ticket_dirs(grid_path, label, dirs, rounds):
                                  "sparsity.json lists it; rerun stage 1 in that directory.")
 
 
-def _read_flags(grid_path, base, flags, source=""):
-    """The checked [flags] table; path values are taken from ``base``."""
-    if not isinstance(flags, dict):
-        _fail(grid_path, "[flags] must be a table of main_downstream.py flags.")
-    clean = {}
-    for key, value in flags.items():
-        norm = key.replace("-", "_")
-        if "=" in key or not key.strip("-_") or key.startswith("-"):
-            _fail(grid_path, f"[flags] key {key!r} is not a flag name: write the name alone, without dashes or "
-                             "'=', and the value after it, e.g. epochs = 2.", key_line(source, "flags", key))
-        if norm in AXIS_FLAGS:
-            _fail(grid_path, f"[flags] sets '{key}', which the grid sets per run from [axes] and [pretrain.*]; "
-                             "remove it from [flags].", key_line(source, "flags", key))
-        scalar = (str, int, float, bool)
-        if isinstance(value, list):
-            if not all(isinstance(v, scalar) and not isinstance(v, bool) for v in value):
-                _fail(grid_path, f"[flags] {key} must be a list of numbers or strings.")
-        elif not isinstance(value, scalar):
-            _fail(grid_path, f"[flags] {key} must be a string, number, boolean or list, not a table.")
-        if norm in PATH_FLAGS and isinstance(value, str):
-            value = str(base / value)
-        clean[key] = value
-    return clean
-
-
-def sweep_flags(flags):
-    """A grid's [flags] with SWEEP_FLAGS' defaults for what they leave unset (a key may be spelt with dashes)."""
-    given = {k.replace("-", "_") for k in flags}
-    return {**{k: v for k, v in SWEEP_FLAGS.items() if k not in given}, **flags}
-
-
 def level_dir(sparsity):
     return f"s{sparsity:05.2f}"
 
 
 def expand(grid, flags_for=None):
-    """Every run the grid implies, in a fixed order. ``flags_for(run) -> dict`` may add or
-    override flags per run (the digits demo uses it for its shortened schedules)."""
+    """Every run the grid implies, in a fixed order, each with its flags: [flags], then the
+    [[cell_flags]] entries that match it. ``flags_for(run) -> dict`` may add or override flags per
+    run on top (the digits demo uses it for its shortened schedules)."""
     runs = []
     for dataset in grid.datasets:
         for rate in grid.data_rates:
@@ -477,21 +466,22 @@ def _label_runs(grid, dataset, rate, regime, label, pre, flags_for):
     inits = pre.get("inits", [pre["init"]])
     cells = []
     if grid.dense:
-        cells.append(("dense", 0.0, None, [None] * len(inits), base / "dense"))
+        cells.append(("dense", "dense", 0.0, None, [None] * len(inits)))
     for td in (d for d in pre["tickets"] if d.replica == 1):
         replicas = [d for d in pre["tickets"] if d.name == td.name]
         for r in sorted(td.levels if grid.rounds == "all" else grid.rounds):
             s = round(td.levels[r], 2)
-            cells.append((td.method, s, r, [d.path / "tickets" / f"round_{r:02d}.pt" for d in replicas],
-                          base / td.name / level_dir(s)))
+            cells.append((td.method, td.name, s, r, [d.path / "tickets" / f"round_{r:02d}.pt" for d in replicas]))
     runs = []
-    for method, s, r, tickets, where in cells:
+    for method, family, s, r, tickets in cells:
+        where = base / family / (level_dir(s) if r is not None else "")
         count = max(len(tickets), len(inits))
         for position, seed in enumerate(grid.seeds):
             i = replica_of(position, count)
             run = Run(dataset=dataset, data_rate=rate, regime=regime, pretrain=label, method=method, sparsity=s,
                       seed=seed, round=r, init=inits[(i - 1) % len(inits)], ticket=tickets[(i - 1) % len(tickets)],
-                      run_dir=where / replica_dir(i, count) / f"seed{seed}", flags=sweep_flags(grid.flags))
+                      run_dir=where / replica_dir(i, count) / f"seed{seed}", family=family)
+            run.flags = sweep_flags(run_flags(grid.flags, grid.cell_flags, run))
             if flags_for is not None:
                 run.flags.update(flags_for(run))
             runs.append(run)
@@ -549,23 +539,28 @@ def refuse_flags_acting_nowhere(grid, runs):
         if runs and left_out.get(flag, [None, 0])[1] == len(runs):
             _fail(grid.path, f"[flags] {key} ({flag}) has no effect on any run of the grid: it {left_out[flag][0]}; "
                              "drop it.", key_line(grid.source, "flags", key))
+    refuse_acting_nowhere(grid.path, grid.cell_flags, runs)
 
 
 def check_flag_keys(grid):
-    """Every [flags] key must be, spelt out in full, a flag of main_downstream.py's parser, and none
-    may set what the grid sets per run (an axis, the θ_p file, the ticket, the run directory)."""
+    """Every [flags] and [[cell_flags]] key must be, spelt out in full, a flag of main_downstream.py's
+    parser, and none may set what the grid sets per run (an axis, the θ_p file, the ticket, the run
+    directory)."""
     options = {o: a.dest for o, a in stage_options().items()}
-    for key in grid.flags:
-        flag = flag_args({key: True})[0]
-        line = key_line(grid.source, "flags", key)
-        if flag not in options:
-            near = difflib.get_close_matches(flag, [o for o in options if o.startswith("--")], n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            _fail(grid.path, f"main_downstream.py rejects the grid's flags: [flags] {key} would be {flag}, which is "
-                             f"not one of its flags{hint}; fix or remove it (python main_downstream.py --help).", line)
-        if options[flag] in AXIS_DESTS:
-            _fail(grid.path, f"[flags] sets '{key}' ({flag}, main_downstream.py's {options[flag]}), which the grid "
-                             "sets per run from [axes] and [pretrain.*]; remove it from [flags].", line)
+    tables = [("[flags]", grid.flags, lambda k: key_line(grid.source, "flags", k))]
+    tables += [(f"{c.where} flags", c.flags, c.line_of) for c in grid.cell_flags]
+    for where, flags, line_of in tables:
+        for key in flags:
+            flag, line = flag_args({key: True})[0], line_of(key)
+            if flag not in options:
+                near = difflib.get_close_matches(flag, [o for o in options if o.startswith("--")], n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                _fail(grid.path, f"main_downstream.py rejects the grid's flags: {where} {key} would be {flag}, which "
+                                 f"is not one of its flags{hint}; fix or remove it (python main_downstream.py --help).",
+                      line)
+            if options[flag] in AXIS_DESTS:
+                _fail(grid.path, f"{where} sets '{key}' ({flag}, main_downstream.py's {options[flag]}), which the "
+                                 f"grid sets per run from [axes] and [pretrain.*]; remove it from {where}.", line)
 
 
 def check_flags(runs):

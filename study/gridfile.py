@@ -11,6 +11,13 @@ from utils.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 # what may become one component of a run directory's path: a plain name, never "." or ".."
 NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Flags every run gets from the grid's own structure; a [flags] entry may not override them.
+AXIS_FLAGS = {"dataset", "init", "pretrained", "pretrain", "ticket", "tickets_file", "mask", "regime", "data_rate",
+              "data_number", "seed", "save_dir"}
+PATH_FLAGS = {"data"}  # [flags] values that are paths, hence relative to the grid file
+# What a sweep's run gets unless the grid's [flags] say otherwise: no model file once results.json is
+# written (a grid whose figure reads weights, e.g. loss landscapes, sets keep_model = "best").
+SWEEP_FLAGS = {"keep_model": "none"}
 
 
 @dataclass
@@ -98,3 +105,36 @@ def replica_dir(replica, count):
     """The run-directory component of a replicate: "repI" when there are several, none otherwise
     (a grid without replicates keeps its paths)."""
     return f"rep{replica}" if count > 1 else ""
+
+
+def read_flags(grid_path, base, flags, source="", where="[flags]", line_of=None):
+    """A checked table of main_downstream.py flags (``where`` names it in a refusal, ``line_of(key)``
+    gives a key's line); path values are taken from ``base``."""
+    line_of = line_of or (lambda key: key_line(source, "flags", key))
+    if not isinstance(flags, dict):
+        fail(grid_path, f"{where} must be a table of main_downstream.py flags.", line_of(""))
+    clean = {}
+    for key, value in flags.items():
+        norm = key.replace("-", "_")
+        if "=" in key or not key.strip("-_") or key.startswith("-"):
+            fail(grid_path, f"{where} key {key!r} is not a flag name: write the name alone, without dashes or "
+                            "'=', and the value after it, e.g. epochs = 2.", line_of(key))
+        if norm in AXIS_FLAGS:
+            fail(grid_path, f"{where} sets '{key}', which the grid sets per run from [axes] and [pretrain.*]; "
+                            f"remove it from {where}.", line_of(key))
+        scalar = (str, int, float, bool)
+        if isinstance(value, list):
+            if not all(isinstance(v, scalar) and not isinstance(v, bool) for v in value):
+                fail(grid_path, f"{where} {key} must be a list of numbers or strings.")
+        elif not isinstance(value, scalar):
+            fail(grid_path, f"{where} {key} must be a string, number, boolean or list, not a table.")
+        if norm in PATH_FLAGS and isinstance(value, str):
+            value = str(base / value)
+        clean[key] = value
+    return clean
+
+
+def sweep_flags(flags):
+    """A grid's [flags] with SWEEP_FLAGS' defaults for what they leave unset (a key may be spelt with dashes)."""
+    given = {k.replace("-", "_") for k in flags}
+    return {**{k: v for k, v in SWEEP_FLAGS.items() if k not in given}, **flags}

@@ -25,6 +25,7 @@ QUICK = (
     "test_gpu_suite.py::test_gpu_table_marks_missed_and_met_targets",
     "test_sweep_stage1.py::test_a_multi_gpu_job_gets_slots_on_different_gpus",
     "test_sweep_stage1.py::test_bad_stage1_entries_are_one_line_naming_the_entry",
+    "test_grid_cell_flags.py::test_each_run_gets_flags_then_its_cells_entries_in_file_order",
     "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
     "test_folder_uint8.py::test_crop_boxes_are_torchvisions_draw_for_draw",
     "test_folder_uint8.py::test_gpu_decode_falls_back_to_the_cpu_path_with_one_line",

@@ -17,6 +17,7 @@ COVERAGE = {
     "benchmarks/bench_grid_scale.py": "test_bench_grid_scale.py::test_bad_arguments_are_one_line",
     "benchmarks/gpu_table.py": "test_gpu_suite.py::test_gpu_table_marks_missed_and_met_targets",
     "study/gridfile.py": "test_sweep_stage1.py::test_bad_stage1_entries_are_one_line_naming_the_entry",
+    "study/cellflags.py": "test_grid_cell_flags.py::test_each_run_gets_flags_then_its_cells_entries_in_file_order",
     "study/stage1.py": "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
     "study/stage1_progress.py": "test_sweep_stage1.py::test_plan_lists_every_run_before_theta_p_and_tickets_exist",
     "study/pipeline.py": "test_sweep_stage1.py::test_a_multi_gpu_job_gets_slots_on_different_gpus",
