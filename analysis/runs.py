@@ -1,7 +1,7 @@
 """The stage-2 runs as the double-win table reads them, grouped into cells (docs/contracts.md §5).
 
 Every results.json under the given directories is one Run. Method labels: the results' "method"
-(a structured ticket adds its pattern, pruning_utils.ticket_family; an IMP ticket that was not
+(a structured ticket adds its pattern, masks.family.ticket_family; an IMP ticket that was not
 rewound to θ_p adds its rewind variant, "imp-norewind" or "imp-rewK", :func:`rewind_family`; a run of
 stage 2's --random-reinit ablation adds "-reinit"); when the IMP runs of the
 analysis use tickets of more than one re-training kind (read from the ticket's stage-1 config.json
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from analysis import common
+from masks.family import rewind_epoch, ticket_family
 from utils import records
 from utils.errors import UserError
 
@@ -47,7 +48,7 @@ class Run:
     ra: Optional[float]
     arch: str
     retrain: Optional[str] = None
-    family: str = ""  # the method, plus the sparsity pattern of a structured ticket (pruning_utils.ticket_family)
+    family: str = ""  # the method, plus the sparsity pattern of a structured ticket (masks.family.ticket_family)
     label: str = ""
     attack: dict = field(default_factory=dict)
     stage1: Optional[Path] = None
@@ -134,10 +135,9 @@ def _ticket_retrain(ticket_path, method, cache):
 
 
 def _ticket_family(ticket_path, method, cache):
-    """The ticket's family (pruning_utils.ticket_family): from the stage-1 config.json beside its
-    tickets/ when there is one (an older config without 'pattern' is unstructured), else from the file."""
-    import pruning_utils
-
+    """The ticket's family (masks.family.ticket_family): from the stage-1 config.json beside its
+    tickets/ when there is one (an older config without 'pattern' is unstructured), else from the file
+    (loading torch only then: status and the analysis of a sweep's runs need none)."""
     if ticket_path is None or not _exists(ticket_path, cache):
         return method
     key = ("family", common.resolved_path(ticket_path, cache))
@@ -147,11 +147,13 @@ def _ticket_family(ticket_path, method, cache):
         nm = cfg.get("nm")
         if (cfg.get("method") == method and isinstance(cfg.get("pattern"), (str, type(None)))
                 and (nm is None or (isinstance(nm, list) and len(nm) == 2))):
-            family = rewind_family(pruning_utils.ticket_family(method, cfg.get("pattern"), nm), cfg.get("rewind"))
+            family = rewind_family(ticket_family(method, cfg.get("pattern"), nm), cfg.get("rewind"))
         if family is None:
+            import pruning_utils
+
             try:
                 t = pruning_utils.load_ticket(ticket_path)
-                family = rewind_family(pruning_utils.ticket_family(method, t.get("pattern"), t.get("nm")),
+                family = rewind_family(ticket_family(method, t.get("pattern"), t.get("nm")),
                                        t.get("rewind"))
             except Exception:  # noqa: BLE001 - _ticket_retrain already reported an unreadable file
                 family = method
@@ -163,8 +165,6 @@ def rewind_family(family, rewind):
     """IMP's rewind variants are families of their own (never one line or verdict row): rewinding to
     θ_p keeps the plain name (a stage-1 config records it as null), no rewinding adds "-norewind",
     rewinding to epoch K of the first re-training round "-rewK"."""
-    from masks.ticket import rewind_epoch
-
     if rewind in (None, "theta_p") or not isinstance(rewind, str):
         return family
     k = rewind_epoch(rewind)
@@ -209,6 +209,8 @@ def _read_retrain(ticket_path, method):
     cfg = _stage1_config(ticket_path)
     if cfg.get("method") == method and cfg.get("retrain") in ("st", "at"):
         return cfg["retrain"], None
+    if cfg.get("method") == method and method not in ("imp", "lmp") and "retrain" in cfg and cfg["retrain"] is None:
+        return None, None  # OMP and RP re-train nothing: stage 1 records (and writes into the ticket) no re-training
     import pruning_utils
 
     try:

@@ -244,10 +244,10 @@ def _measure(argv, cwd, stdout_path=None):
 
 # What each step imports whatever the grid's size: sweep.py's modules and stage 2's parser; plan on a tree
 # with no finished run also the model and torch's FLOP counter (its analytic estimate), status the
-# verdicts' analysis code, which loads torch through pruning_utils
+# verdicts' analysis code (torch-free since issue 29; the code before loaded torch through pruning_utils)
 SWEEP_IMPORTS = "import study.local, study.pipeline, study.slurm, study.status, study.cost, training.downstream_args"
 IMPORTS = {"plan": f"{SWEEP_IMPORTS}, models, torch.utils.flop_counter",
-           "status": f"{SWEEP_IMPORTS}, analysis.table, pruning_utils",
+           "status": f"{SWEEP_IMPORTS}, analysis.table",
            "analysis": "import matplotlib.pyplot, analysis.plot_curves"}
 
 

@@ -1,4 +1,4 @@
-"""The family a ticket's runs are grouped under, from its method and sparsity pattern. Torch-free (unlike
+"""The family a ticket's runs are grouped under, from its method, sparsity pattern and rewind. Torch-free (unlike
 the rest of masks/), so the sweep's plan names a grid's run directories without loading torch."""
 
 
@@ -11,3 +11,10 @@ def ticket_family(method, pattern="unstructured", nm=None):
     if pattern == "nm":
         return f"{method}_nm{nm[0]}of{nm[1]}" if nm else f"{method}_nm"
     return f"{method}_{pattern}"
+
+
+def rewind_epoch(value):
+    """K of an IMP rewind to epoch K of the first re-training round ("epoch_K", K >= 1), else None."""
+    if isinstance(value, str) and value.startswith("epoch_") and value[6:].isdigit() and int(value[6:]) >= 1:
+        return int(value[6:])
+    return None

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from masks.family import ticket_family  # noqa: F401  (reached as masks.ticket.NAME and pruning_utils.NAME)
+from masks.family import rewind_epoch, ticket_family  # noqa: F401  (reached as masks.ticket.NAME and pruning_utils.NAME)
 from masks.patterns import PATTERNS, check_pattern_masks
 from masks.prunable import HEAD_PREFIX, check_mask_type
 from masks.stats import sparsity
@@ -29,13 +29,6 @@ _SEED_MASK_SUFFIX = ".weight_mask"
 
 def _cpu_masks(mask):
     return {str(n): m.detach().to("cpu").contiguous().clone() for n, m in mask.items()}
-
-
-def rewind_epoch(value):
-    """K of an IMP rewind to epoch K of the first re-training round ("epoch_K", K >= 1), else None."""
-    if isinstance(value, str) and value.startswith("epoch_") and value[6:].isdigit() and int(value[6:]) >= 1:
-        return int(value[6:])
-    return None
 
 
 def parse_rewind(text):

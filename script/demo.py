@@ -16,7 +16,8 @@ the backbone must transfer). Every step goes through the real entry points and f
    every ticket and the dense models transferred to the target task under ST and AT, at 100% and
    10% of the data, the seeds of a cell dealt over its three sources, each round's runs starting as
    soon as its ticket is written (every job's and run's log is the .sweep.log in its directory); the
-   demo adds its shortened per-run schedules (demo_schedule), which a grid file cannot state per cell;
+   study file states the demo's shortened schedules per cell ([[cell_flags]], cell_flags), so
+   `sweep.py plan`, `status` and `run` read it as the demo runs it;
 4. analysis/plot_curves.py and analysis/mask_stats.py: curves, the double-win table, mask stats.
 
 Rerunning skips every finished run. ``--quick`` is the shortened version CI runs.
@@ -49,8 +50,8 @@ TRAINING = ["--batch-size", "64", "--no-progress"]
 PRETRAINS = {"std": "st", "fat": "fat", "at": "at"}  # label -> source training regime
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
 STUDY_FILE = "demo_digits.toml"
-STUDY_NOTE = ("written by script/demo.py, which runs it with its per-run schedules (epochs by data rate, lr by "
-              "regime; demo_schedule): resume with script/demo.py, read with `sweep.py plan`")
+STUDY_NOTE = ("written by script/demo.py from its settings; `sweep.py plan`, `status` and `run` read it as the demo "
+              "runs it")
 
 
 def settings(quick):
@@ -64,7 +65,7 @@ def settings(quick):
     # ticket search vary, not only the downstream seeds), and the same 10-minute budget on 2 cores,
     # bought back by three levels at 50% per round instead of four at 40% (the same top sparsity,
     # 87.5%), two channel levels instead of three, and validation from the middle epoch on
-    # (demo_schedule). Five seeds, not the paper's three, dealt over the three sources (2, 2, 1):
+    # (cell_flags). Five seeds, not the paper's three, dealt over the three sources (2, 2, 1):
     # with a few hundred 8x8 images the seed-to-seed spread is wide (docs/demo.md §3).
     return {"source_epochs": 15, "rounds": 3, "rate": 0.5, "epochs_per_round": 3, "epochs": 6,
             "scarce_epochs": 24, "seeds": [1, 2, 3, 4, 5], "rates": [1.0, 0.1], "omp_rp": True,
@@ -132,7 +133,7 @@ def main(argv=None):
     # runs it, each round's runs started as soon as its ticket is written
     grid_path = write_study(out, transfer_grid(s, ticket_jobs, args.no_channels_last))
     grid = load_grid(grid_path)
-    runs = expand(grid, flags_for=lambda run: demo_schedule(s, run))
+    runs = expand(grid)
     check_study(grid, runs)
     run_study(grid, runs, workers)
     stage_done(f"3/4 study: stage 1 and {len(runs)} transfer runs")
@@ -191,7 +192,7 @@ def transfer_grid(s, ticket_jobs, no_channels_last=False):
     return {"out": "transfer", "pretrain": pretrain, "stage1": stage1,
             "axes": {"dataset": ["digits"], "regime": ["st", "at"], "data_rate": s["rates"], "seed": s["seeds"],
                      "rounds": "all", "dense": True},
-            "flags": flags}
+            "flags": flags, "cell_flags": cell_flags(s)}
 
 
 def toml_value(value):
@@ -217,6 +218,9 @@ def write_study(out, spec):
         for name, table in spec[section].items():
             lines += ["", *toml_table(f"{section}.{name}", table)]
     lines += ["", *toml_table("axes", spec["axes"]), "", *toml_table("flags", spec["flags"])]
+    for entry in spec.get("cell_flags", []):
+        lines += ["", "[[cell_flags]]", *(f"{k} = {toml_value(v)}" for k, v in entry.items() if k != "flags"),
+                  f"flags = {{ {', '.join(f'{k} = {toml_value(v)}' for k, v in entry['flags'].items())} }}"]
     path = out / STUDY_FILE
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".toml.tmp")
@@ -309,18 +313,22 @@ def channel_task(job, s, source, replicate):
         *extra, "--layerwise", "--save-dir", str(where)], where, f"tickets/round_{rounds:02d}.pt")
 
 
-def demo_schedule(s, run):
-    """The demo's shortened schedules in place of the paper's (main_downstream.py's defaults)."""
-    epochs = s["epochs"] if run.data_rate >= 1.0 else s["scarce_epochs"]
+def cell_flags(s):
+    """The demo's shortened schedules in place of the paper's (main_downstream.py's defaults), per
+    cell as the study file states them ([[cell_flags]], docs/sweeps.md)."""
+    def schedule(epochs):
+        # validated (and selected) from the middle epoch on, as the paper's CIFAR AT runs are from epoch
+        # 45: the early epochs are rarely the best, and validating every epoch of a 10%-data run (two SGD
+        # steps each) would cost as much as its training
+        return {"epochs": epochs, "milestones": [int(epochs * 0.75)], "eval_from": epochs // 2}
+
     # a ticket at the demo's extreme levels (random pruning, 10% of a few hundred images) may stay at
     # chance level: an expected outcome there, so its result is kept (and marked by the analysis)
     # rather than failed; the dense runs, which show that the schedule itself learns, stay checked
-    chance = {"allow_chance": True} if run.method != "dense" else {}
-    # validated (and selected) from the middle epoch on, as the paper's CIFAR AT runs are from epoch
-    # 45: the early epochs are rarely the best, and validating every epoch of a 10%-data run (two SGD
-    # steps each) would cost as much as its training
-    return {"epochs": epochs, "lr": 0.05 if run.regime == "at" else 0.02, "milestones": [int(epochs * 0.75)],
-            "eval_from": epochs // 2, **chance}
+    return [{"data_rate": 1.0, "flags": schedule(s["epochs"])},
+            {"data_rate": 0.1, "flags": schedule(s["scarce_epochs"])},
+            {"regime": "at", "flags": {"lr": 0.05}}, {"regime": "st", "flags": {"lr": 0.02}},
+            {"method": ["imp", "omp", "rp", "omp_channel"], "flags": {"allow_chance": True}}]
 
 
 if __name__ == "__main__":

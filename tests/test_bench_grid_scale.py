@@ -90,6 +90,21 @@ def test_status_and_analysis_outputs_are_those_of_the_code_before(tree, tmp_path
         assert (out / name).read_bytes() == (EXPECTED / name).read_bytes(), name
 
 
+def test_status_and_the_analysis_of_a_finished_grid_load_no_torch(tree, tmp_path):
+    """Every group of the tree is finished, so status computes verdicts and the analysis its tables and
+    figures: neither needs torch (its import alone was 800 MB and seconds, issue 29); a ticket file is
+    loaded (with torch) only when its stage-1 config.json cannot name its family."""
+    for argv in ([REPO / "script" / "sweep.py", "status", tree / "grid.toml"],
+                 [REPO / "analysis" / "plot_curves.py", tree / "runs", "--grid", tree / "grid.toml", "--out",
+                  tmp_path / "analysis"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", *map(str, argv)], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        modules = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "numpy" in modules and "torch" not in modules, (argv[1], sorted(m for m in modules if "torch" in m))
+    assert (tmp_path / "analysis" / "double_win.csv").is_file()
+
+
 def test_results_are_read_once_and_without_history(tree, monkeypatch):
     """status hands the results.json it read to the verdict code, which reads no file again, and
     keeps no per-epoch history."""

@@ -87,7 +87,7 @@ def test_demo_study_file_is_a_grid_with_stage1_inside(tmp_path):
     assert "--lr" not in rp and "--epochs-per-round" not in rp  # random pruning trains nothing
     assert "--seed" not in grid.stage1["at_omp_r2"].command()  # OMP's masks take no seed: each prunes its own θ_p
     assert sum("omp_channel" in m and "no [stage1.NAME] entry makes it" in m for m in grid.missing) == 2
-    runs = demo.expand(grid, flags_for=lambda run: demo.demo_schedule(s, run))
+    runs = demo.expand(grid)  # the demo's schedules are the study file's [[cell_flags]]
     # the runs of each stage-1 ticket wait on it: 10 searches x 2 levels x 2 regimes x 2 rates, seed 1 from
     # replicate 1 and seed 2 from replicate 2
     ticketed = [r for r in runs if r.ticket is not None]
@@ -101,3 +101,6 @@ def test_demo_study_file_is_a_grid_with_stage1_inside(tmp_path):
     assert task.args[task.args.index("--init") + 1] == str(tmp_path / "source" / "std" / "r2" / "model_best.pt")
     scarce = next(r for r in runs if r.data_rate == 0.1 and r.regime == "at" and r.method == "rp")
     assert scarce.flags["epochs"] == s["scarce_epochs"] and scarce.flags["allow_chance"] is True
+    assert scarce.flags["lr"] == 0.05 and scarce.flags["eval_from"] == s["scarce_epochs"] // 2
+    dense = next(r for r in runs if r.data_rate == 1.0 and r.regime == "st" and r.method == "dense")
+    assert dense.flags["epochs"] == s["epochs"] and dense.flags["lr"] == 0.02 and "allow_chance" not in dense.flags

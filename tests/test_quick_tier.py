@@ -186,16 +186,20 @@ def _load_script(relpath):
 def test_demo_schedules_and_transfer_grid():
     demo = _load_script("script/demo.py")
     full, quick = demo.settings(False), demo.settings(True)
-    assert len(full["seeds"]) == 5 and len(quick["seeds"]) == 1 and quick["rounds"] < full["rounds"]
-    run = type("Run", (), {"data_rate": 0.1, "regime": "at", "method": "dense"})
-    scarce = demo.demo_schedule(full, run)
-    assert scarce["epochs"] == full["scarce_epochs"] and "allow_chance" not in scarce  # dense runs stay checked
-    run.method, run.data_rate, run.regime = "imp", 1.0, "st"
-    assert demo.demo_schedule(full, run) == {"epochs": 6, "lr": 0.02, "milestones": [4], "allow_chance": True}
-    jobs = [("at", "imp", Path("tickets/at_imp"), [], 4), ("std", "omp", Path("tickets/std_omp_channel"), [], 3)]
+    assert len(full["seeds"]) == 5 and len(quick["seeds"]) == 2 and quick["rounds"] < full["rounds"]
+    assert (full["replicas"], quick["replicas"]) == (3, 2)
+    cells = demo.cell_flags(full)
+    scarce = next(c for c in cells if c.get("data_rate") == 0.1)["flags"]
+    assert scarce == {"epochs": full["scarce_epochs"], "milestones": [18], "eval_from": 12}
+    assert "dense" not in next(c for c in cells if "allow_chance" in c["flags"])["method"]  # dense runs stay checked
+    jobs = [("at", "imp", Path("tickets/at_imp"), [], 4), ("std", "omp", Path("tickets/std_omp_channel"),
+                                                            ["--pattern", "channel"], 3)]
     grid = demo.transfer_grid(full, jobs)
+    # a replicated stage-1 entry's directory stands for its replicates; channel tickets are listed one each
     assert grid["pretrain"]["at"]["tickets"] == ["tickets/at_imp"] and grid["pretrain"]["fat"]["tickets"] == []
-    assert grid["axes"]["seed"] == [1, 2, 3, 4, 5]
+    assert grid["pretrain"]["std"]["tickets"] == [[f"tickets/std_omp_channel/r{i}" for i in (1, 2, 3)]]
+    assert grid["pretrain"]["at"]["init"] == [f"source/at/r{i}/model_best.pt" for i in (1, 2, 3)]
+    assert grid["axes"]["seed"] == [1, 2, 3, 4, 5] and grid["cell_flags"] == cells
 
 
 def test_local_backend_runs_a_task_in_process_and_logs_it(tmp_path):
