@@ -14,7 +14,7 @@ the backbone must transfer). Every step goes through the real entry points and f
    replicated [stage1.NAME] entries that find the unstructured tickets from each of them (IMP with
    standard re-training from every source model, OMP and random pruning from the AT models), and
    every ticket and the dense models transferred to the target task under ST and AT, at 100% and
-   10% of the data, the seeds of a cell dealt over its three sources, each round's runs starting as
+   10% of the data, 5 seeds each (two with --quick) dealt over the cell's sources, each round's runs starting as
    soon as its ticket is written (every job's and run's log is the .sweep.log in its directory); the
    study file states the demo's shortened schedules per cell ([[cell_flags]], cell_flags), so
    `sweep.py plan`, `status` and `run` read it as the demo runs it;

@@ -181,8 +181,10 @@ def test_demo_help_states_the_seeds_the_demo_runs():
     proc = subprocess.run(["bash", "script/demo.sh", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60,
                           env={**os.environ, "PYTHON": sys.executable})
     text = " ".join(proc.stdout.split())
-    assert f"{len(demo.settings(False)['seeds'])} seeds each (one with --quick)" in text
-    assert len(demo.settings(True)["seeds"]) == 1
+    assert f"{len(demo.settings(False)['seeds'])} seeds each (two with --quick)" in text
+    assert len(demo.settings(True)["seeds"]) == 2
+    assert f"{('', 'one', 'two', 'three')[demo.settings(False)['replicas']]} of each (seeds 1, 2, 3; two with --quick)" \
+        in text and demo.settings(True)["replicas"] == 2
 
 
 def _recording_python(tmp_path):
