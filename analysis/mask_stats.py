@@ -21,6 +21,7 @@ still counts kernels).  Tickets of different architectures exit with status 2.
 import itertools
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -60,9 +61,12 @@ def _source_dir(path):
 
 
 def heatmap_stem(path):
-    """File-name part of a ticket's heatmap outputs: '<directory>_<file stem>'."""
+    """File-name part of a ticket's heatmap outputs: '<directory>_<file stem>', the directory's parent
+    too for a replicated ticket search (SAVE_DIR/rI, docs/sweeps.md §6): 'at_imp_r1_round_03'."""
     path = Path(path)
-    return common.safe_name(f"{_source_dir(path).name}_{path.stem}")
+    source = _source_dir(path)
+    name = f"{source.parent.name}_{source.name}" if re.fullmatch(r"r\d+", source.name) else source.name
+    return common.safe_name(f"{name}_{path.stem}")
 
 
 def collect_files(inputs):

@@ -746,3 +746,10 @@ def test_structured_tickets_get_their_own_verdict_row(tmp_path):
                          ticket=str(path), name=f"{pattern}_at_{seed}")
     rows = plot_curves.verdict_rows([runs_dir])
     assert sorted(r["method"] for r in rows) == ["omp", "omp_channel"]
+
+
+def test_heatmap_names_a_replicated_search_by_its_parent_too():
+    from analysis import mask_stats
+
+    assert mask_stats.heatmap_stem(Path("/o/tickets/at_imp/r2/tickets/round_03.pt")) == "at_imp_r2_round_03"
+    assert mask_stats.heatmap_stem(Path("/o/tickets/at_imp/tickets/round_03.pt")) == "at_imp_round_03"
