@@ -39,6 +39,7 @@ QUICK = (
     "test_records.py",
     "test_rundir.py",
     "test_compare_verdicts.py",
+    "test_sources_needed.py",
     "test_analysis.py::test_double_win_table_known_answer",
     "test_analysis.py::test_bad_inputs_raise_user_error",
     "test_analysis.py::test_mask_stats_iou_and_zero_kernels",

@@ -39,6 +39,7 @@ COVERAGE = {
     "analysis/plot_companion.py": "test_companion.py::test_match_bench_rules",
     "analysis/plot_curves.py": "test_figures_style.py",
     "analysis/robustness.py": "test_analysis_robustness.py::test_robustness_bad_inputs",
+    "analysis/sources_needed.py": "test_sources_needed.py",
     "analysis/runs.py": "test_analysis.py::test_double_win_table_known_answer",
     "analysis/style.py": "test_figures_style.py",
     "analysis/table.py": "test_analysis.py::test_double_win_table_known_answer",
