@@ -85,7 +85,7 @@ def test_one_slot_far_below_the_others_changes_the_cells_it_is_drawn_in(tmp_path
     assert row["changed"] == row["reversals"] == pytest.approx(with_bad / 20)
     assert row["settled_alike"] == pytest.approx(1 - with_bad / 20)
     assert row["one_in"] == pytest.approx(20 / with_bad)
-    assert f"| 1 | 20 | 1.0 | 1.0 | {1 - with_bad / 20:.1f} | 1.0 | {with_bad / 20:.1f} |" in out
+    assert f"| 1 | 20 | 1.0 | 1.0 | {(20 - with_bad) / 20:.1f} | 1.0 | {with_bad / 20:.1f} |" in out
 
 
 def _measure(runs_dir, k_max, draws, seed):
