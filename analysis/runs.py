@@ -233,6 +233,20 @@ THREAT_KEYS = ATTACK_KEYS + ("norm",)
 PROTOCOL_KEYS = ("arch", "cifar_stem", "reinit_stem", "image_size", "classes", "augment", "val_size", "subset",
                  "subset_seed", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "milestones",
                  "eval_from", "attack_bn", "fat_guard") + THREAT_KEYS
+# Every config key the verdict code reads from a run's results.json (protocol, threat model, the
+# kinds of run it sets apart): `status` keeps only these of 31,000 runs in memory (slim_results)
+VERDICT_CONFIG_KEYS = frozenset(PROTOCOL_KEYS + ("ticket", "linear_eval", "random_reinit", "chance_level"))
+
+
+def slim_results(obj):
+    """``obj`` (a compacted results dict) with only the config keys the verdict code reads: the same
+    verdicts from a third of the memory (tests/test_bench_grid_scale.py compares status's text)."""
+    config = obj.get("config")
+    if not isinstance(config, dict):
+        return obj
+    return {**obj, "config": {k: v for k, v in config.items() if k in VERDICT_CONFIG_KEYS}}
+
+
 # settings a regime does not use: ST trains without an attack, and only FAT has the guard
 _UNUSED = {"st": TRAIN_ATTACK_KEYS + ("attack_bn", "fat_guard"), "at": ("fat_guard",)}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from study.grid import REGIMES, expected_record
 from study.rundirs import run_state_results, stale_text
 from utils.errors import UserError
-from utils.records import read_log
+from utils.records import read_log_column
 
 STATES = ("done", "running", "failed", "pending", "stale")
 
@@ -23,14 +23,14 @@ def dir_bytes(path):
 
 
 def gpu_seconds(run_dir):
-    """The summed ``seconds`` of the run's log.csv (utils.records.read_log: a damaged log is a UserError)."""
+    """The summed ``seconds`` of the run's log.csv (utils.records: a damaged log is a UserError)."""
     path = Path(run_dir) / "log.csv"
     if not os.path.lexists(path):
         return 0.0
     total = 0.0
-    for row in read_log(path):
+    for value in read_log_column(path, "seconds"):
         try:  # (a try per row, not contextlib.suppress: this loop runs 100 times per run)
-            total += float(row.get("seconds") or 0)
+            total += float(value or 0)
         except (TypeError, ValueError):
             pass
     return total
@@ -39,6 +39,8 @@ def gpu_seconds(run_dir):
 def _states(runs):
     """(id(run) -> (state, detail, GPU-seconds), {results.json path: its results} of the done runs);
     a run with a damaged file is failed, the damage its detail."""
+    from analysis.runs import slim_results  # what of each results.json the verdicts read (verdict_lines)
+
     out, results = {}, {}
     for r in runs:
         state, detail, obj = run_state_results(r)
@@ -47,7 +49,7 @@ def _states(runs):
         except UserError as exc:
             seconds, state, detail = 0.0, "failed", f"invalid: {exc}"
         if state == "done":
-            results[Path(r.run_dir) / "results.json"] = obj
+            results[Path(r.run_dir) / "results.json"] = slim_results(obj)
         out[id(r)] = (state, detail, seconds)
     return out, results
 

@@ -75,3 +75,15 @@ def test_log_csv(tmp_path):
     path.write_bytes(b"epoch\x00,seconds\n")
     with pytest.raises(UserError, match="binary"):
         records.read_log(path)
+
+
+def test_one_log_column_is_what_read_log_gives_for_it(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,seconds,val_sa\n0,1.5,10\n\n1,2.5\n2,,30\n")
+    assert records.read_log_column(path, "seconds") == [r["seconds"] for r in records.read_log(path)] == \
+        ["1.5", "2.5", ""]
+    assert records.read_log_column(path, "val_sa") == [r["val_sa"] for r in records.read_log(path)] == ["10", None, "30"]
+    assert records.read_log_column(path, "lr") == [None, None, None]
+    path.write_bytes(b"epoch,seconds\n\x00\x01")
+    with pytest.raises(UserError, match="binary data"):
+        records.read_log_column(path, "seconds")
