@@ -1,8 +1,8 @@
 """study/flops.py counts exactly what torch does, for every architecture models.build_model accepts: its
 FLOPs per image against FlopCounterMode on the real model, with and without the CIFAR stem, at even, odd
 and the smallest image sizes, and its state-dict, parameter and convolution-weight counts against the model's.
-Any change in models/ that the torch-free walk does not follow fails here (models on the meta device:
-shapes only, so the large ResNets cost milliseconds)."""
+Any change in models/ that the torch-free walk does not follow fails here (the forward passes run on the
+meta device: shapes only, about a second for the largest ResNet)."""
 
 import pytest
 import torch
@@ -23,10 +23,10 @@ def _torch_counts(arch, classes, stem, sizes):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, 3, size, size, device="meta"))
         counted[size] = counter.get_total_flops()
-    size = (sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+    stored = (sum(t.numel() * t.element_size() for t in model.state_dict().values()),
             sum(t.numel() * t.element_size() for t in model.parameters()),
             sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
-    return counted, size
+    return counted, stored
 
 
 def test_the_walk_knows_every_architecture_as_models_builds_it():
@@ -41,12 +41,12 @@ def test_the_walk_knows_every_architecture_as_models_builds_it():
 @pytest.mark.parametrize("stem", [False, True])
 def test_flops_and_size_are_torchs(arch, stem):
     classes = 10 if arch == "resnet_tiny" else 1000 - 3 * stem  # the head's width counts: an odd one too
-    counted, size = _torch_counts(arch, classes, stem, SIZES)
+    counted, stored = _torch_counts(arch, classes, stem, SIZES)
     for image, expected in counted.items():
         assert flops.forward_flops(arch, classes, stem, image) == expected > 0, (arch, stem, image)
-    assert flops.model_bytes(arch, classes, stem) == size
+    assert flops.model_bytes(arch, classes, stem) == stored
     assert cost.forward_flops(arch, classes, stem, 33) == counted[33]
-    assert cost.model_bytes(arch, classes, stem) == size
+    assert cost.model_bytes(arch, classes, stem) == stored
 
 
 def test_an_unknown_architecture_is_left_to_torch_which_names_the_known_ones():
