@@ -24,8 +24,8 @@ def _torch_counts(arch, classes, stem, sizes):
             model(torch.zeros(1, 3, size, size, device="meta"))
         counted[size] = counter.get_total_flops()
     stored = (sum(t.numel() * t.element_size() for t in model.state_dict().values()),
-            sum(t.numel() * t.element_size() for t in model.parameters()),
-            sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
+              sum(t.numel() * t.element_size() for t in model.parameters()),
+              sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)))
     return counted, stored
 
 
