@@ -9,10 +9,11 @@ Time comes from one of two sources, never from a guess:
   run's epochs and validated epochs (the final test pass is not in the history, as in `status`);
 - a benchmark record of ``benchmarks/bench_step.py --json`` of the same regime, architecture, image
   size, stem and attack steps, through ``run_seconds`` (benchmarks/estimate_run.py's formula too).
-Where neither fits, an analytic estimate, labelled as such: the model's FLOPs per image, counted by
-torch's FlopCounterMode (a training step 3x a forward pass, each PGD step 2x), at an assumed achieved
-rate (``--assume-tflops``, default 250 TFLOP/s: a quarter of an H100's dense bf16 peak, the engine's
-aim), beside the bench_step.py command that would measure it instead.
+Where neither fits, an analytic estimate, labelled as such: the model's FLOPs per image, counted as
+torch's FlopCounterMode counts them, from the architecture without importing torch (study/flops.py; a
+training step 3x a forward pass, each PGD step 2x), at an assumed achieved rate (``--assume-tflops``,
+default 250 TFLOP/s: a quarter of an H100's dense bf16 peak, the engine's aim), beside the
+bench_step.py command that would measure it instead.
 Disk: the mean size of finished run directories that kept the same files, else the model's size
 (from its parameter count) times the model files a run keeps, plus its records.
 """
@@ -24,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from study import flops
 from study.grid import REGIMES
 from study.status import dir_bytes, human_bytes
 from utils.errors import UserError
@@ -224,7 +226,11 @@ def _model(arch, num_classes, cifar_stem):
 
 @functools.lru_cache(maxsize=None)
 def forward_flops(arch, num_classes, cifar_stem, image_size):
-    """FLOPs of one image's forward pass, counted (dense kernels: a ticket's zeros are still computed)."""
+    """FLOPs of one image's forward pass, counted (dense kernels: a ticket's zeros are still computed): from
+    the architecture without torch (study/flops.py), else by torch's FlopCounterMode on the model."""
+    counted = flops.forward_flops(arch, num_classes, cifar_stem, image_size)
+    if counted is not None:
+        return counted
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -329,7 +335,11 @@ def history_seconds(p, fitted):
 
 @functools.lru_cache(maxsize=None)
 def model_bytes(arch, num_classes, cifar_stem):
-    """(state dict bytes, parameter bytes, convolution weights) of a model (built once per kind)."""
+    """(state dict bytes, parameter bytes, convolution weights) of a model: from its architecture without
+    torch (study/flops.py), else from the model, built once per kind."""
+    counted = flops.model_bytes(arch, num_classes, cifar_stem)
+    if counted is not None:
+        return counted
     import torch
 
     model = _model(arch, num_classes, cifar_stem)

@@ -33,6 +33,7 @@ QUICK = (
     "test_study_report.py::test_a_study_folder_stands_for_its_grid_files_in_the_papers_order",
     "test_quick_tier.py::test_console_commands_resolve_to_a_main",
     "test_sweep_cost.py::test_bench_record_gives_known_hours",
+    "test_cost_flops.py::test_the_walk_knows_every_architecture_as_models_builds_it",
     "test_robustbench_tensorboard.py::test_stage1_refuses_tensorboard_where_nothing_trains",
     "test_figures_style.py",
     "test_verdict.py",

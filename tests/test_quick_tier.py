@@ -27,6 +27,7 @@ COVERAGE = {
     "analysis/study_report.py": "test_study_report.py::test_a_study_folder_stands_for_its_grid_files_in_the_papers_order",
     "script/entry.py": "test_quick_tier.py::test_console_commands_resolve_to_a_main",
     "study/cost.py": "test_sweep_cost.py::test_bench_record_gives_known_hours",
+    "study/flops.py": "test_cost_flops.py::test_the_walk_knows_every_architecture_as_models_builds_it",
     "training/tensorboard.py": "test_robustbench_tensorboard.py::test_stage1_refuses_tensorboard_where_nothing_trains",
     "analysis/__init__.py": "test_analysis.py::test_double_win_table_known_answer",
     "analysis/common.py": "test_analysis.py::test_bad_inputs_raise_user_error",

@@ -326,12 +326,21 @@ def _imported(argv):
 
 def test_plan_and_status_load_no_torch_where_finished_runs_price_the_grid(tmp_path):
     """plan and status of a grid of existing tickets ask the stage's parser and read the run tree without
-    torch (importing it was most of plan at 31,000 runs, issue 29); only the analytic estimate, for runs
-    that no finished run nor bench record prices, loads it to count the model's FLOPs."""
+    torch (importing it was most of plan at 31,000 runs, issue 29); the analytic estimate, for runs that no
+    finished run nor bench record prices, counts a known architecture's FLOPs and size without it too
+    (study/flops.py); only an architecture that walk does not know loads torch to build the model."""
     _ticket_dir(tmp_path, {1: 20.0})
     grid = _grid(tmp_path, axes=["seed = [1, 2]"], pretrain=['[pretrain.std]', 'init = "none"', 'tickets = ["std_omp"]'])
     out, modules = _imported(["plan", grid])
-    assert "analytic: " in out and "torch" in modules  # the check below sees torch where it is loaded
+    assert "analytic: " in out and "torch" not in modules, sorted(m for m in modules if m.startswith("torch"))
+    unknown = _grid(tmp_path, flags=[f for f in FLAGS if not f.startswith("arch")] + ['arch = "no_such_net"'],
+                    name="unknown.toml")
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(SWEEP), "plan", str(unknown)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    # the check above sees torch where it is loaded: the fallback for an unknown architecture loads it
+    assert proc.returncode == 2 and "unknown architecture 'no_such_net'" in proc.stderr
+    assert "torch" in {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                       if line.startswith("import time:")}
     _finish(next(r for r in _runs(grid) if r.ticket is None and r.seed == 1), [10.0, 12.0, 12.0])
     out, modules = _imported(["plan", grid])  # the finished run prices every run: time and disk
     assert "[1] 1 finished digits/at/resnet_tiny run" in out and "analytic" not in out, out
