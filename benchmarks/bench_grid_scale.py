@@ -242,11 +242,11 @@ def _measure(argv, cwd, stdout_path=None):
     return wall, usage.ru_maxrss / 1024, proc.returncode, err.decode("utf-8", "replace")[-2000:]
 
 
-# What each step imports whatever the grid's size: sweep.py's modules and stage 2's parser; plan on a tree
-# with no finished run also the model and torch's FLOP counter (its analytic estimate), status the
-# verdicts' analysis code (torch-free since issue 29; the code before loaded torch through pruning_utils)
+# What each step imports whatever the grid's size: sweep.py's modules and stage 2's parser (plan's analytic
+# estimate counts FLOPs without torch since issue 29: study/flops.py), status also the verdicts' analysis
+# code (torch-free since issue 29; the code before loaded torch through pruning_utils)
 SWEEP_IMPORTS = "import study.local, study.pipeline, study.slurm, study.status, study.cost, training.downstream_args"
-IMPORTS = {"plan": f"{SWEEP_IMPORTS}, models, torch.utils.flop_counter",
+IMPORTS = {"plan": f"{SWEEP_IMPORTS}, study.flops",
            "status": f"{SWEEP_IMPORTS}, analysis.table",
            "analysis": "import matplotlib.pyplot, analysis.plot_curves"}
 
