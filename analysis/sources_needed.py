@@ -214,7 +214,7 @@ def main(argv=None):
                    help="largest k (sources per label) to measure; at most half the slots (default: half)")
     p.add_argument("--draws", type=_positive, default=20, help="pairs of disjoint slot sets drawn per k")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    p.add_argument("--out", type=Path, default=None, help="write sources_needed.csv and sources_needed.md here")
+    p.add_argument("--out", type=Path, default=None, help="write sources_needed.csv and sources_needed.md here (default: none, print only)")
     args = p.parse_args(argv)
 
     runs, warnings = load_runs(args.runs)

@@ -25,6 +25,7 @@ COMMANDS = {
     "dwl-loss-landscape": "analysis.loss_landscape",
     "dwl-export-ticket": "analysis.export_ticket",
     "dwl-compare-verdicts": "analysis.compare_verdicts",
+    "dwl-sources-needed": "analysis.sources_needed",
     "dwl-paper-vs-ours": "analysis.paper_vs_ours",
     "dwl-plot-companion": "analysis.plot_companion",
 }
@@ -84,6 +85,10 @@ def export_ticket():
 
 def compare_verdicts():
     sys.exit(run("dwl-compare-verdicts"))
+
+
+def sources_needed():
+    sys.exit(run("dwl-sources-needed"))
 
 
 def paper_vs_ours():

@@ -244,7 +244,7 @@ def test_help_keeps_the_full_usage(capsys):
     assert out.startswith("usage:") and "--epochs-per-round" in out and "--score-init" in out
 
 
-TOOLS = ["analysis.compare_verdicts", "analysis.export_ticket", "analysis.loss_landscape", "analysis.mask_stats",
+TOOLS = ["analysis.compare_verdicts", "analysis.sources_needed", "analysis.export_ticket", "analysis.loss_landscape", "analysis.mask_stats",
          "analysis.plot_companion", "analysis.plot_curves", "analysis.robustness", "benchmarks.bench_eval_precision",
          "benchmarks.bench_inference", "benchmarks.bench_loader", "benchmarks.bench_step", "benchmarks.estimate_run"]
 

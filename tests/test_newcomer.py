@@ -99,7 +99,7 @@ def test_a_finished_sweep_run_is_not_stale_for_its_retention_setting():
 # -- help ----------------------------------------------------------------------------------------------
 
 CLIS = ["main_downstream.py", "main_imp_pretrain.py", "script/sweep.py", "script/demo.py",
-        *(f"analysis/{n}.py" for n in ("export_ticket", "loss_landscape", "plot_curves", "compare_verdicts",
+        *(f"analysis/{n}.py" for n in ("export_ticket", "loss_landscape", "plot_curves", "compare_verdicts", "sources_needed",
                                        "paper_vs_ours", "robustness", "mask_stats", "plot_companion")),
         *(f"benchmarks/{n}.py" for n in ("bench_loader", "bench_step", "bench_eval_precision", "bench_inference",
                                          "estimate_run"))]
