@@ -189,7 +189,7 @@ def read_results(paths):
     for path in paths:
         obj = _PRELOADED.get(str(path))
         if obj is not None:
-            good.append((Path(path), obj))
+            good.append((path if isinstance(path, Path) else Path(path), obj))
             continue
         try:
             obj = records.read_json(path, "results file", expect=object)

@@ -145,9 +145,14 @@ def log_header(fh, run, note):
 
 
 
+def _as_path(run_dir):
+    """``run_dir`` as a Path, without re-parsing one that is already (status asks this of 31,000 runs)."""
+    return run_dir if isinstance(run_dir, Path) else Path(run_dir)
+
+
 def recorded_config(run_dir):
     """The run directory's config.json (checked), or None when there is none yet."""
-    path = Path(run_dir) / "config.json"
+    path = _as_path(run_dir) / "config.json"
     return read_config(path) if os.path.lexists(path) else None
 
 
@@ -197,7 +202,7 @@ def finished_results(run_dir):
     and with its keys (and its config's) interned, or None when there is none (study.grid.run_finished's
     rule); a damaged one is a UserError. `status` holds one per done run: 4.5 KB instead of 8 plus
     the history, which nothing after this reads."""
-    path = Path(run_dir) / "results.json"
+    path = _as_path(run_dir) / "results.json"
     if not os.path.lexists(path):
         return None
     results = read_results(path)

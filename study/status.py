@@ -24,7 +24,7 @@ def dir_bytes(path):
 
 def gpu_seconds(run_dir):
     """The summed ``seconds`` of the run's log.csv (utils.records: a damaged log is a UserError)."""
-    path = Path(run_dir) / "log.csv"
+    path = (run_dir if isinstance(run_dir, Path) else Path(run_dir)) / "log.csv"  # no re-parse of a Path
     if not os.path.lexists(path):
         return 0.0
     total = 0.0
@@ -49,7 +49,7 @@ def _states(runs):
         except UserError as exc:
             seconds, state, detail = 0.0, "failed", f"invalid: {exc}"
         if state == "done":
-            results[Path(r.run_dir) / "results.json"] = slim_results(obj)
+            results[r.run_dir / "results.json"] = slim_results(obj)
         out[id(r)] = (state, detail, seconds)
     return out, results
 

@@ -87,3 +87,19 @@ def test_one_log_column_is_what_read_log_gives_for_it(tmp_path):
     path.write_bytes(b"epoch,seconds\n\x00\x01")
     with pytest.raises(UserError, match="binary data"):
         records.read_log_column(path, "seconds")
+
+
+def test_read_text_names_a_directory_a_fifo_and_a_missing_file(tmp_path):
+    import os
+
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for name, needle in (("dir", "is a directory"), ("fifo", "does not exist"), ("none", "does not exist"),
+                         ("dir/none/deeper", "does not exist")):
+        with pytest.raises(UserError, match=needle):
+            records.read_text(str(tmp_path / name), "results file")
+    (tmp_path / "bad").write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match="not UTF-8"):
+        records.read_text(tmp_path / "bad", "results file")
+    (tmp_path / "ok").write_text("ok")
+    assert records.read_text(tmp_path / "ok", "results file") == "ok"
