@@ -95,6 +95,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     s = settings(args.quick)
+    refuse_earlier_layout(out, s)
     training = TRAINING + (["--no-channels-last"] if args.no_channels_last else [])
     import torch
     on_gpu = torch.cuda.is_available()
@@ -161,6 +162,16 @@ def source_attack_flags(regime):
     robust evaluation), fat takes one FGSM step of α, at PGD-3."""
     return (["--eps", EPS] + (["--alpha", ALPHA] if regime != "st" else [])
             + (["--train-steps", "3"] if regime == "at" else []))
+
+
+def refuse_earlier_layout(out, s):
+    """An OUT written by the demo before its sources were replicated (one model per label, runs
+    without repI/): its transfer runs sit where the analysis reads, and their dense seeds would
+    collide with the new ones, so it is refused rather than mixed in."""
+    old = [out / "source" / label / "model_best.pt" for label in PRETRAINS]
+    if s["replicas"] > 1 and any(p.is_file() for p in old):
+        raise UserError(f"'{out}' holds a demo made before the source models were replicated "
+                        f"('{next(p for p in old if p.is_file())}'); pass another output directory or remove it.")
 
 
 def replicates(path, count):

@@ -104,3 +104,13 @@ def test_demo_study_file_is_a_grid_with_stage1_inside(tmp_path):
     assert scarce.flags["lr"] == 0.05 and scarce.flags["eval_from"] == s["scarce_epochs"] // 2
     dense = next(r for r in runs if r.data_rate == 1.0 and r.regime == "st" and r.method == "dense")
     assert dense.flags["epochs"] == s["epochs"] and dense.flags["lr"] == 0.02 and "allow_chance" not in dense.flags
+
+
+def test_an_output_of_the_earlier_layout_is_refused(tmp_path):
+    old = tmp_path / "source" / "at" / "model_best.pt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    proc = subprocess.run([sys.executable, str(REPO / "script" / "demo.py"), str(tmp_path), "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "made before the source models were replicated" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "demo_digits.toml").exists()
