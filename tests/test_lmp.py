@@ -254,3 +254,15 @@ def test_imp_rewind_none_continues_from_the_retrained_weights(tmp_path, theta_p,
     # the variant is part of the configuration: switching it in the same directory is refused
     with pytest.raises(UserError, match="rewind"):
         main_imp_pretrain.main(stage1(theta_p, runs["none"], "--method", "imp", "--lr", "0.05"))
+
+
+def test_trained_batchnorm_of_another_arch_is_refused_naming_the_keys():
+    base = models.build_model("resnet_tiny", 5, cifar_stem=True)
+    saved = lmp._bn_state(base)
+    lmp.check_bn_keys(saved, base)  # its own: accepted
+    fewer = {k: v for k, v in saved.items() if not k.startswith("layer4.")}
+    with pytest.raises(UserError, match=r"missing keys: layer4\..*another --arch"):
+        lmp.check_bn_keys(fewer, base)
+    other = lmp._bn_state(models.build_model("resnet18", 5, cifar_stem=True))
+    with pytest.raises(UserError, match="unexpected keys: .*another --arch"):
+        lmp.check_bn_keys(other, base)

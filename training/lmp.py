@@ -89,10 +89,27 @@ def resolve_args(args, given=()):
     args.attack_bn = "eval"
 
 
-def _bn_state(base):
-    """BatchNorm's part of ``base``'s state (affine parameters and running statistics), on the CPU."""
+def _bn_keys(base):
+    """The keys of BatchNorm's part of ``base``'s state (affine parameters and running statistics)."""
     bn = {name for name, m in base.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    return {k: v.detach().cpu() for k, v in base.state_dict().items() if k.rsplit(".", 1)[0] in bn}
+    return {k for k in base.state_dict() if k.rsplit(".", 1)[0] in bn}
+
+
+def _bn_state(base):
+    """BatchNorm's part of ``base``'s state, on the CPU."""
+    keys = _bn_keys(base)
+    return {k: v.detach().cpu() for k, v in base.state_dict().items() if k in keys}
+
+
+def check_bn_keys(saved, base):
+    """Refuse a checkpoint's BatchNorm state (``_bn_state`` of another run) whose keys are not exactly
+    ``base``'s BatchNorm keys: it was written for another architecture."""
+    wanted = _bn_keys(base)
+    unexpected, missing = sorted(set(saved) - wanted), sorted(wanted - set(saved))
+    if unexpected or missing:
+        raise UserError(f"the checkpoint's trained BatchNorm does not fit this model (unexpected keys: "
+                        f"{', '.join(unexpected[:3]) or 'none'}; missing keys: {', '.join(missing[:3]) or 'none'}); "
+                        "it was written by another --arch. Rerun with --restart or another --save-dir.")
 
 
 def level_keep_counts(model, names, rounds, rate, layerwise, pattern="unstructured"):
@@ -190,13 +207,9 @@ class LearnedMasks(Policy):
                 for s, saved in zip(self.net.scores, state["scores"]):
                     s.copy_(saved.to(s.device))
             if state.get("base_bn") is not None:
-                # only BatchNorm's tensors were saved, so every other key is missing by design; a saved
-                # key this model lacks means the checkpoint is another architecture's
-                unexpected = base.load_state_dict(state["base_bn"], strict=False).unexpected_keys
-                if unexpected:
-                    raise UserError(f"the checkpoint's trained BatchNorm holds keys this model lacks "
-                                    f"({', '.join(unexpected[:3])}); it was written by another --arch. "
-                                    "Rerun with --restart or another --save-dir.")
+                # only BatchNorm's tensors were saved, so every other key is missing by design (strict=False)
+                check_bn_keys(state["base_bn"], base)
+                base.load_state_dict(state["base_bn"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
