@@ -27,7 +27,6 @@ Outputs (with ``--out``): sources_needed.csv (one row per k) and sources_needed.
 slots and the verdicts of all slots); the table is printed either way.
 """
 
-import argparse
 import os
 import random
 import re
@@ -43,7 +42,7 @@ from analysis.runs import build_cells, load_runs  # noqa: E402
 from analysis.table import judge  # noqa: E402
 from analysis.verdict import support_label  # noqa: E402
 from utils.checkpoint import atomic_write_text  # noqa: E402
-from utils.cli import ArgumentParser, run_main  # noqa: E402
+from utils.cli import ArgumentParser, positive_int, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 REPLICATE = re.compile(r"r([0-9]+)")
@@ -187,16 +186,6 @@ def all_slots_line(all_verdicts, n_slots):
             + ", ".join(f"{counts[label]} {label}" for label in ("supported", "contradicted", "uncertain")))
 
 
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got '{text}'")
-    return value
-
-
 def _coverage_notes(runs, slot_of):
     """One note per slot that lacks runs of some label: its sets then judge those labels on fewer sources."""
     labels = {r.pretrain for r in runs}
@@ -210,9 +199,9 @@ def _coverage_notes(runs, slot_of):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="directories of finished stage-2 runs (several studies are pooled)")
-    p.add_argument("--max-sources", type=_positive, default=None,
+    p.add_argument("--max-sources", type=positive_int, default=None,
                    help="largest k (sources per label) to measure; at most half the slots (default: half)")
-    p.add_argument("--draws", type=_positive, default=20, help="pairs of disjoint slot sets drawn per k")
+    p.add_argument("--draws", type=positive_int, default=20, help="pairs of disjoint slot sets drawn per k")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p.add_argument("--out", type=Path, default=None, help="write sources_needed.csv and sources_needed.md here (default: none, print only)")
     args = p.parse_args(argv)

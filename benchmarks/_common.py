@@ -1,29 +1,20 @@
 """Plumbing the benchmark scripts share: device choice, device naming, timing, the JSON record."""
 
-import argparse
 import datetime
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks._machine import cpu_model
+from utils.cli import positive_int  # noqa: F401  (the benchmarks' argument type)
 from utils.distributed import resolve_device  # noqa: F401  (the benchmarks' device choice)
 
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device):
@@ -57,16 +48,6 @@ def stamp(device):
     """Keys every benchmark record carries."""
     return {"device": device_name(device), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__}
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
-    return value
 
 
 def steady_cpu_allocator():

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._machine import cpu_model  # noqa: E402
 from utils.cli import ArgumentParser, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -368,16 +369,8 @@ def growth(records):
 
 
 def _machine():
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": model, "cores": os.cpu_count(), "load_average": load, "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": load, "python": platform.python_version()}
 
 
 def print_record(rec):

@@ -48,6 +48,7 @@ COVERAGE = {
     "attacks.py": "test_attacks.py::test_linf_result_in_ball_and_image_range",
     "benchmarks/__init__.py": "test_precision.py::test_benchmarks_write_records",
     "benchmarks/_common.py": "test_precision.py::test_benchmarks_write_records",
+    "benchmarks/_machine.py": "test_precision.py::test_benchmarks_write_records",
     "benchmarks/bench_eval_precision.py": "test_fidelity.py::test_eval_precision_benchmark_compares_fp32_and_bf16_on_one_model",
     "benchmarks/bench_inference.py": "test_export.py::test_inference_benchmark_record_is_well_formed",
     "benchmarks/bench_loader.py": "test_precision.py::test_benchmarks_write_records",

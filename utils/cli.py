@@ -58,6 +58,17 @@ def resolve_sizes(regime: str, eps: float, alpha=None, test_eps=None, test_alpha
     return alpha, test_eps, test_alpha
 
 
+def positive_int(text):
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
+    return value
+
+
 def int_list(text):
     """'50,75' -> [50, 75]; '' -> []."""
     try:
