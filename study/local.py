@@ -137,6 +137,18 @@ class _Stop:
         self.count += 1
 
 
+def spawn_worker(ctx, slot, gpus, threads):
+    """A long-lived worker process for ``slot`` (its GPU, its threads) and the pipe to it: {"proc",
+    "conn", "task": None (idle), "slot"}; the local backend's pool and the pipeline both hold these."""
+    env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)] if gpus else ""}
+    parent, child = ctx.Pipe()
+    # not daemonic: a run may start DataLoader worker processes of its own
+    proc = ctx.Process(target=_worker_main, args=(child, env, threads))
+    proc.start()
+    child.close()
+    return {"proc": proc, "conn": parent, "task": None, "slot": slot}
+
+
 class _Workers:
     """The worker processes and the task each one holds (None while idle)."""
 
@@ -146,13 +158,7 @@ class _Workers:
         self.pool = [self.start(i) for i in range(n)]
 
     def start(self, slot):
-        env = {"CUDA_VISIBLE_DEVICES": self.gpus[slot % len(self.gpus)] if self.gpus else ""}
-        parent, child = self.ctx.Pipe()
-        # not daemonic: a run may start DataLoader worker processes of its own
-        proc = self.ctx.Process(target=_worker_main, args=(child, env, self.threads))
-        proc.start()
-        child.close()
-        return {"proc": proc, "conn": parent, "task": None, "slot": slot}
+        return spawn_worker(self.ctx, slot, self.gpus, self.threads)
 
     def ask_to_stop(self):
         """SIGTERM to every busy worker: its run saves a checkpoint and returns status 75."""

@@ -18,7 +18,7 @@ import sys
 import time
 
 from study import stage1, stage1_progress
-from study.local import _Progress, _settle, _Stop, _worker_main, visible_gpus
+from study.local import _Progress, _settle, _Stop, spawn_worker, visible_gpus
 from study.rundirs import clear_failure, entry_lock_holder, log_header, open_log, record_failure
 from utils.errors import EXIT_PREEMPTED, UserError
 
@@ -69,12 +69,7 @@ class Pipeline:
         return [s for s in range(self.n) if s not in held and s not in self.workers]
 
     def start_worker(self, slot):
-        env = {"CUDA_VISIBLE_DEVICES": self.gpus[slot % len(self.gpus)] if self.gpus else ""}
-        parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(child, env, self.threads))
-        proc.start()
-        child.close()
-        self.workers[slot] = {"proc": proc, "conn": parent, "task": None, "slot": slot}
+        self.workers[slot] = spawn_worker(self.ctx, slot, self.gpus, self.threads)
 
     def retire(self, slot):
         w = self.workers.pop(slot)
