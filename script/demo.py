@@ -187,8 +187,10 @@ def transfer_grid(s, ticket_jobs, no_channels_last=False):
     def listed(path, one_each, leaf=""):
         """OUT-relative: one path per replicate where the grid lists them (θ_p files, ticket directories
         made by hand), else the one directory (a replicated stage-1 entry's save_dir stands for all)."""
+        if not one_each:
+            return f"{path.as_posix()}{leaf}"
         paths = [f"{d.as_posix()}{leaf}" for d in replicates(path, s["replicas"])]
-        return paths if one_each and len(paths) > 1 else f"{path.as_posix()}{leaf}" if not one_each else paths[0]
+        return paths if len(paths) > 1 else paths[0]
 
     pretrain = {label: {"init": listed(Path("source", label), True, "/model_best.pt"),
                         "tickets": [listed(Path("tickets", d.name), bool(extra))
